@@ -1,0 +1,253 @@
+"""The sparsely-gated Mixture-of-Experts layer (PAPER.md sections 1-3)."""
+
+import keras
+import numpy as np
+import tensorflow as tf
+
+from tf_moe.layers.feed_forward_experts import FeedForwardExperts
+from tf_moe.layers.noisy_top_k_gate import NoisyTopKGate, _check_positive_int
+from tf_moe.metrics import LoadBalanceMetrics
+from tf_moe.ops import dispatch as dispatch_ops
+from tf_moe.ops.gating import cv_squared
+
+
+def cross_replica_sum(value):
+    """Sums `value` over the replicas of a tf.distribute strategy, if any.
+
+    The balancing losses are functions of the whole batch X, so under data
+    parallelism importance and load are summed over replicas before CV^2:
+    every replica then sees the loss of the global batch. The sum is
+    differentiable.
+    """
+    context = tf.distribute.get_replica_context()
+    if context is None or context.num_replicas_in_sync == 1:
+        return value
+    return context.all_reduce(tf.distribute.ReduceOp.SUM, value)
+
+
+def flatten_tokens(inputs, mask):
+    """Flattens [..., d] inputs (and [...] mask) into one batch of tokens.
+
+    Returns `(tokens [T, d], valid [T] bool or None, num_tokens)`, with
+    `num_tokens` a Python int when the leading shape is static.
+    """
+    if mask is not None and len(mask.shape) != len(inputs.shape) - 1:
+        raise ValueError(
+            f"`mask` must have the shape of `inputs` without its last axis; got mask "
+            f"shape {mask.shape} for inputs shape {inputs.shape}."
+        )
+    leading = inputs.shape[:-1]
+    tokens = tf.reshape(inputs, [-1, inputs.shape[-1]])
+    if all(dim is not None for dim in leading):
+        num_tokens = int(np.prod(leading, dtype=np.int64))
+    else:
+        num_tokens = tf.shape(tokens)[0]
+    valid = None if mask is None else tf.reshape(tf.cast(mask, tf.bool), [-1])
+    return tokens, valid, num_tokens
+
+
+@keras.saving.register_keras_serializable(package="tf_moe")
+class MoE(keras.layers.Layer):
+    """Sparsely-gated Mixture-of-Experts layer (Shazeer et al., 2017).
+
+    `y = sum_i G(x)_i E_i(x)` with noisy top-k gating: each token is sent to
+    k of `num_experts` feed-forward experts, and only those experts run on
+    it. All leading axes of the input are flattened into one batch of tokens
+    (the paper's "convolutionality"), so an MoE after an LSTM runs on every
+    time step at once. While training it adds
+    `importance_weight * CV(Importance)^2 + load_weight * CV(Load)^2` with
+    `add_loss`, and it reports its load balance in the `fit` logs under
+    `<name>_cv_importance`, `<name>_cv_load`, `<name>_max_over_mean_load`,
+    `<name>_dropped_fraction` and `<name>_aux_loss`.
+
+    Args:
+        num_experts: int, number of experts n.
+        k: int, experts per token, 1 <= k <= num_experts.
+        hidden_units: int, hidden width of each expert.
+        output_units: int or None, output width (None: the input width).
+        activation: activation of the experts' hidden layer.
+        noisy_gating: bool, add the gate's tunable noise while training.
+        noise_epsilon: float >= 0 added to the noise scale.
+        importance_weight: float >= 0, w_importance.
+        load_weight: float >= 0, w_load.
+        capacity_factor: None for exact, dropless dispatch (each expert's
+            buffer grows to its token count: a dynamic shape). A float > 0
+            gives every expert a static capacity of
+            `ceil(capacity_factor * k * tokens / num_experts)` tokens, the
+            path that compiles with XLA and runs on TPUs; assignments over
+            capacity contribute zero and are counted as dropped.
+        use_bias: whether the experts' layers have biases.
+        kernel_initializer, bias_initializer, kernel_regularizer,
+            bias_regularizer: for the experts' weights.
+        seed: optional int seed of the gating noise.
+        **kwargs: base layer arguments (`name`, `dtype`, ...).
+
+    Call arguments:
+        inputs: [..., d] tensor of rank >= 2.
+        training: bool, enables noise, the smooth load and the losses.
+        mask: optional bool tensor of shape `inputs.shape[:-1]` (Keras masks
+            are used automatically): masked tokens are not routed, their
+            output is zero and they count in neither importance nor load.
+
+    Returns:
+        [..., output_units or d].
+
+    Example:
+
+    >>> inputs = keras.Input((None, 64))
+    >>> outputs = MoE(num_experts=8, k=2, hidden_units=128)(inputs)
+    >>> model = keras.Model(inputs, outputs)
+    >>> model(np.zeros((2, 5, 64), "float32")).shape
+    TensorShape([2, 5, 64])
+    """
+
+    def __init__(
+        self,
+        num_experts,
+        k,
+        hidden_units,
+        output_units=None,
+        activation="relu",
+        noisy_gating=True,
+        noise_epsilon=1e-2,
+        importance_weight=0.1,
+        load_weight=0.1,
+        capacity_factor=None,
+        use_bias=True,
+        kernel_initializer=None,
+        bias_initializer="zeros",
+        kernel_regularizer=None,
+        bias_regularizer=None,
+        seed=None,
+        **kwargs,
+    ):
+        if "name" not in kwargs:
+            uid = keras.backend.get_uid("moe")
+            kwargs["name"] = "moe" if uid == 1 else f"moe_{uid - 1}"
+        super().__init__(**kwargs)
+        _check_positive_int("num_experts", num_experts)
+        _check_positive_int("k", k)
+        _check_positive_int("hidden_units", hidden_units)
+        if output_units is not None:
+            _check_positive_int("output_units", output_units)
+        if k > num_experts:
+            raise ValueError(f"`k` ({k}) must not exceed `num_experts` ({num_experts}).")
+        for arg, value in (("importance_weight", importance_weight), ("load_weight", load_weight)):
+            if not value >= 0:
+                raise ValueError(f"`{arg}` must be >= 0, got {value!r}.")
+        if capacity_factor is not None and not capacity_factor > 0:
+            raise ValueError(
+                f"`capacity_factor` must be None (dropless) or > 0, got {capacity_factor!r}."
+            )
+        self.num_experts = num_experts
+        self.k = k
+        self.hidden_units = hidden_units
+        self.output_units = output_units
+        self.activation = keras.activations.get(activation)
+        self.noisy_gating = bool(noisy_gating)
+        self.noise_epsilon = float(noise_epsilon)
+        self.importance_weight = float(importance_weight)
+        self.load_weight = float(load_weight)
+        self.capacity_factor = None if capacity_factor is None else float(capacity_factor)
+        self.use_bias = use_bias
+        self.kernel_initializer = kernel_initializer
+        self.bias_initializer = bias_initializer
+        self.kernel_regularizer = kernel_regularizer
+        self.bias_regularizer = bias_regularizer
+        self.seed = seed
+        self.supports_masking = True
+        self.gate = NoisyTopKGate(
+            num_experts,
+            k,
+            noisy=noisy_gating,
+            noise_epsilon=noise_epsilon,
+            seed=seed,
+            name="gate",
+        )
+        self.balance = LoadBalanceMetrics(name=self.name)
+
+    def build(self, input_shape):
+        if len(input_shape) < 2:
+            raise ValueError(
+                f"`inputs` of MoE must have rank >= 2 ([..., d]), got shape {input_shape}."
+            )
+        input_units = input_shape[-1]
+        if input_units is None:
+            raise ValueError(f"The last axis of `inputs` must be known, got shape {input_shape}.")
+        self.input_spec = keras.layers.InputSpec(min_ndim=2, axes={-1: input_units})
+        self.gate.build((None, input_units))
+        self.experts = FeedForwardExperts(
+            self.num_experts,
+            self.hidden_units,
+            self.output_units or input_units,
+            activation=self.activation,
+            use_bias=self.use_bias,
+            kernel_initializer=self.kernel_initializer,
+            bias_initializer=self.bias_initializer,
+            kernel_regularizer=self.kernel_regularizer,
+            bias_regularizer=self.bias_regularizer,
+            dtype=self.dtype_policy,
+            name="experts",
+        )
+        self.experts.build((self.num_experts, None, input_units))
+
+    def call(self, inputs, training=None, mask=None):
+        tokens, valid, num_tokens = flatten_tokens(inputs, mask)
+        routing = self.gate(tokens, training=training, mask=valid)
+        token_id, expert_id, weight = dispatch_ops.token_choice_assignments(
+            routing["expert_index"], routing["expert_weight"], valid, self.num_experts
+        )
+        capacity = None
+        if self.capacity_factor is not None:
+            capacity = dispatch_ops.static_capacity(
+                self.capacity_factor, self.k * num_tokens, self.num_experts
+            )
+        buffer, slot, kept, _ = dispatch_ops.dispatch(
+            tokens, token_id, expert_id, self.num_experts, capacity
+        )
+        outputs = dispatch_ops.combine(
+            self.experts(buffer), slot, kept, token_id, weight, num_tokens
+        )
+        self._track_balance(routing, expert_id, kept, training)
+        return tf.reshape(outputs, tf.concat([tf.shape(inputs)[:-1], [outputs.shape[-1]]], 0))
+
+    def _track_balance(self, routing, expert_id, kept, training):
+        importance = cross_replica_sum(routing["importance"])
+        load = cross_replica_sum(routing["load"])
+        aux_loss = self.importance_weight * cv_squared(importance) + self.load_weight * cv_squared(load)
+        if training:
+            self.add_loss(aux_loss)
+        routed = tf.reduce_sum(tf.cast(expert_id < self.num_experts, tf.float32))
+        dropped = routed - tf.reduce_sum(tf.cast(kept, tf.float32))
+        self.balance.update_state(importance, load, dropped, routed, aux_loss)
+
+    def compute_output_shape(self, input_shape):
+        return tuple(input_shape[:-1]) + (self.output_units or input_shape[-1],)
+
+    def get_config(self):
+        config = super().get_config()
+        config.update(
+            {
+                "num_experts": self.num_experts,
+                "k": self.k,
+                "hidden_units": self.hidden_units,
+                "output_units": self.output_units,
+                "activation": keras.activations.serialize(self.activation),
+                "noisy_gating": self.noisy_gating,
+                "noise_epsilon": self.noise_epsilon,
+                "importance_weight": self.importance_weight,
+                "load_weight": self.load_weight,
+                "capacity_factor": self.capacity_factor,
+                "use_bias": self.use_bias,
+                "kernel_initializer": _serialize(keras.initializers, self.kernel_initializer),
+                "bias_initializer": _serialize(keras.initializers, self.bias_initializer),
+                "kernel_regularizer": _serialize(keras.regularizers, self.kernel_regularizer),
+                "bias_regularizer": _serialize(keras.regularizers, self.bias_regularizer),
+                "seed": self.seed,
+            }
+        )
+        return config
+
+
+def _serialize(module, value):
+    return None if value is None else module.serialize(module.get(value))

@@ -1,0 +1,67 @@
+"""Load-balance metrics that MoE layers report in the `fit` logs."""
+
+import keras
+import tensorflow as tf
+
+from tf_moe.ops.gating import cv_squared
+
+_EPSILON = 1e-10
+
+
+@keras.saving.register_keras_serializable(package="tf_moe")
+class LoadBalanceMetrics(keras.metrics.Metric):
+    """Running load-balance figures of one MoE layer (PAPER.md table 6).
+
+    Averages over the batches seen since the last reset: the coefficient of
+    variation of importance and of load, `max(load) / mean(load)`, and the
+    auxiliary loss; and accumulates the fraction of routed assignments that
+    capacity dropped. `result()` returns a dict whose keys start with the
+    metric's name, so every MoE layer of a model gets its own log entries.
+
+    Args:
+        name: prefix of the result keys (MoE layers use their own name).
+        **kwargs: base metric arguments.
+
+    Example:
+
+    >>> m = LoadBalanceMetrics(name="moe")
+    >>> m.update_state(importance=[1.0, 3.0], load=[2.0, 2.0])
+    >>> sorted(m.result())[:2]
+    ['moe_aux_loss', 'moe_cv_importance']
+    """
+
+    def __init__(self, name="moe", **kwargs):
+        super().__init__(name=name, **kwargs)
+        names = ("cv_importance", "cv_load", "max_over_mean_load", "aux_loss", "batches", "dropped", "routed")
+        self._totals = {
+            key: self.add_variable(shape=(), initializer="zeros", name=key) for key in names
+        }
+
+    def update_state(self, importance, load, dropped=0.0, routed=0.0, aux_loss=0.0):
+        """Adds one batch's per-expert importance and load vectors."""
+        importance = tf.cast(importance, tf.float32)
+        load = tf.cast(load, tf.float32)
+        values = {
+            "cv_importance": tf.sqrt(cv_squared(importance)),
+            "cv_load": tf.sqrt(cv_squared(load)),
+            "max_over_mean_load": tf.reduce_max(load) / (tf.reduce_mean(load) + _EPSILON),
+            "aux_loss": aux_loss,
+            "batches": 1.0,
+            "dropped": dropped,
+            "routed": routed,
+        }
+        for key, value in values.items():
+            self._totals[key].assign_add(tf.cast(value, tf.float32))
+
+    def result(self):
+        batches = tf.maximum(self._totals["batches"], 1.0)
+        results = {
+            key: self._totals[key] / batches
+            for key in ("cv_importance", "cv_load", "max_over_mean_load", "aux_loss")
+        }
+        results["dropped_fraction"] = self._totals["dropped"] / tf.maximum(self._totals["routed"], 1.0)
+        return {f"{self.name}_{key}": value for key, value in results.items()}
+
+    def reset_state(self):
+        for variable in self._totals.values():
+            variable.assign(0.0)

@@ -1,0 +1,1 @@
+"""Pure tensor functions: gating maths (`gating`) and sparse dispatch (`dispatch`)."""

@@ -1,0 +1,129 @@
+"""Sparse dispatch and combine for stacked experts.
+
+Routing is described by a flat list of assignments `(token_id, expert_id,
+weight)`. `dispatch` packs the routed tokens into a per-expert buffer
+[num_experts, capacity, d] with one gather, so all experts run as one batched
+matmul; `combine` gathers each assignment's expert output back and sums it
+into its token with a segment sum. Slot positions come from a stable sort by
+expert id, so the cost is O(A log A + A*d) for A assignments, independent of
+the number of experts: no [tokens, experts, capacity] one-hot tensors.
+"""
+
+import math
+
+import tensorflow as tf
+
+
+def token_choice_assignments(expert_index, expert_weight, valid=None, num_experts=None):
+    """Flattens per-token top-k routing into assignments, choice-major.
+
+    All first choices come before all second choices, so when capacity runs
+    out the assignments that are dropped are the lower-ranked ones.
+
+    Args:
+        expert_index: [tokens, k] int32.
+        expert_weight: [tokens, k] float.
+        valid: optional [tokens] bool; invalid tokens get expert id
+            `num_experts`, which dispatch ignores.
+        num_experts: needed when `valid` is given.
+
+    Returns:
+        `(token_id, expert_id, weight)`, each of shape [k * tokens].
+    """
+    expert_index = tf.cast(expert_index, tf.int32)
+    if valid is not None:
+        expert_index = tf.where(valid[:, None], expert_index, num_experts)
+    num_tokens = tf.shape(expert_index)[0]
+    token_id = tf.tile(tf.range(num_tokens, dtype=tf.int32), [tf.shape(expert_index)[1]])
+    expert_id = tf.reshape(tf.transpose(expert_index), [-1])
+    weight = tf.reshape(tf.transpose(expert_weight), [-1])
+    return token_id, expert_id, weight
+
+
+def static_capacity(capacity_factor, num_assignments, num_experts):
+    """`ceil(capacity_factor * A / n)` as a Python int when A is static."""
+    if isinstance(num_assignments, int):
+        return int(math.ceil(capacity_factor * num_assignments / num_experts))
+    capacity = tf.math.ceil(
+        capacity_factor * tf.cast(num_assignments, tf.float32) / num_experts
+    )
+    return tf.cast(capacity, tf.int32)
+
+
+def expert_positions(expert_id, num_experts):
+    """Rank of each assignment among the assignments to the same expert.
+
+    Args:
+        expert_id: [A] int32, values in [0, num_experts]; `num_experts` marks
+            assignments to ignore.
+        num_experts: number of experts.
+
+    Returns:
+        `(position, counts)`: [A] int32 arrival order within the expert
+        (assignment order is kept), and [num_experts] int32 tokens per expert.
+    """
+    order = tf.argsort(expert_id, stable=True)
+    sorted_ids = tf.gather(expert_id, order)
+    counts = tf.math.bincount(expert_id, minlength=num_experts + 1, maxlength=num_experts + 1)
+    starts = tf.cumsum(counts, exclusive=True)
+    sorted_position = tf.range(tf.size(expert_id)) - tf.gather(starts, sorted_ids)
+    position = tf.gather(sorted_position, tf.math.invert_permutation(order))
+    return position, counts[:num_experts]
+
+
+def dispatch(tokens, token_id, expert_id, num_experts, capacity=None):
+    """Packs routed tokens into a [num_experts, capacity, d] buffer.
+
+    Args:
+        tokens: [T, d] token features.
+        token_id: [A] int32 token of each assignment.
+        expert_id: [A] int32 expert of each assignment (`num_experts` =
+            ignored).
+        num_experts: number of experts n.
+        capacity: slots per expert. An int (static: XLA- and TPU-friendly)
+            or a scalar tensor; assignments beyond it are dropped. `None`
+            uses the largest expert's count, so nothing is dropped (dynamic
+            shape).
+
+    Returns:
+        `(buffer, slot, kept, counts)`: the [n, capacity, d] buffer (empty
+        slots are zero), the [A] flat buffer slot of each assignment, the [A]
+        bool mask of assignments that got a slot, and [n] int32 counts of
+        assignments routed to each expert before any drop.
+    """
+    position, counts = expert_positions(expert_id, num_experts)
+    if capacity is None:
+        capacity = tf.reduce_max(tf.concat([counts, [0]], axis=0))
+    kept = tf.logical_and(expert_id < num_experts, position < capacity)
+    num_slots = num_experts * capacity
+    # Assignments without a slot all write to one extra slot that is cut off.
+    slot = tf.where(kept, expert_id * capacity + position, num_slots)
+    num_tokens = tf.shape(tokens)[0]
+    source = tf.tensor_scatter_nd_update(
+        tf.fill([num_slots + 1], num_tokens), slot[:, None], token_id
+    )[:num_slots]
+    padded = tf.concat([tokens, tf.zeros_like(tokens[:1])], axis=0)
+    buffer = tf.gather(padded, source)
+    buffer = tf.reshape(buffer, [num_experts, capacity, tokens.shape[-1] or tf.shape(tokens)[-1]])
+    return buffer, slot, kept, counts
+
+
+def combine(expert_outputs, slot, kept, token_id, weight, num_tokens):
+    """Weighted sum of each token's expert outputs; dropped ones add zero.
+
+    Args:
+        expert_outputs: [n, capacity, o] outputs of the experts on the buffer.
+        slot, kept: from `dispatch`.
+        token_id: [A] int32 token of each assignment.
+        weight: [A] gate value of each assignment.
+        num_tokens: T.
+
+    Returns:
+        [T, o] in the dtype of `expert_outputs`.
+    """
+    units = expert_outputs.shape[-1]
+    flat = tf.reshape(expert_outputs, [-1, units])
+    padded = tf.concat([flat, tf.zeros_like(flat[:1])], axis=0)
+    weight = tf.where(kept, tf.cast(weight, flat.dtype), tf.zeros((), flat.dtype))
+    per_assignment = tf.gather(padded, slot) * weight[:, None]
+    return tf.math.unsorted_segment_sum(per_assignment, token_id, num_tokens)
