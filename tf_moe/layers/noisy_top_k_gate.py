@@ -70,6 +70,8 @@ class NoisyTopKGate(keras.layers.Layer):
         self.noise_epsilon = float(noise_epsilon)
         self.seed = seed
         self.seed_generator = keras.random.SeedGenerator(seed)
+        # Takes a token mask as an argument; its dict output carries no mask.
+        self.supports_masking = True
 
     def build(self, input_shape):
         if len(input_shape) != 2 or input_shape[-1] is None:
@@ -112,6 +114,9 @@ class NoisyTopKGate(keras.layers.Layer):
             "load": load,
             "logits": logits,
         }
+
+    def compute_mask(self, inputs, mask=None):
+        return None
 
     def compute_output_shape(self, input_shape):
         tokens = input_shape[0]
