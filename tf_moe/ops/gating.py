@@ -58,29 +58,32 @@ def smooth_load(clean_logits, noisy_logits, stddev, k, token_weight=None):
     `P(x, i) = Phi((clean_i - kth_excluding(H(x), k, i)) / stddev_i)`, summed
     over tokens. The k-th highest of H(x) leaving out component i is the
     (k+1)-th highest overall when i is itself among the top k, and the k-th
-    highest otherwise, so one top-(k+1) gives it for every i.
+    highest otherwise, so one top-(k+1) gives it for every i. Leading batch
+    axes are kept: the hierarchical gate computes every group's load at once
+    from [groups, tokens, experts] inputs.
 
     Args:
-        clean_logits: [tokens, num_experts] `x W_g`.
-        noisy_logits: [tokens, num_experts] `H(x)`.
-        stddev: [tokens, num_experts] noise scale.
+        clean_logits: [..., tokens, num_experts] `x W_g`.
+        noisy_logits: [..., tokens, num_experts] `H(x)`.
+        stddev: [..., tokens, num_experts] noise scale.
         k: experts per token; needs `k < num_experts`.
-        token_weight: optional [tokens] float 0/1 weights (masked tokens 0).
+        token_weight: optional [..., tokens] float 0/1 weights (masked
+            tokens 0).
 
     Returns:
-        [num_experts] float32 expected number of tokens per expert.
+        [..., num_experts] float32 expected number of tokens per expert.
     """
     top_values, _ = tf.math.top_k(noisy_logits, k=k + 1, sorted=True)
-    threshold_if_in = top_values[:, k : k + 1]
-    threshold_if_out = top_values[:, k - 1 : k]
+    threshold_if_in = top_values[..., k : k + 1]
+    threshold_if_out = top_values[..., k - 1 : k]
     is_in = noisy_logits > threshold_if_in
     normal = tf.constant(2.0**0.5, tf.float32)
     prob_if_in = 0.5 * tf.math.erfc(-(clean_logits - threshold_if_in) / (stddev * normal))
     prob_if_out = 0.5 * tf.math.erfc(-(clean_logits - threshold_if_out) / (stddev * normal))
     prob = tf.where(is_in, prob_if_in, prob_if_out)
     if token_weight is not None:
-        prob = prob * token_weight[:, None]
-    return tf.reduce_sum(prob, axis=0)
+        prob = prob * token_weight[..., None]
+    return tf.reduce_sum(prob, axis=-2)
 
 
 def importance(expert_index, expert_weight, num_experts):
