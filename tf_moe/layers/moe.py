@@ -176,8 +176,12 @@ class MoE(keras.layers.Layer):
             raise ValueError(f"The last axis of `inputs` must be known, got shape {input_shape}.")
         self.input_spec = keras.layers.InputSpec(min_ndim=2, axes={-1: input_units})
         self.gate.build((None, input_units))
-        self.experts = FeedForwardExperts(
-            self.num_experts,
+        self.experts = self._build_experts(self.num_experts, input_units)
+
+    def _build_experts(self, num_experts, input_units):
+        """Creates and builds the expert bank (subclasses may shard it)."""
+        experts = FeedForwardExperts(
+            num_experts,
             self.hidden_units,
             self.output_units or input_units,
             activation=self.activation,
@@ -189,7 +193,8 @@ class MoE(keras.layers.Layer):
             dtype=self.dtype_policy,
             name="experts",
         )
-        self.experts.build((self.num_experts, None, input_units))
+        experts.build((num_experts, None, input_units))
+        return experts
 
     def call(self, inputs, training=None, mask=None):
         tokens, valid, num_tokens = flatten_tokens(inputs, mask)
