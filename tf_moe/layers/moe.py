@@ -101,6 +101,9 @@ class MoE(keras.layers.Layer):
     TensorShape([2, 5, 64])
     """
 
+    # Layer class of the expert bank; the expert-parallel subclass shards it.
+    experts_class = FeedForwardExperts
+
     def __init__(
         self,
         num_experts,
@@ -180,7 +183,7 @@ class MoE(keras.layers.Layer):
 
     def _build_experts(self, num_experts, input_units):
         """Creates and builds the expert bank (subclasses may shard it)."""
-        experts = FeedForwardExperts(
+        experts = self.experts_class(
             num_experts,
             self.hidden_units,
             self.output_units or input_units,
