@@ -1,0 +1,222 @@
+"""Strictly balanced gating (PAPER.md section 5, the paper's appendix F)."""
+
+import keras
+import tensorflow as tf
+
+from tf_moe.layers.noisy_top_k_gate import _check_positive_int
+from tf_moe.ops import gating
+from tf_moe.ops.dispatch import token_choice_assignments
+
+# Keeps the renormalisation finite for a token that no expert kept.
+_EPSILON = 1e-9
+
+
+def tokens_per_expert(k, num_tokens, num_experts):
+    """`m = k * T // n`, the batch each expert takes under batchwise gating.
+
+    A Python int when `num_tokens` is; raises a ValueError naming the
+    arguments when that int is below 1 (and asserts it when `num_tokens` is
+    a tensor).
+    """
+    if isinstance(num_tokens, int):
+        m = k * num_tokens // num_experts
+        if m < 1:
+            raise ValueError(
+                "Batchwise gating needs m = k * tokens // num_experts >= 1 tokens per "
+                f"expert; got k={k}, tokens={num_tokens}, num_experts={num_experts}. "
+                "Use more tokens per batch, a larger `k` or fewer `num_experts`."
+            )
+        return m
+    m = k * num_tokens // num_experts
+    tf.debugging.assert_positive(
+        m, message="Batchwise gating needs m = k * tokens // num_experts >= 1."
+    )
+    return m
+
+
+def batchwise_threshold_loss(gates, thresholds, threshold_mask, batch_mask, token_weight):
+    """`L_batchwise(X, T, m)` of appendix F, averaged over the tokens.
+
+    `sum_j sum_i (M_threshold(x_j, T)_i - M_batchwise(X, m)_{j,i}) * (X_{j,i} - T_i)`
+    with X the softmax gates. The masks are constants of the formula and the
+    loss is there to learn T, so gradients reach only `thresholds`: each T_i
+    moves up when its threshold lets through more tokens than the batchwise
+    mask keeps, down when fewer. Dividing by the token count makes the step
+    size independent of the batch size; the minimiser is unchanged.
+
+    Args:
+        gates: [tokens, n] softmax gates `G_sigma(x)`.
+        thresholds: [n] per-expert thresholds T.
+        threshold_mask, batch_mask: [tokens, n] 0/1 masks.
+        token_weight: [tokens] 0/1 (masked tokens 0).
+
+    Returns:
+        A float32 scalar.
+    """
+    disagreement = tf.stop_gradient(threshold_mask - batch_mask) * token_weight[:, None]
+    margin = tf.stop_gradient(gates) - thresholds
+    return tf.reduce_sum(disagreement * margin) / tf.maximum(tf.reduce_sum(token_weight), 1.0)
+
+
+@keras.saving.register_keras_serializable(package="tf_moe")
+class BatchwiseGate(keras.layers.Layer):
+    """Strictly balanced gating: every expert takes the same batch size.
+
+    `G(x)_i = G_sigma(x)_i M_i / sum_j G_sigma(x)_j M_j` with
+    `G_sigma(x) = Softmax(x W_g)` (appendix F). While training, M is the
+    batchwise mask: each expert keeps its top `m = k * T // n` tokens of the
+    batch of T tokens (expert-choice routing), so every expert receives
+    exactly m tokens and nothing is ever dropped for capacity. A token that
+    no expert picked gets all-zero gates (the MoE gives it a zero output and
+    counts it as unrouted). While training the gate also adds `L_batchwise`
+    with `add_loss`, which learns a per-expert threshold vector T.
+
+    At inference the batch cannot be relied on, so M is the threshold mask
+    `G_sigma(x)_i > T_i`, decided per token. The number of experts a token
+    passes varies; to keep static shapes each token considers only its
+    `max_experts_per_token` highest gates (a bounded candidate set), keeps
+    those above their threshold and renormalises over them. Candidates
+    beyond that bound are not used even if above threshold.
+
+    `W_g` and T start at zero. The gate computes in float32.
+
+    Args:
+        num_experts: int, number of experts n.
+        k: int, average experts per token, 1 <= k <= num_experts; sets m.
+        max_experts_per_token: int or None, size of the inference candidate
+            set (None: `min(2 * k, num_experts)`).
+        **kwargs: base layer arguments (`name`, ...). `dtype` defaults to
+            float32.
+
+    Call arguments:
+        inputs: [tokens, d] float tensor. While training it is the batch X
+            that the batchwise mask ranks, so it needs
+            `k * tokens // num_experts >= 1`.
+        training: bool, batchwise mask (and threshold loss) if true,
+            threshold mask otherwise.
+        mask: optional [tokens] bool; masked tokens are never picked and
+            do not count in importance, load or the threshold loss.
+
+    Returns:
+        A dict with `assignments`, the triple `(token_id, expert_id,
+        weight)` of flat routing assignments (expert id n means "not
+        routed"; n*m of them, expert-major, while training, `tokens *
+        max_experts_per_token` at inference), `importance` [n] (sum of gates),
+        `load` [n] (tokens per expert) and `logits` [tokens, n] (`x W_g`).
+
+    Example:
+
+    >>> gate = BatchwiseGate(num_experts=4, k=2)
+    >>> routing = gate(keras.random.normal((16, 32)), training=True)
+    >>> routing["load"].numpy()  # every expert gets m = 2 * 16 // 4 tokens
+    array([8., 8., 8., 8.], dtype=float32)
+    """
+
+    def __init__(self, num_experts, k, max_experts_per_token=None, **kwargs):
+        kwargs.setdefault("dtype", "float32")
+        super().__init__(**kwargs)
+        _check_positive_int("num_experts", num_experts)
+        _check_positive_int("k", k)
+        if k > num_experts:
+            raise ValueError(f"`k` ({k}) must not exceed `num_experts` ({num_experts}).")
+        if max_experts_per_token is not None:
+            _check_positive_int("max_experts_per_token", max_experts_per_token)
+            if max_experts_per_token > num_experts:
+                raise ValueError(
+                    f"`max_experts_per_token` ({max_experts_per_token}) must not exceed "
+                    f"`num_experts` ({num_experts})."
+                )
+        self.num_experts = num_experts
+        self.k = k
+        self.max_experts_per_token = max_experts_per_token
+        self.candidates = max_experts_per_token or min(2 * k, num_experts)
+        self.supports_masking = True
+
+    def build(self, input_shape):
+        if len(input_shape) != 2 or input_shape[-1] is None:
+            raise ValueError(
+                f"`inputs` of BatchwiseGate must be [tokens, d] with known d, got {input_shape}."
+            )
+        if input_shape[0] is not None:
+            tokens_per_expert(self.k, input_shape[0], self.num_experts)
+        self.w_gate = self.add_weight(
+            name="w_gate", shape=(input_shape[-1], self.num_experts), initializer="zeros"
+        )
+        self.thresholds = self.add_weight(
+            name="thresholds", shape=(self.num_experts,), initializer="zeros"
+        )
+
+    def call(self, inputs, training=None, mask=None):
+        logits = tf.matmul(tf.cast(inputs, tf.float32), tf.cast(self.w_gate, tf.float32))
+        gates = tf.nn.softmax(logits, axis=-1)
+        thresholds = tf.cast(self.thresholds, tf.float32)
+        if mask is None:
+            valid = tf.ones_like(logits[:, 0], tf.bool)
+        else:
+            valid = tf.reshape(tf.cast(mask, tf.bool), [-1])
+        token_weight = tf.cast(valid, tf.float32)
+        threshold_mask = tf.cast(gates > thresholds, tf.float32)
+        if training:
+            routing = self._batchwise_routing(gates, valid)
+            batch_mask = routing.pop("batch_mask")
+            self.add_loss(
+                batchwise_threshold_loss(
+                    gates, thresholds, threshold_mask, batch_mask, token_weight
+                )
+            )
+        else:
+            routing = self._threshold_routing(gates, thresholds, valid)
+        routing["logits"] = logits
+        return routing
+
+    def _batchwise_routing(self, gates, valid):
+        num_tokens = gates.shape[0]
+        if num_tokens is None:
+            num_tokens = tf.shape(gates)[0]
+        m = tokens_per_expert(self.k, num_tokens, self.num_experts)
+        # Masked tokens rank below every gate value (gates are >= 0).
+        scores = tf.where(valid[:, None], gates, -1.0)
+        _, token_id = tf.math.top_k(tf.transpose(scores), k=m)  # [n, m]
+        picked = tf.gather(valid, token_id)
+        expert_id = tf.broadcast_to(tf.range(self.num_experts)[:, None], tf.shape(token_id))
+        pairs = tf.stack([token_id, expert_id], axis=-1)
+        batch_mask = tf.scatter_nd(pairs, tf.cast(picked, tf.float32), tf.shape(gates))
+        kept = gates * batch_mask
+        kept = kept / tf.maximum(tf.reduce_sum(kept, axis=-1, keepdims=True), _EPSILON)
+        expert_id = tf.where(picked, expert_id, self.num_experts)
+        return {
+            "assignments": (
+                tf.reshape(token_id, [-1]),
+                tf.reshape(expert_id, [-1]),
+                tf.reshape(tf.gather_nd(kept, pairs), [-1]),
+            ),
+            "importance": tf.reduce_sum(kept, axis=0),
+            "load": gating.hard_load(expert_id, self.num_experts),
+            "batch_mask": batch_mask,
+        }
+
+    def _threshold_routing(self, gates, thresholds, valid):
+        top_gates, expert_index = tf.math.top_k(gates, k=self.candidates)
+        keep = tf.logical_and(top_gates > tf.gather(thresholds, expert_index), valid[:, None])
+        kept = tf.where(keep, top_gates, 0.0)
+        weight = kept / tf.maximum(tf.reduce_sum(kept, axis=-1, keepdims=True), _EPSILON)
+        expert_index = tf.where(keep, expert_index, self.num_experts)
+        return {
+            "assignments": token_choice_assignments(expert_index, weight),
+            "importance": gating.importance(expert_index, weight, self.num_experts),
+            "load": gating.hard_load(expert_index, self.num_experts),
+        }
+
+    def compute_mask(self, inputs, mask=None):
+        return None
+
+    def get_config(self):
+        config = super().get_config()
+        config.update(
+            {
+                "num_experts": self.num_experts,
+                "k": self.k,
+                "max_experts_per_token": self.max_experts_per_token,
+            }
+        )
+        return config
