@@ -15,8 +15,9 @@ class LoadBalanceMetrics(keras.metrics.Metric):
     Averages over the batches seen since the last reset: the coefficient of
     variation of importance and of load, `max(load) / mean(load)`, and the
     auxiliary loss; and accumulates the fraction of routed assignments that
-    capacity dropped. `result()` returns a dict whose keys start with the
-    metric's name, so every MoE layer of a model gets its own log entries.
+    capacity dropped and the fraction of tokens that got no expert at all.
+    `result()` returns a dict whose keys start with the metric's name, so
+    every MoE layer of a model gets its own log entries.
 
     Args:
         name: prefix of the result keys (MoE layers use their own name).
@@ -32,12 +33,17 @@ class LoadBalanceMetrics(keras.metrics.Metric):
 
     def __init__(self, name="moe", **kwargs):
         super().__init__(name=name, **kwargs)
-        names = ("cv_importance", "cv_load", "max_over_mean_load", "aux_loss", "batches", "dropped", "routed")
+        names = (
+            "cv_importance", "cv_load", "max_over_mean_load", "aux_loss", "batches", "dropped",
+            "routed", "unrouted", "tokens",
+        )
         self._totals = {
             key: self.add_variable(shape=(), initializer="zeros", name=key) for key in names
         }
 
-    def update_state(self, importance, load, dropped=0.0, routed=0.0, aux_loss=0.0):
+    def update_state(
+        self, importance, load, dropped=0.0, routed=0.0, aux_loss=0.0, unrouted=0.0, tokens=0.0
+    ):
         """Adds one batch's per-expert importance and load vectors."""
         importance = tf.cast(importance, tf.float32)
         load = tf.cast(load, tf.float32)
@@ -49,6 +55,8 @@ class LoadBalanceMetrics(keras.metrics.Metric):
             "batches": 1.0,
             "dropped": dropped,
             "routed": routed,
+            "unrouted": unrouted,
+            "tokens": tokens,
         }
         for key, value in values.items():
             self._totals[key].assign_add(tf.cast(value, tf.float32))
@@ -60,6 +68,7 @@ class LoadBalanceMetrics(keras.metrics.Metric):
             for key in ("cv_importance", "cv_load", "max_over_mean_load", "aux_loss")
         }
         results["dropped_fraction"] = self._totals["dropped"] / tf.maximum(self._totals["routed"], 1.0)
+        results["unrouted_fraction"] = self._totals["unrouted"] / tf.maximum(self._totals["tokens"], 1.0)
         return {f"{self.name}_{key}": value for key, value in results.items()}
 
     def reset_state(self):
