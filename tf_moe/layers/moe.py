@@ -4,11 +4,15 @@ import keras
 import numpy as np
 import tensorflow as tf
 
+from tf_moe.layers.batchwise_gate import BatchwiseGate
 from tf_moe.layers.feed_forward_experts import FeedForwardExperts
 from tf_moe.layers.noisy_top_k_gate import NoisyTopKGate, _check_positive_int
+from tf_moe.layers.softmax_gate import SoftmaxGate
 from tf_moe.metrics import LoadBalanceMetrics
 from tf_moe.ops import dispatch as dispatch_ops
 from tf_moe.ops.gating import cv_squared
+
+_GATES = ("noisy_top_k", "softmax", "batchwise")
 
 
 def cross_replica_sum(value):
@@ -58,7 +62,8 @@ class MoE(keras.layers.Layer):
     `importance_weight * CV(Importance)^2 + load_weight * CV(Load)^2` with
     `add_loss`, and it reports its load balance in the `fit` logs under
     `<name>_cv_importance`, `<name>_cv_load`, `<name>_max_over_mean_load`,
-    `<name>_dropped_fraction` and `<name>_aux_loss`.
+    `<name>_dropped_fraction`, `<name>_unrouted_fraction` (tokens that got
+    no expert at all) and `<name>_aux_loss`.
 
     Args:
         num_experts: int, number of experts n.
@@ -80,6 +85,11 @@ class MoE(keras.layers.Layer):
         kernel_initializer, bias_initializer, kernel_regularizer,
             bias_regularizer: for the experts' weights.
         seed: optional int seed of the gating noise.
+        gate: `"noisy_top_k"` (section 1), `"softmax"` (the dense baseline
+            `Softmax(x W_g)`: every expert on every token, `k` unused) or
+            `"batchwise"` (strictly balanced gating, appendix F: see
+            `BatchwiseGate`; each expert takes `k * tokens // num_experts`
+            tokens of the batch while training, `noisy_gating` unused).
         **kwargs: base layer arguments (`name`, `dtype`, ...).
 
     Call arguments:
@@ -101,9 +111,6 @@ class MoE(keras.layers.Layer):
     TensorShape([2, 5, 64])
     """
 
-    # Layer class of the expert bank; the expert-parallel subclass shards it.
-    experts_class = FeedForwardExperts
-
     def __init__(
         self,
         num_experts,
@@ -122,6 +129,7 @@ class MoE(keras.layers.Layer):
         kernel_regularizer=None,
         bias_regularizer=None,
         seed=None,
+        gate="noisy_top_k",
         **kwargs,
     ):
         if "name" not in kwargs:
@@ -158,16 +166,27 @@ class MoE(keras.layers.Layer):
         self.kernel_regularizer = kernel_regularizer
         self.bias_regularizer = bias_regularizer
         self.seed = seed
+        if gate not in _GATES:
+            raise ValueError(f"`gate` must be one of {_GATES}, got {gate!r}.")
+        self.gate_type = gate
         self.supports_masking = True
-        self.gate = NoisyTopKGate(
-            num_experts,
-            k,
-            noisy=noisy_gating,
-            noise_epsilon=noise_epsilon,
-            seed=seed,
+        self.gate = self._make_gate()
+        self.balance = LoadBalanceMetrics(name=self.name)
+
+    def _make_gate(self):
+        """Creates the gating sublayer (subclasses with another gate override it)."""
+        if self.gate_type == "softmax":
+            return SoftmaxGate(self.num_experts, name="gate")
+        if self.gate_type == "batchwise":
+            return BatchwiseGate(self.num_experts, self.k, name="gate")
+        return NoisyTopKGate(
+            self.num_experts,
+            self.k,
+            noisy=self.noisy_gating,
+            noise_epsilon=self.noise_epsilon,
+            seed=self.seed,
             name="gate",
         )
-        self.balance = LoadBalanceMetrics(name=self.name)
 
     def build(self, input_shape):
         if len(input_shape) < 2:
@@ -179,12 +198,8 @@ class MoE(keras.layers.Layer):
             raise ValueError(f"The last axis of `inputs` must be known, got shape {input_shape}.")
         self.input_spec = keras.layers.InputSpec(min_ndim=2, axes={-1: input_units})
         self.gate.build((None, input_units))
-        self.experts = self._build_experts(self.num_experts, input_units)
-
-    def _build_experts(self, num_experts, input_units):
-        """Creates and builds the expert bank (subclasses may shard it)."""
-        experts = self.experts_class(
-            num_experts,
+        self.experts = FeedForwardExperts(
+            self.num_experts,
             self.hidden_units,
             self.output_units or input_units,
             activation=self.activation,
@@ -196,19 +211,21 @@ class MoE(keras.layers.Layer):
             dtype=self.dtype_policy,
             name="experts",
         )
-        experts.build((num_experts, None, input_units))
-        return experts
+        self.experts.build((self.num_experts, None, input_units))
 
     def call(self, inputs, training=None, mask=None):
         tokens, valid, num_tokens = flatten_tokens(inputs, mask)
         routing = self.gate(tokens, training=training, mask=valid)
-        token_id, expert_id, weight = dispatch_ops.token_choice_assignments(
-            routing["expert_index"], routing["expert_weight"], valid, self.num_experts
-        )
+        if "assignments" in routing:
+            token_id, expert_id, weight = routing["assignments"]
+        else:
+            token_id, expert_id, weight = dispatch_ops.token_choice_assignments(
+                routing["expert_index"], routing["expert_weight"], valid, self.num_experts
+            )
         capacity = None
         if self.capacity_factor is not None:
             capacity = dispatch_ops.static_capacity(
-                self.capacity_factor, self.k * num_tokens, self.num_experts
+                self.capacity_factor, self.gate.k * num_tokens, self.num_experts
             )
         buffer, slot, kept, _ = dispatch_ops.dispatch(
             tokens, token_id, expert_id, self.num_experts, capacity
@@ -216,18 +233,26 @@ class MoE(keras.layers.Layer):
         outputs = dispatch_ops.combine(
             self.experts(buffer), slot, kept, token_id, weight, num_tokens
         )
-        self._track_balance(routing, expert_id, kept, training)
+        self._track_balance(routing, token_id, expert_id, kept, valid, num_tokens, training)
         return tf.reshape(outputs, tf.concat([tf.shape(inputs)[:-1], [outputs.shape[-1]]], 0))
 
-    def _track_balance(self, routing, expert_id, kept, training):
+    def _track_balance(self, routing, token_id, expert_id, kept, valid, num_tokens, training):
         importance = cross_replica_sum(routing["importance"])
         load = cross_replica_sum(routing["load"])
         aux_loss = self.importance_weight * cv_squared(importance) + self.load_weight * cv_squared(load)
         if training:
             self.add_loss(aux_loss)
-        routed = tf.reduce_sum(tf.cast(expert_id < self.num_experts, tf.float32))
+        # A gate may drop assignments before dispatch (hierarchical group capacity).
+        gate_dropped = routing.get("dropped", 0.0)
+        routed = tf.reduce_sum(tf.cast(expert_id < self.num_experts, tf.float32)) + gate_dropped
         dropped = routed - tf.reduce_sum(tf.cast(kept, tf.float32))
-        self.balance.update_state(importance, load, dropped, routed, aux_loss)
+        reached = tf.math.unsorted_segment_sum(tf.cast(kept, tf.float32), token_id, num_tokens)
+        if valid is None:
+            tokens = tf.cast(num_tokens, tf.float32)
+        else:
+            tokens = tf.reduce_sum(tf.cast(valid, tf.float32))
+        unrouted = tokens - tf.reduce_sum(tf.cast(reached > 0, tf.float32))
+        self.balance.update_state(importance, load, dropped, routed, aux_loss, unrouted, tokens)
 
     def compute_output_shape(self, input_shape):
         return tuple(input_shape[:-1]) + (self.output_units or input_shape[-1],)
@@ -252,6 +277,7 @@ class MoE(keras.layers.Layer):
                 "kernel_regularizer": _serialize(keras.regularizers, self.kernel_regularizer),
                 "bias_regularizer": _serialize(keras.regularizers, self.bias_regularizer),
                 "seed": self.seed,
+                "gate": self.gate_type,
             }
         )
         return config
