@@ -111,6 +111,9 @@ class MoE(keras.layers.Layer):
     TensorShape([2, 5, 64])
     """
 
+    # Layer class of the expert bank; the expert-parallel subclass shards it.
+    experts_class = FeedForwardExperts
+
     def __init__(
         self,
         num_experts,
@@ -198,8 +201,12 @@ class MoE(keras.layers.Layer):
             raise ValueError(f"The last axis of `inputs` must be known, got shape {input_shape}.")
         self.input_spec = keras.layers.InputSpec(min_ndim=2, axes={-1: input_units})
         self.gate.build((None, input_units))
-        self.experts = FeedForwardExperts(
-            self.num_experts,
+        self.experts = self._build_experts(self.num_experts, input_units)
+
+    def _build_experts(self, num_experts, input_units):
+        """Creates and builds the expert bank (subclasses may shard it)."""
+        experts = self.experts_class(
+            num_experts,
             self.hidden_units,
             self.output_units or input_units,
             activation=self.activation,
@@ -211,7 +218,8 @@ class MoE(keras.layers.Layer):
             dtype=self.dtype_policy,
             name="experts",
         )
-        self.experts.build((self.num_experts, None, input_units))
+        experts.build((num_experts, None, input_units))
+        return experts
 
     def call(self, inputs, training=None, mask=None):
         tokens, valid, num_tokens = flatten_tokens(inputs, mask)
