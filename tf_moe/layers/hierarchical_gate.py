@@ -1,0 +1,262 @@
+"""Two-level noisy top-k gating of the hierarchical MoE (PAPER.md section 4)."""
+
+import keras
+import tensorflow as tf
+
+from tf_moe.layers.noisy_top_k_gate import NoisyTopKGate, _check_positive_int
+from tf_moe.ops import dispatch as dispatch_ops
+from tf_moe.ops import gating
+
+
+def check_hierarchy(num_groups, experts_per_group, k_primary, k_secondary):
+    """Raises a ValueError naming the argument of a bad two-level configuration."""
+    for arg, value in (
+        ("num_groups", num_groups),
+        ("experts_per_group", experts_per_group),
+        ("k_primary", k_primary),
+        ("k_secondary", k_secondary),
+    ):
+        _check_positive_int(arg, value)
+    if k_primary > num_groups:
+        raise ValueError(f"`k_primary` ({k_primary}) must not exceed `num_groups` ({num_groups}).")
+    if k_secondary > experts_per_group:
+        raise ValueError(
+            f"`k_secondary` ({k_secondary}) must not exceed "
+            f"`experts_per_group` ({experts_per_group})."
+        )
+
+
+def hierarchical_load(primary_load, secondary_load, group_size):
+    """`Load_H(X)_{i,j} = Load_primary(X)_i * Load_i(X^(i))_j / |X^(i)|`.
+
+    Args:
+        primary_load: [a] load of the primary gate over groups.
+        secondary_load: [a, b] load of each group's gate over its own tokens.
+        group_size: [a] `|X^(i)|`, tokens the primary gate sent to group i.
+            An empty group has zero secondary load; the division is guarded
+            so its experts get a load of 0.
+
+    Returns:
+        [a * b] float32, expert `i * b + j` at position `i * b + j`.
+    """
+    ratio = secondary_load / tf.maximum(group_size, 1.0)[:, None]
+    return tf.reshape(primary_load[:, None] * ratio, [-1])
+
+
+@keras.saving.register_keras_serializable(package="tf_moe")
+class HierarchicalGate(keras.layers.Layer):
+    """Primary noisy top-k gate over groups, then one noisy top-k gate per group.
+
+    Token x goes to the experts `E_{i,j}` with gate
+    `G_primary(x)_i * G_i(x)_j` (appendix B), k_primary * k_secondary of them.
+    The secondary gates are evaluated only for the groups a token was sent
+    to: the (token, group) pairs are packed into a [groups, capacity, d]
+    buffer with the core dispatch, and one batched matmul with the stacked
+    [groups, d, experts_per_group] gate weights gives their logits, so gating
+    costs O(tokens * (a + k_primary * b) * d) rather than O(tokens * a * b * d).
+
+    Importance and load follow appendix B: `Importance_H = sum_x G_primary(x)_i
+    G_i(x)_j` and `Load_H = Load_primary_i * Load_i(X^(i))_j / |X^(i)|`, with
+    each load the smooth estimator while training with noise (and k < number
+    of candidates), else hard token counts. All weights start at zero; the
+    gate computes in float32.
+
+    Args:
+        num_groups: int, number of groups a.
+        experts_per_group: int, experts per group b.
+        k_primary: int, groups per token, <= num_groups.
+        k_secondary: int, experts per group and token, <= experts_per_group.
+        noisy: bool, add the tunable noise at both levels while training.
+        noise_epsilon: float >= 0 added to the noise scales.
+        capacity_factor: None (every (token, group) pair is gated; dynamic
+            shape) or a float > 0: each group's buffer holds
+            `ceil(capacity_factor * k_primary * tokens / num_groups)` pairs
+            (static shape); pairs beyond it get no experts and are reported in
+            `dropped`.
+        seed: optional int seed of the noise.
+        **kwargs: base layer arguments (`name`, ...). `dtype` defaults to
+            float32.
+
+    Call arguments:
+        inputs: [tokens, d] float tensor.
+        training: bool, adds noise and uses the smooth loads.
+        mask: optional [tokens] bool; masked tokens are not routed and count
+            in neither importance nor load.
+        noise: optional pair `(primary [tokens, a], secondary [tokens, a, b])`
+            of standard-normal draws to use instead of sampling (for
+            reproducible tests); the secondary draws of (token, group) pairs
+            that are not routed are unused.
+
+    Returns:
+        A dict with `expert_index` [tokens, k_primary * k_secondary] int32
+        (expert `i * b + j`; `a * b` for no expert), `expert_weight` (the
+        product gates, primary choice major), `importance` [a * b], `load`
+        [a * b] and `dropped` (float32 number of (token, expert) assignments
+        lost to group capacity).
+
+    Example:
+
+    >>> gate = HierarchicalGate(num_groups=4, experts_per_group=4)
+    >>> gate(keras.random.normal((16, 32)), training=True)["expert_index"].shape
+    TensorShape([16, 4])
+    """
+
+    def __init__(
+        self,
+        num_groups,
+        experts_per_group,
+        k_primary=2,
+        k_secondary=2,
+        noisy=True,
+        noise_epsilon=1e-2,
+        capacity_factor=None,
+        seed=None,
+        **kwargs,
+    ):
+        kwargs.setdefault("dtype", "float32")
+        super().__init__(**kwargs)
+        check_hierarchy(num_groups, experts_per_group, k_primary, k_secondary)
+        if not noise_epsilon >= 0:
+            raise ValueError(f"`noise_epsilon` must be >= 0, got {noise_epsilon!r}.")
+        if capacity_factor is not None and not capacity_factor > 0:
+            raise ValueError(
+                f"`capacity_factor` must be None (dropless) or > 0, got {capacity_factor!r}."
+            )
+        self.num_groups = num_groups
+        self.experts_per_group = experts_per_group
+        self.k_primary = k_primary
+        self.k_secondary = k_secondary
+        self.noisy = bool(noisy)
+        self.noise_epsilon = float(noise_epsilon)
+        self.capacity_factor = None if capacity_factor is None else float(capacity_factor)
+        self.seed = seed
+        # Experts and experts per token as the MoE sees them.
+        self.num_experts = num_groups * experts_per_group
+        self.k = k_primary * k_secondary
+        self.supports_masking = True
+        self.primary = NoisyTopKGate(
+            num_groups, k_primary, noisy=noisy, noise_epsilon=noise_epsilon, seed=seed,
+            name="primary",
+        )
+        # A different stream from the primary gate's when a seed is given.
+        self.seed_generator = keras.random.SeedGenerator(None if seed is None else seed + 1)
+
+    def build(self, input_shape):
+        if len(input_shape) != 2 or input_shape[-1] is None:
+            raise ValueError(
+                f"`inputs` of HierarchicalGate must be [tokens, d] with known d, got {input_shape}."
+            )
+        self.primary.build(input_shape)
+        shape = (self.num_groups, input_shape[-1], self.experts_per_group)
+        self.w_gate = self.add_weight(name="w_gate", shape=shape, initializer="zeros")
+        self.w_noise = self.add_weight(name="w_noise", shape=shape, initializer="zeros")
+
+    def call(self, inputs, training=None, mask=None, noise=None):
+        x = tf.cast(inputs, tf.float32)
+        a, b = self.num_groups, self.experts_per_group
+        primary_noise, secondary_noise = (None, None) if noise is None else noise
+        valid = None if mask is None else tf.reshape(tf.cast(mask, tf.bool), [-1])
+        primary = self.primary(x, training=training, mask=valid, noise=primary_noise)
+
+        # One (token, group) pair per primary choice, packed per group.
+        pair_token, pair_group, pair_gate = dispatch_ops.token_choice_assignments(
+            primary["expert_index"], primary["expert_weight"], valid, a
+        )
+        capacity = None
+        if self.capacity_factor is not None:
+            num_tokens = x.shape[0] if x.shape[0] is not None else tf.shape(x)[0]
+            capacity = dispatch_ops.static_capacity(
+                self.capacity_factor, self.k_primary * num_tokens, a
+            )
+        buffer, slot, kept, _ = dispatch_ops.dispatch(x, pair_token, pair_group, a, capacity)
+        if capacity is None:
+            capacity = tf.shape(buffer)[1]
+        occupied = tf.reshape(
+            tf.scatter_nd(slot[:, None], tf.cast(kept, tf.float32), [a * capacity + 1])[:-1],
+            [a, capacity],
+        )
+
+        clean_logits = tf.matmul(buffer, tf.cast(self.w_gate, tf.float32))  # [a, C, b]
+        add_noise = self.noisy and bool(training)
+        logits = clean_logits
+        if add_noise:
+            stddev = gating.noise_stddev(
+                tf.matmul(buffer, tf.cast(self.w_noise, tf.float32)), self.noise_epsilon
+            )
+            if secondary_noise is None:
+                slot_noise = keras.random.normal(tf.shape(clean_logits), seed=self.seed_generator)
+            else:
+                pair_noise = tf.gather_nd(
+                    tf.cast(secondary_noise, tf.float32),
+                    tf.stack([pair_token, tf.minimum(pair_group, a - 1)], axis=-1),
+                )
+                slot_noise = tf.reshape(
+                    tf.scatter_nd(slot[:, None], pair_noise, [a * capacity + 1, b])[:-1],
+                    tf.shape(clean_logits),
+                )
+            logits = clean_logits + slot_noise * stddev
+        slot_index, slot_gate, _ = gating.top_k_gates(logits, self.k_secondary)
+
+        # Back from slots to pairs; pairs without a slot get no experts.
+        ks = self.k_secondary
+        pair_index = tf.gather(
+            tf.concat([tf.reshape(slot_index, [-1, ks]), tf.zeros([1, ks], tf.int32)], 0), slot
+        )
+        pair_secondary_gate = tf.gather(
+            tf.concat([tf.reshape(slot_gate, [-1, ks]), tf.zeros([1, ks])], 0), slot
+        )
+        expert_index = tf.where(kept[:, None], pair_group[:, None] * b + pair_index, a * b)
+        expert_weight = tf.where(
+            kept[:, None], tf.cast(pair_gate, tf.float32)[:, None] * pair_secondary_gate, 0.0
+        )
+        # Pairs are primary-choice major: [k_primary * T, ks] -> [T, k_primary * ks].
+        expert_index, expert_weight = [
+            tf.reshape(
+                tf.transpose(tf.reshape(t, [self.k_primary, -1, ks]), [1, 0, 2]), [-1, self.k]
+            )
+            for t in (expert_index, expert_weight)
+        ]
+
+        if add_noise and ks < b:
+            secondary_load = gating.smooth_load(clean_logits, logits, stddev, ks, occupied)
+        else:
+            secondary_load = tf.reshape(gating.hard_load(expert_index, a * b), [a, b])
+        routed_pairs = tf.cast(pair_group < a, tf.float32)
+        return {
+            "expert_index": expert_index,
+            "expert_weight": expert_weight,
+            "importance": gating.importance(expert_index, expert_weight, a * b),
+            "load": hierarchical_load(
+                primary["load"], secondary_load, tf.reduce_sum(occupied, axis=1)
+            ),
+            "dropped": ks * tf.reduce_sum(routed_pairs - tf.cast(kept, tf.float32)),
+        }
+
+    def compute_mask(self, inputs, mask=None):
+        return None
+
+    def compute_output_shape(self, input_shape):
+        tokens, n = input_shape[0], self.num_experts
+        return {
+            "expert_index": (tokens, self.k),
+            "expert_weight": (tokens, self.k),
+            "importance": (n,),
+            "load": (n,),
+            "dropped": (),
+        }
+
+    def get_config(self):
+        config = super().get_config()
+        config.update(
+            {
+                "num_groups": self.num_groups,
+                "experts_per_group": self.experts_per_group,
+                "k_primary": self.k_primary,
+                "k_secondary": self.k_secondary,
+                "noisy": self.noisy,
+                "noise_epsilon": self.noise_epsilon,
+                "capacity_factor": self.capacity_factor,
+                "seed": self.seed,
+            }
+        )
+        return config
