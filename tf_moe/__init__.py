@@ -1,6 +1,7 @@
 """tf_moe: the Sparsely-Gated Mixture-of-Experts layer for TensorFlow and Keras 3."""
 
 from tf_moe.layers import FeedForwardExperts, MoE, NoisyTopKGate
+from tf_moe.layers import BatchwiseGate, HierarchicalGate, HierarchicalMoE, SoftmaxGate
 from tf_moe.metrics import LoadBalanceMetrics
 from tf_moe.ops.gating import cv_squared
 
