@@ -7,6 +7,7 @@ import tensorflow as tf
 from tf_moe.layers.batchwise_gate import BatchwiseGate
 from tf_moe.layers.feed_forward_experts import FeedForwardExperts
 from tf_moe.layers.noisy_top_k_gate import NoisyTopKGate, _check_positive_int
+from tf_moe.layers.replica_losses import use_thread_local_losses
 from tf_moe.layers.softmax_gate import SoftmaxGate
 from tf_moe.metrics import LoadBalanceMetrics
 from tf_moe.ops import dispatch as dispatch_ops
@@ -15,18 +16,26 @@ from tf_moe.ops.gating import cv_squared
 _GATES = ("noisy_top_k", "softmax", "batchwise")
 
 
-def cross_replica_sum(value):
-    """Sums `value` over the replicas of a tf.distribute strategy, if any.
+def cross_replica_sum(values):
+    """Sums a list of tensors over the replicas of a tf.distribute strategy.
 
     The balancing losses are functions of the whole batch X, so under data
-    parallelism importance and load are summed over replicas before CV^2:
-    every replica then sees the loss of the global batch. The sum is
-    differentiable.
+    parallelism importance and load are summed over replicas before CV^2, and
+    every replica sees the loss of the global batch. The forward pass is one
+    all-reduce; the backward pass needs none: each replica sends the loss
+    gradient into its own share, scaled by the number of
+    replicas to undo Keras's 1/replicas loss scaling, so the summed gradients
+    equal single-device training on the global batch.
     """
     context = tf.distribute.get_replica_context()
     if context is None or context.num_replicas_in_sync == 1:
-        return value
-    return context.all_reduce(tf.distribute.ReduceOp.SUM, value)
+        return values
+    replicas = float(context.num_replicas_in_sync)
+    totals = context.all_reduce(tf.distribute.ReduceOp.SUM, [tf.stop_gradient(v) for v in values])
+    return [
+        total + replicas * (value - tf.stop_gradient(value))
+        for total, value in zip(totals, values)
+    ]
 
 
 def flatten_tokens(inputs, mask):
@@ -173,6 +182,7 @@ class MoE(keras.layers.Layer):
             raise ValueError(f"`gate` must be one of {_GATES}, got {gate!r}.")
         self.gate_type = gate
         self.supports_masking = True
+        use_thread_local_losses(self)
         self.gate = self._make_gate()
         self.balance = LoadBalanceMetrics(name=self.name)
 
@@ -245,8 +255,7 @@ class MoE(keras.layers.Layer):
         return tf.reshape(outputs, tf.concat([tf.shape(inputs)[:-1], [outputs.shape[-1]]], 0))
 
     def _track_balance(self, routing, token_id, expert_id, kept, valid, num_tokens, training):
-        importance = cross_replica_sum(routing["importance"])
-        load = cross_replica_sum(routing["load"])
+        importance, load = cross_replica_sum([routing["importance"], routing["load"]])
         aux_loss = self.importance_weight * cv_squared(importance) + self.load_weight * cv_squared(load)
         if training:
             self.add_loss(aux_loss)

@@ -9,7 +9,7 @@ expert id, so the cost is O(A log A + A*d) for A assignments, independent of
 the number of experts: no [tokens, experts, capacity] one-hot tensors.
 """
 
-import math
+import fractions
 
 import tensorflow as tf
 
@@ -41,13 +41,15 @@ def token_choice_assignments(expert_index, expert_weight, valid=None, num_expert
 
 
 def static_capacity(capacity_factor, num_assignments, num_experts):
-    """`ceil(capacity_factor * A / n)` as a Python int when A is static."""
-    if isinstance(num_assignments, int):
-        return int(math.ceil(capacity_factor * num_assignments / num_experts))
-    capacity = tf.math.ceil(
-        capacity_factor * tf.cast(num_assignments, tf.float32) / num_experts
-    )
-    return tf.cast(capacity, tf.int32)
+    """`ceil(capacity_factor * A / n)` slots per expert.
+
+    A Python int when A is static. Otherwise an int32 tensor computed with
+    integer arithmetic only (the factor as a fraction p/q), which XLA can
+    still evaluate at compile time from the input shapes.
+    """
+    ratio = fractions.Fraction(capacity_factor).limit_denominator(1000)
+    numerator, denominator = ratio.numerator, ratio.denominator * num_experts
+    return (numerator * num_assignments + denominator - 1) // denominator
 
 
 def expert_positions(expert_id, num_experts):
@@ -64,7 +66,7 @@ def expert_positions(expert_id, num_experts):
     """
     order = tf.argsort(expert_id, stable=True)
     sorted_ids = tf.gather(expert_id, order)
-    counts = tf.math.bincount(expert_id, minlength=num_experts + 1, maxlength=num_experts + 1)
+    counts = tf.math.unsorted_segment_sum(tf.ones_like(expert_id), expert_id, num_experts + 1)
     starts = tf.cumsum(counts, exclusive=True)
     sorted_position = tf.range(tf.size(expert_id)) - tf.gather(starts, sorted_ids)
     position = tf.gather(sorted_position, tf.math.invert_permutation(order))

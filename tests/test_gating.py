@@ -1,0 +1,79 @@
+"""The gating maths against the numpy transcription of the paper."""
+
+import numpy as np
+import pytest
+import tensorflow as tf
+
+from tests import numpy_reference as ref
+from tf_moe.ops import gating
+
+
+def test_cv_squared_matches_definition():
+    v = np.array([1.0, 2.0, 7.0, 0.5], np.float32)
+    np.testing.assert_allclose(gating.cv_squared(v), ref.cv_squared(v), rtol=1e-6)
+    assert float(gating.cv_squared([3.0, 3.0, 3.0])) == 0.0
+    assert float(gating.cv_squared([0.0, 0.0])) == 0.0  # empty batch: no NaN
+    assert float(gating.cv_squared([5.0])) == 0.0
+
+
+@pytest.mark.parametrize("k", [1, 2, 3])
+def test_top_k_gates_and_smooth_load_match_reference(k):
+    rng = np.random.default_rng(k)
+    t, d, n = 12, 6, 5
+    x = rng.standard_normal((t, d)).astype(np.float32)
+    w_gate = rng.standard_normal((d, n)).astype(np.float32)
+    w_noise = rng.standard_normal((d, n)).astype(np.float32) * 0.3
+    noise = rng.standard_normal((t, n)).astype(np.float32)
+    h_ref, gates_ref, std_ref = ref.noisy_top_k(x, w_gate, w_noise, noise, k, 1e-2)
+
+    clean = x @ w_gate
+    stddev = gating.noise_stddev(x @ w_noise, 1e-2)
+    h = clean + noise * stddev
+    index, weight, _ = gating.top_k_gates(h, k)
+    dense = np.zeros((t, n), np.float32)
+    np.put_along_axis(dense, index.numpy(), weight.numpy(), axis=1)
+    np.testing.assert_allclose(dense, gates_ref, rtol=1e-5, atol=1e-6)
+
+    load = gating.smooth_load(clean, h, stddev, k)
+    np.testing.assert_allclose(load, ref.smooth_load(x, w_gate, h_ref, std_ref, k), rtol=1e-4, atol=1e-5)
+    np.testing.assert_allclose(
+        gating.importance(index, weight, n), gates_ref.sum(0), rtol=1e-5, atol=1e-6
+    )
+    np.testing.assert_array_equal(gating.hard_load(index, n), (gates_ref > 0).sum(0))
+
+
+def test_ids_past_num_experts_are_ignored():
+    index = tf.constant([[0, 1], [3, 3]])
+    weight = tf.constant([[0.6, 0.4], [0.5, 0.5]])
+    np.testing.assert_allclose(gating.importance(index, weight, 3), [0.6, 0.4, 0.0])
+    np.testing.assert_allclose(gating.hard_load(index, 3), [1.0, 1.0, 0.0])
+
+
+def test_smooth_load_is_finite_with_zero_noise_scale():
+    clean = tf.constant([[1.0, 2.0, 3.0]])
+    load = gating.smooth_load(clean, clean, tf.zeros_like(clean) + gating.noise_stddev(-1e4, 0.0), 1)
+    assert np.all(np.isfinite(load))
+    np.testing.assert_allclose(load, [0.0, 0.0, 1.0], atol=1e-6)
+
+
+def test_smooth_load_has_the_expectation_of_the_hard_load():
+    """Monte Carlo: E[hard count] over noise draws equals E[smooth estimate]."""
+    rng = np.random.default_rng(0)
+    t, d, n, k, draws = 64, 8, 6, 2, 400
+    x = tf.constant(rng.standard_normal((t, d)), tf.float32)
+    w_gate = tf.constant(rng.standard_normal((d, n)) * 0.3, tf.float32)
+    w_noise = tf.constant(rng.standard_normal((d, n)) * 0.3, tf.float32)
+    clean = x @ w_gate
+    stddev = gating.noise_stddev(x @ w_noise, 1e-2)
+    noise = tf.random.stateless_normal((draws, t, n), seed=[1, 2])
+    h = clean[None] + noise * stddev[None]
+    hard = tf.reduce_mean(
+        tf.map_fn(lambda v: gating.hard_load(gating.top_k_gates(v, k)[0], n), h), 0
+    )
+    smooth = tf.reduce_mean(
+        tf.map_fn(lambda v: gating.smooth_load(clean, v, stddev, k), h), 0
+    )
+    # Each expert's expected load is ~t*k/n ≈ 21 tokens; 400 draws bring the
+    # Monte Carlo error of the hard count to a few tenths.
+    np.testing.assert_allclose(smooth, hard, rtol=0.05)
+    assert not np.allclose(hard, hard[0])  # the routing is genuinely unequal
