@@ -4,6 +4,7 @@ import keras
 import tensorflow as tf
 
 from tf_moe.layers.noisy_top_k_gate import _check_positive_int
+from tf_moe.layers.replica_losses import use_thread_local_losses
 from tf_moe.ops import gating
 from tf_moe.ops.dispatch import token_choice_assignments
 
@@ -115,6 +116,7 @@ class BatchwiseGate(keras.layers.Layer):
     def __init__(self, num_experts, k, max_experts_per_token=None, **kwargs):
         kwargs.setdefault("dtype", "float32")
         super().__init__(**kwargs)
+        use_thread_local_losses(self)
         _check_positive_int("num_experts", num_experts)
         _check_positive_int("k", k)
         if k > num_experts:
