@@ -1,0 +1,93 @@
+"""Tests of the appendix-C language model and its dense baselines."""
+
+import os
+
+import keras
+import numpy as np
+import pytest
+
+from tf_moe.models import BASELINES, lstm_lm, ops_per_timestep
+from tf_moe.training import MoEModel
+
+SMALL = dict(vocab_size=60, units=16, num_experts=4, k=2, expert_hidden_units=32, dropout=0.0)
+
+
+def _tokens(rng, shape, vocab=60):
+    return rng.integers(1, vocab, shape).astype("int32")
+
+
+@pytest.mark.parametrize("kind", ("moe",) + BASELINES)
+def test_shapes_and_padding_does_not_change_real_logits(kind):
+    model = lstm_lm(model=kind, **SMALL)
+    assert isinstance(model, MoEModel)
+    rng = np.random.default_rng(0)
+    tokens = _tokens(rng, (3, 9))
+    tokens[0, 5:] = 0
+    tokens[2, 7:] = 0
+    logits = np.asarray(model(tokens))
+    assert logits.shape == (3, 9, 60) and logits.dtype == np.float32
+    # Each padded sentence alone, unpadded, gives the same logits.
+    for row, length in ((0, 5), (1, 9), (2, 7)):
+        alone = np.asarray(model(tokens[row : row + 1, :length]))
+        np.testing.assert_allclose(logits[row, :length], alone[0], rtol=1e-5, atol=1e-5)
+
+
+def test_hierarchical_moe_shapes_and_padding():
+    model = lstm_lm(**{**SMALL, "num_experts": 8}, num_groups=4)
+    layer = model.get_layer("moe")
+    assert type(layer).__name__ == "HierarchicalMoE"
+    assert (layer.num_groups, layer.experts_per_group, layer.k_primary, layer.k_secondary) == (4, 2, 2, 2)
+    rng = np.random.default_rng(1)
+    tokens = _tokens(rng, (2, 6))
+    tokens[1, 3:] = 0
+    logits = np.asarray(model(tokens))
+    np.testing.assert_allclose(logits[1, :3], np.asarray(model(tokens[1:, :3]))[0], rtol=1e-5, atol=1e-5)
+
+
+def test_ops_per_timestep_against_hand_count():
+    u, h, n, k = 16, 32, 4, 2
+    lstm = 4 * u * (u + u)  # input and recurrent kernels of one LSTM
+    moe = u * n + k * (u * h + h * u)  # gate + k experts
+    assert ops_per_timestep(lstm_lm(**SMALL)) == 2 * lstm + moe
+    assert ops_per_timestep(lstm_lm(model="moe-1-wide", **SMALL)) == 2 * lstm + 2 * u * k * h
+    assert ops_per_timestep(lstm_lm(model="4xlstm", **SMALL)) == 4 * lstm
+    # Hierarchical, 4 groups of 2, k=2 per level: primary gate, 2 group gates, 4 experts.
+    hier = lstm_lm(**{**SMALL, "num_experts": 8}, num_groups=4)
+    assert ops_per_timestep(hier) == 2 * lstm + u * 4 + 2 * u * 2 + 4 * (2 * u * h)
+
+
+def test_baselines_are_computationally_matched():
+    # The paper's proportions (expert hidden = 2 * units, k = 4) at 1/8 width.
+    sizes = dict(vocab_size=50, units=64, num_experts=16, k=4, expert_hidden_units=128)
+    reference = ops_per_timestep(lstm_lm(**sizes))
+    for kind in BASELINES:
+        ops = ops_per_timestep(lstm_lm(model=kind, **sizes))
+        assert abs(ops - reference) <= 0.1 * reference, (kind, ops, reference)
+    hier = ops_per_timestep(lstm_lm(**{**sizes, "k": 2}, num_groups=4))
+    assert abs(hier - reference) <= 0.1 * reference
+
+
+@pytest.mark.parametrize("kind", ("moe", "hierarchical") + BASELINES)
+def test_keras_round_trip_gives_identical_outputs(kind, tmp_path):
+    if kind == "hierarchical":
+        model = lstm_lm(**{**SMALL, "num_experts": 8}, num_groups=4)
+    else:
+        model = lstm_lm(model=kind, **SMALL)
+    tokens = _tokens(np.random.default_rng(2), (2, 5))
+    tokens[0, 3:] = 0
+    path = os.path.join(tmp_path, "model.keras")
+    model.save(path)
+    loaded = keras.models.load_model(path, safe_mode=True)
+    assert isinstance(loaded, MoEModel)
+    np.testing.assert_array_equal(np.asarray(loaded(tokens)), np.asarray(model(tokens)))
+
+
+def test_bad_arguments_are_named():
+    with pytest.raises(ValueError, match="`model`"):
+        lstm_lm(model="lstm-2048", **SMALL)
+    with pytest.raises(ValueError, match="`dropout`"):
+        lstm_lm(**{**SMALL, "dropout": 1.5})
+    with pytest.raises(ValueError, match="`num_groups`"):
+        lstm_lm(**SMALL, num_groups=3)
+    with pytest.raises(ValueError, match="`vocab_size`"):
+        lstm_lm(**{**SMALL, "vocab_size": 0})

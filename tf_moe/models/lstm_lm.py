@@ -1,0 +1,169 @@
+"""The MoE language model of appendix C and its computationally matched baselines."""
+
+import keras
+
+from tf_moe.layers.moe import MoE
+from tf_moe.training.model import MoEModel
+
+BASELINES = ("moe-1-wide", "moe-1-deep", "4xlstm")
+
+
+def moe_layer(
+    num_experts,
+    k,
+    hidden_units,
+    num_groups=None,
+    importance_weight=0.1,
+    load_weight=0.1,
+    capacity_factor=None,
+    seed=None,
+    name="moe",
+):
+    """A flat `MoE`, or a `HierarchicalMoE` when `num_groups` is given.
+
+    The hierarchical layer (appendix B) splits `num_experts` into
+    `num_groups` groups and uses `k` at both levels, as the paper's
+    MoE-256-h does with k=2.
+    """
+    if num_groups is None:
+        return MoE(
+            num_experts,
+            k,
+            hidden_units,
+            importance_weight=importance_weight,
+            load_weight=load_weight,
+            capacity_factor=capacity_factor,
+            seed=seed,
+            name=name,
+        )
+    if num_experts % num_groups:
+        raise ValueError(
+            f"`num_experts` ({num_experts}) must be a multiple of `num_groups` ({num_groups})."
+        )
+    # Imported lazily: the hierarchical layer is optional for flat models.
+    from tf_moe.layers.hierarchical_moe import HierarchicalMoE
+
+    return HierarchicalMoE(
+        num_groups=num_groups,
+        experts_per_group=num_experts // num_groups,
+        k_primary=k,
+        k_secondary=k,
+        hidden_units=hidden_units,
+        importance_weight=importance_weight,
+        load_weight=load_weight,
+        seed=seed,
+        name=name,
+    )
+
+
+def _residual(x, y, dropout, name):
+    """`x + Dropout(y)`: the dropout and residual connection of appendix C."""
+    y = keras.layers.Dropout(dropout, name=f"{name}_dropout")(y)
+    return keras.layers.Add(name=f"{name}_residual")([x, y])
+
+
+def _middle_block(x, kind, units, dropout, moe_kwargs):
+    """The layer between the two LSTMs: an MoE or a matched dense stand-in."""
+    k, hidden = moe_kwargs["k"], moe_kwargs["hidden_units"]
+    if kind == "moe":
+        return _residual(x, moe_layer(name="moe", **moe_kwargs)(x), dropout, "moe")
+    if kind == "moe-1-wide":
+        # One expert as wide as the k experts a token visits: same ops.
+        h = keras.layers.Dense(k * hidden, activation="relu", name="wide_hidden")(x)
+        return _residual(x, keras.layers.Dense(units, name="wide_output")(h), dropout, "wide")
+    if kind == "moe-1-deep":
+        # One expert with k hidden layers of the experts' width.
+        h = x
+        for i in range(k):
+            h = keras.layers.Dense(hidden, activation="relu", name=f"deep_hidden_{i + 1}")(h)
+        return _residual(x, keras.layers.Dense(units, name="deep_output")(h), dropout, "deep")
+    if kind == "4xlstm":
+        # Two more LSTMs stand in for the MoE (the paper's 4xLSTM-512).
+        for name in ("lstm_extra_1", "lstm_extra_2"):
+            y = keras.layers.LSTM(units, return_sequences=True, name=name)(x)
+            x = _residual(x, y, dropout, name)
+        return x
+    raise ValueError(f"`model` must be 'moe' or one of {BASELINES}, got {kind!r}.")
+
+
+def lstm_lm(
+    vocab_size,
+    units=512,
+    num_experts=32,
+    k=4,
+    expert_hidden_units=1024,
+    num_groups=None,
+    dropout=0.1,
+    importance_weight=0.1,
+    load_weight=0.1,
+    capacity_factor=None,
+    model="moe",
+    seed=None,
+    name=None,
+):
+    """The LSTM language model with an MoE between two LSTMs (appendix C).
+
+    `embedding -> LSTM -> MoE -> LSTM -> softmax`, all `units` wide; every
+    layer but the softmax has dropout on its output and a residual
+    connection. The MoE runs on all time steps at once (it flattens batch
+    and time into one batch of tokens). Token id 0 is padding: it is masked
+    from the embedding on, so padding does not change the logits of real
+    positions, and `MoEModel` leaves it out of the loss.
+
+    `model` selects the MoE model or one of its computationally matched
+    dense baselines (the MoE layer replaced, everything else the same):
+    `"moe-1-wide"` (one expert with a hidden layer `k * expert_hidden_units`
+    wide), `"moe-1-deep"` (one expert with `k` hidden layers of
+    `expert_hidden_units`) and `"4xlstm"` (two more LSTMs instead of the
+    MoE). With the paper's sizes (units 512, hidden 1024, k 4) all of them
+    cost the same ops per timestep up to the gate (`ops_per_timestep`).
+
+    Args:
+        vocab_size: int, vocabulary size (id 0 is padding).
+        units: int, width of the embedding, the LSTMs and the MoE output.
+        num_experts: int, experts of the MoE layer.
+        k: int, experts per token (per level when hierarchical).
+        expert_hidden_units: int, hidden width of every expert.
+        num_groups: None for a flat MoE; an int for a `HierarchicalMoE`
+            of `num_groups` groups of `num_experts // num_groups` experts.
+        dropout: float, dropout rate on every layer's output but the softmax.
+        importance_weight, load_weight: the balancing loss weights.
+        capacity_factor: None (dropless) or the MoE's static capacity factor.
+        model: "moe" or one of "moe-1-wide", "moe-1-deep", "4xlstm".
+        seed: optional seed of the gating noise.
+        name: model name (default: `model` with dashes as underscores).
+
+    Returns:
+        A `MoEModel` mapping int token ids `[batch, time]` to float32 logits
+        `[batch, time, vocab_size]`; compile it with an optimizer only.
+
+    Example:
+
+    >>> model = lstm_lm(vocab_size=1000, units=32, num_experts=4, k=2,
+    ...                 expert_hidden_units=64)
+    >>> model(np.ones((2, 7), "int32")).shape
+    TensorShape([2, 7, 1000])
+    """
+    for arg, value in (("vocab_size", vocab_size), ("units", units)):
+        if not isinstance(value, int) or value < 1:
+            raise ValueError(f"`{arg}` must be a positive int, got {value!r}.")
+    if not 0 <= dropout < 1:
+        raise ValueError(f"`dropout` must be in [0, 1), got {dropout!r}.")
+    moe_kwargs = dict(
+        num_experts=num_experts,
+        k=k,
+        hidden_units=expert_hidden_units,
+        num_groups=num_groups,
+        importance_weight=importance_weight,
+        load_weight=load_weight,
+        capacity_factor=capacity_factor,
+        seed=seed,
+    )
+    tokens = keras.Input((None,), dtype="int32", name="tokens")
+    x = keras.layers.Embedding(vocab_size, units, mask_zero=True, name="embedding")(tokens)
+    x = keras.layers.Dropout(dropout, name="embedding_dropout")(x)
+    x = _residual(x, keras.layers.LSTM(units, return_sequences=True, name="lstm_1")(x), dropout, "lstm_1")
+    x = _middle_block(x, model, units, dropout, moe_kwargs)
+    x = _residual(x, keras.layers.LSTM(units, return_sequences=True, name="lstm_2")(x), dropout, "lstm_2")
+    logits = keras.layers.Dense(vocab_size, dtype="float32", name="logits")(x)
+    return MoEModel(tokens, logits, name=name or model.replace("-", "_"))

@@ -1,0 +1,3 @@
+"""Training: the MoE model's train/test steps, the paper's schedule, callbacks."""
+
+from tf_moe.training.model import MoEModel, Perplexity, masked_token_cross_entropy
