@@ -1,0 +1,173 @@
+"""Forward+backward step time of MoE dispatch against a dense FFN baseline.
+
+Each configuration runs in a fresh subprocess so its peak memory (host RSS
+on CPU, the allocator's peak on GPU) is its own. Every time is reported as a
+ratio to the dense FFN of the same active FLOPs (hidden width k*h), measured
+in the same run on the same machine.
+
+Dispatchers compared:
+  moe            tf_moe.MoE, dropless (sort-based dispatch, dynamic capacity)
+  moe_cf1.25     tf_moe.MoE with capacity_factor=1.25 (static shapes)
+  partition      per-expert loop: tf.dynamic_partition / dynamic_stitch
+  onehot_einsum  one-hot [tokens, experts, capacity] dispatch and combine
+                 einsums (GShard-style), capacity factor 1.25
+  every_expert   every expert on every token, weighted by the sparse gates
+
+Usage:
+  python benchmarks/dispatch.py                     # the BENCHMARKS.md table
+  python benchmarks/dispatch.py --experts 4 16 --tokens 1024   # quicker
+"""
+
+import argparse
+import json
+import os
+import resource
+import subprocess
+import sys
+import time
+
+sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
+
+METHODS = ("dense", "moe", "moe_cf1.25", "partition", "onehot_einsum", "every_expert")
+
+
+def _build(method, n, k, d, h, tokens):
+    """Returns (step_fn, variables) for one method; step_fn(x) -> grads."""
+    import keras
+    import tensorflow as tf
+
+    import tf_moe
+
+    if method == "dense":
+        layer = keras.Sequential([keras.layers.Dense(k * h, activation="relu"), keras.layers.Dense(d)])
+        layer.build((None, d))
+        forward = lambda x: layer(x)  # noqa: E731
+    elif method in ("moe", "moe_cf1.25"):
+        layer = tf_moe.MoE(n, k, h, capacity_factor=1.25 if method == "moe_cf1.25" else None)
+        layer.build((None, d))
+        forward = lambda x: layer(x, training=True) + 0.0 * tf.add_n(layer.losses)  # noqa: E731
+    else:
+        # The comparison dispatchers share tf_moe's gate and stacked experts,
+        # so only the dispatch differs.
+        gate = tf_moe.NoisyTopKGate(n, k)
+        gate.build((None, d))
+        experts = tf_moe.FeedForwardExperts(n, h, d)
+        experts.build((n, None, d))
+        layer = keras.Sequential([gate, experts])  # only to collect variables
+        w1, b1, w2, b2 = experts.kernel_in, experts.bias_in, experts.kernel_out, experts.bias_out
+
+        def expert(e, x):
+            return tf.nn.relu(x @ w1[e] + b1[e]) @ w2[e] + b2[e]
+
+        def forward(x):
+            r = gate(x, training=True)
+            idx, wgt = r["expert_index"], r["expert_weight"]
+            if method == "partition":
+                flat_e = tf.reshape(idx, [-1])
+                flat_t = tf.repeat(tf.range(tokens), k)
+                flat_w = tf.reshape(wgt, [-1, 1])
+                parts = tf.dynamic_partition(tf.range(tokens * k), flat_e, n)
+                outs = [expert(e, tf.gather(x, tf.gather(flat_t, parts[e]))) for e in range(n)]
+                y = tf.dynamic_stitch(parts, outs) * flat_w
+                return tf.math.unsorted_segment_sum(y, flat_t, tokens)
+            if method == "onehot_einsum":
+                capacity = int(-(-1.25 * k * tokens // n))
+                mask = tf.one_hot(idx, n)  # [T, k, n]
+                pos = tf.cumsum(tf.reshape(tf.transpose(mask, [1, 0, 2]), [-1, n]), axis=0) - 1
+                pos = tf.transpose(tf.reshape(pos, [k, tokens, n]), [1, 0, 2])
+                keep = mask * tf.cast(pos < capacity, tf.float32)
+                slot = tf.one_hot(tf.cast(tf.reduce_sum(pos * keep, -1), tf.int32), capacity)
+                dispatch = tf.einsum("tkn,tkc->tnc", keep, slot)  # [T, n, C]
+                combine = tf.einsum("tkn,tkc,tk->tnc", keep, slot, wgt)
+                buf = tf.einsum("tnc,td->ncd", dispatch, x)
+                hid = tf.nn.relu(tf.einsum("ncd,ndh->nch", buf, w1) + b1)
+                out = tf.einsum("nch,nhd->ncd", hid, w2) + b2
+                return tf.einsum("tnc,ncd->td", combine, out)
+            # every_expert
+            dense_gates = tf.reduce_sum(tf.one_hot(idx, n) * wgt[..., None], axis=1)  # [T, n]
+            hid = tf.nn.relu(tf.einsum("td,ndh->nth", x, w1) + b1)
+            out = tf.einsum("nth,nhd->ntd", hid, w2) + b2
+            return tf.einsum("tn,ntd->td", dense_gates, out)
+    variables = layer.trainable_variables
+
+    @tf.function
+    def step(x):
+        with tf.GradientTape() as tape:
+            loss = tf.reduce_mean(tf.square(forward(x)))
+        return tape.gradient(loss, variables)
+
+    return step
+
+
+def _measure(method, n, k, d, h, tokens, repeats):
+    import tensorflow as tf
+
+    x = tf.random.normal([tokens, d], seed=0)
+    step = _build(method, n, k, d, h, tokens)
+    for _ in range(2):  # trace and warm up
+        [g.numpy() for g in step(x) if g is not None]
+    times = []
+    for _ in range(repeats):
+        start = time.perf_counter()
+        [g.numpy() for g in step(x) if g is not None]
+        times.append(time.perf_counter() - start)
+    gpus = tf.config.list_logical_devices("GPU")
+    if gpus:
+        peak = tf.config.experimental.get_memory_info("GPU:0")["peak"] / 2**20
+    else:
+        peak = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 2**10
+    times.sort()
+    return {"seconds": times[len(times) // 2], "peak_mib": peak, "device": "GPU" if gpus else "CPU"}
+
+
+def _run_child(args, method, n):
+    cmd = [sys.executable, __file__, "--child", method, str(n), "--k", str(args.k), "--d", str(args.d),
+           "--h", str(args.h), "--tokens", str(args.tokens), "--repeats", str(args.repeats)]
+    env = dict(os.environ, TF_CPP_MIN_LOG_LEVEL="3")
+    out = subprocess.run(cmd, capture_output=True, text=True, env=env, timeout=args.timeout)
+    if out.returncode != 0:
+        return {"error": out.stderr.strip().splitlines()[-1] if out.stderr.strip() else "failed"}
+    return json.loads(out.stdout.strip().splitlines()[-1])
+
+
+def main():
+    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser.add_argument("--experts", type=int, nargs="+", default=[4, 16, 64, 256])
+    parser.add_argument("--methods", nargs="+", default=list(METHODS[1:]), choices=METHODS[1:])
+    parser.add_argument("--k", type=int, default=2)
+    parser.add_argument("--d", type=int, default=512)
+    parser.add_argument("--h", type=int, default=1024)
+    parser.add_argument("--tokens", type=int, default=4096)
+    parser.add_argument("--repeats", type=int, default=5)
+    parser.add_argument("--every-expert-max", type=int, default=16,
+                        help="skip every_expert above this expert count (its cost grows as n/k)")
+    parser.add_argument("--timeout", type=int, default=900)
+    parser.add_argument("--child", nargs=2, metavar=("METHOD", "N"), help=argparse.SUPPRESS)
+    args = parser.parse_args()
+
+    if args.child:
+        method, n = args.child[0], int(args.child[1])
+        print(json.dumps(_measure(method, n, args.k, args.d, args.h, args.tokens, args.repeats)))
+        return
+
+    dense = _run_child(args, "dense", 0)
+    print(f"# tokens={args.tokens} d={args.d} h={args.h} k={args.k} device={dense.get('device')}")
+    print(f"# dense FFN (hidden {args.k * args.h}): {dense['seconds'] * 1e3:.1f} ms/step, "
+          f"peak {dense['peak_mib']:.0f} MiB")
+    print("| experts | method | ms/step | ratio to dense | peak MiB |")
+    print("|---|---|---|---|---|")
+    for n in args.experts:
+        for method in args.methods:
+            if method == "every_expert" and n > args.every_expert_max:
+                print(f"| {n} | {method} | skipped (n/k = {n // args.k}x dense FLOPs) | | |")
+                continue
+            r = _run_child(args, method, n)
+            if "error" in r:
+                print(f"| {n} | {method} | error: {r['error'][:80]} | | |")
+                continue
+            print(f"| {n} | {method} | {r['seconds'] * 1e3:.1f} | {r['seconds'] / dense['seconds']:.2f} "
+                  f"| {r['peak_mib']:.0f} |", flush=True)
+
+
+if __name__ == "__main__":
+    main()
