@@ -69,7 +69,9 @@ def expert_positions(expert_id, num_experts):
     counts = tf.math.unsorted_segment_sum(tf.ones_like(expert_id), expert_id, num_experts + 1)
     starts = tf.cumsum(counts, exclusive=True)
     sorted_position = tf.range(tf.size(expert_id)) - tf.gather(starts, sorted_ids)
-    position = tf.gather(sorted_position, tf.math.invert_permutation(order))
+    # A scatter, not invert_permutation: XLA tries to constant-fold the
+    # latter's input and fails when it comes from another dispatch.
+    position = tf.scatter_nd(order[:, None], sorted_position, tf.shape(expert_id))
     return position, counts[:num_experts]
 
 
