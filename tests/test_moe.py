@@ -263,3 +263,35 @@ def test_mirrored_strategy_matches_one_device():
     np.testing.assert_allclose(mirrored["moe_aux_loss"], single["moe_aux_loss"], rtol=1e-3, atol=1e-6)
     for a, b in zip(mirrored_weights, single_weights):
         np.testing.assert_allclose(a, b, rtol=1e-4, atol=1e-5)
+
+
+def test_graph_size_does_not_grow_with_num_experts():
+    def num_ops(n):
+        layer = tf_moe.MoE(num_experts=n, k=2, hidden_units=8)
+        layer.build((None, 6))
+        fn = tf.function(lambda x: layer(x, training=True))
+        graph = fn.get_concrete_function(tf.TensorSpec([None, 6])).graph
+        return len(graph.get_operations())
+
+    assert num_ops(4) == num_ops(64)
+
+
+def test_mixed_precision_keeps_gate_and_loss_in_float32():
+    layer = tf_moe.MoE(num_experts=4, k=2, hidden_units=8, dtype="mixed_float16")
+    x = np.random.default_rng(8).standard_normal((16, 6)).astype("float32")
+    y = layer(x, training=True)
+    assert y.dtype == "float16"
+    assert layer.gate.compute_dtype == "float32"
+    assert layer.losses[0].dtype == "float32"
+    assert layer.gate(x, training=True)["expert_weight"].dtype == "float32"
+
+
+def test_sequential_and_fit_logs_report_load_balance():
+    model = keras.Sequential([keras.Input((4, 6)), tf_moe.MoE(4, 2, 8, name="experts_layer"), keras.layers.Dense(1)])
+    model.compile("adam", "mse")
+    x = np.random.default_rng(9).standard_normal((32, 4, 6)).astype("float32")
+    history = model.fit(x, x[..., :1], epochs=1, verbose=0).history
+    for key in ("cv_importance", "cv_load", "max_over_mean_load", "dropped_fraction", "aux_loss"):
+        assert f"experts_layer_{key}" in history
+    logs = model.evaluate(x, x[..., :1], verbose=0, return_dict=True)
+    assert logs["experts_layer_dropped_fraction"] == 0.0
