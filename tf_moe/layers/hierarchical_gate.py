@@ -157,6 +157,7 @@ class HierarchicalGate(keras.layers.Layer):
         primary_noise, secondary_noise = (None, None) if noise is None else noise
         valid = None if mask is None else tf.reshape(tf.cast(mask, tf.bool), [-1])
         primary = self.primary(x, training=training, mask=valid, noise=primary_noise)
+        num_tokens = x.shape[0] if x.shape[0] is not None else tf.shape(x)[0]
 
         # One (token, group) pair per primary choice, packed per group.
         pair_token, pair_group, pair_gate = dispatch_ops.token_choice_assignments(
@@ -164,7 +165,6 @@ class HierarchicalGate(keras.layers.Layer):
         )
         capacity = None
         if self.capacity_factor is not None:
-            num_tokens = x.shape[0] if x.shape[0] is not None else tf.shape(x)[0]
             capacity = dispatch_ops.static_capacity(
                 self.capacity_factor, self.k_primary * num_tokens, a
             )
@@ -212,7 +212,8 @@ class HierarchicalGate(keras.layers.Layer):
         # Pairs are primary-choice major: [k_primary * T, ks] -> [T, k_primary * ks].
         expert_index, expert_weight = [
             tf.reshape(
-                tf.transpose(tf.reshape(t, [self.k_primary, -1, ks]), [1, 0, 2]), [-1, self.k]
+                tf.transpose(tf.reshape(t, [self.k_primary, num_tokens, ks]), [1, 0, 2]),
+                [num_tokens, self.k],
             )
             for t in (expert_index, expert_weight)
         ]
