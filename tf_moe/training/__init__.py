@@ -1,3 +1,5 @@
 """Training: the MoE model's train/test steps, the paper's schedule, callbacks."""
 
 from tf_moe.training.model import MoEModel, Perplexity, masked_token_cross_entropy
+from tf_moe.training.schedules import WarmupInverseSqrtDecay
+from tf_moe.training.callbacks import TrainingSummaries, default_callbacks, expert_loads

@@ -1,0 +1,142 @@
+"""Callbacks: TensorBoard summaries with per-expert load histograms, crash-safe backups."""
+
+import os
+
+import keras
+import tensorflow as tf
+from tensorflow.core.framework import summary_pb2
+
+from tf_moe.layers.moe import MoE, flatten_tokens
+
+
+def moe_layers(model):
+    """The `MoE` layers of a functional model, in graph order."""
+    return [layer for layer in model.layers if isinstance(layer, MoE)]
+
+
+def expert_loads(model, inputs):
+    """Fraction of the routed tokens that each expert of each MoE layer gets.
+
+    Runs `model` (a functional model) on `inputs` at inference and counts,
+    for every MoE layer, the tokens its gate sends to each expert (masked
+    tokens excluded).
+
+    Args:
+        model: a built functional Keras model with `MoE` layers.
+        inputs: a batch of model inputs.
+
+    Returns:
+        dict layer name -> float32 [num_experts] loads summing to 1.
+    """
+    layers = moe_layers(model)
+    if not layers:
+        return {}
+    # A masked MoE's functional input is `[inputs, mask]`.
+    probe = keras.Model(model.input, {layer.name: layer.input for layer in layers})
+    outputs = probe(inputs, training=False)
+    loads = {}
+    for layer in layers:
+        layer_input = outputs[layer.name]
+        x, mask = layer_input if isinstance(layer_input, (list, tuple)) else (layer_input, None)
+        tokens, valid, _ = flatten_tokens(x, mask)
+        load = layer.gate(tokens, training=False, mask=valid)["load"]
+        loads[layer.name] = load / tf.maximum(tf.reduce_sum(load), 1.0)
+    return loads
+
+
+def _metadata(plugin_name):
+    return summary_pb2.SummaryMetadata(
+        plugin_data=summary_pb2.SummaryMetadata.PluginData(plugin_name=plugin_name)
+    ).SerializeToString()
+
+
+def write_scalar(tag, value, step):
+    """`tf.summary.scalar` without the `tensorboard` package (same record)."""
+    tf.summary.write(tag, tf.cast(value, tf.float32), step=step, metadata=_metadata("scalars"))
+
+
+def write_expert_histogram(tag, load, step):
+    """Writes `load` [n] as a TensorBoard histogram with one bucket per expert.
+
+    Bucket `i` spans `[i, i + 1)` and holds expert `i`'s load, so the
+    histogram's x axis is the expert index and its height the load.
+    """
+    load = tf.cast(load, tf.float64)
+    left = tf.range(tf.shape(load)[0], dtype=tf.float64)
+    buckets = tf.stack([left, left + 1.0, load], axis=1)
+    tf.summary.write(tag, buckets, step=step, metadata=_metadata("histograms"))
+
+
+class TrainingSummaries(keras.callbacks.Callback):
+    """TensorBoard logs of an MoE model, with per-expert load histograms.
+
+    At the end of every epoch it writes each entry of the epoch logs
+    (losses, perplexity, every MoE layer's load-balance metrics, and the
+    learning rate) as a scalar under `train/` or `validation/`, and routes a
+    fixed probe batch through the model to write each MoE layer's
+    per-expert load as a histogram `<layer name>/expert_load` (one bucket
+    per expert; a balanced layer is flat at `1 / num_experts`). It needs
+    no `tensorboard` package to write; view the logs with
+    `tensorboard --logdir <log_dir>`.
+
+    Args:
+        log_dir: directory of the summaries.
+        probe_inputs: optional batch of model inputs for the histograms.
+
+    Example:
+
+    >>> callback = TrainingSummaries("logs", probe_inputs=x_valid[:64])
+    >>> model.fit(x, y, callbacks=[callback])  # doctest: +SKIP
+    """
+
+    def __init__(self, log_dir, probe_inputs=None):
+        super().__init__()
+        self.log_dir = log_dir
+        self.probe_inputs = probe_inputs
+        self._writers = {}
+
+    def _writer(self, name):
+        if name not in self._writers:
+            self._writers[name] = tf.summary.create_file_writer(os.path.join(self.log_dir, name))
+        return self._writers[name]
+
+    def on_epoch_end(self, epoch, logs=None):
+        logs = dict(logs or {})
+        logs.setdefault("learning_rate", self.model.optimizer.learning_rate)
+        for key, value in logs.items():
+            split = "validation" if key.startswith("val_") else "train"
+            with self._writer(split).as_default():
+                write_scalar(f"epoch_{key.removeprefix('val_')}", value, epoch)
+        if self.probe_inputs is not None:
+            with self._writer("experts").as_default():
+                for name, load in expert_loads(self.model, self.probe_inputs).items():
+                    write_expert_histogram(f"{name}/expert_load", load, epoch)
+        for writer in self._writers.values():
+            writer.flush()
+
+    def on_train_end(self, logs=None):
+        for writer in self._writers.values():
+            writer.close()
+        self._writers = {}
+
+
+def default_callbacks(output_dir, probe_inputs=None):
+    """TensorBoard logs with expert-load histograms, and crash-safe backups.
+
+    `BackupAndRestore` saves the model and optimizer state at the end of
+    every epoch under `<output_dir>/backup` and restores it when `fit` is
+    called again after a crash, so a killed run loses at most one epoch; it
+    deletes the backup when training completes. `TrainingSummaries` writes
+    the logs under `<output_dir>/logs`.
+
+    Args:
+        output_dir: directory for `logs/` and `backup/`.
+        probe_inputs: optional batch for the expert-load histograms.
+
+    Returns:
+        A list of callbacks for `fit`.
+    """
+    return [
+        keras.callbacks.BackupAndRestore(os.path.join(output_dir, "backup")),
+        TrainingSummaries(os.path.join(output_dir, "logs"), probe_inputs),
+    ]
