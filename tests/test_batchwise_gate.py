@@ -1,0 +1,207 @@
+"""BatchwiseGate (appendix F) against a numpy transcription of its masks."""
+
+import keras
+import numpy as np
+import pytest
+import tensorflow as tf
+
+import tf_moe
+from tests import numpy_reference as ref
+from tests.layer_test_case import run_layer_test
+from tf_moe.layers.batchwise_gate import tokens_per_expert
+
+
+def _softmax(logits):
+    e = np.exp(logits - logits.max(axis=1, keepdims=True))
+    return e / e.sum(axis=1, keepdims=True)
+
+
+def _randomised_gate(n=6, k=2, d=5, seed=0, **kwargs):
+    gate = tf_moe.BatchwiseGate(n, k, **kwargs)
+    gate.build((None, d))
+    rng = np.random.default_rng(seed)
+    gate.w_gate.assign(rng.standard_normal((d, n)).astype("float32"))
+    return gate
+
+
+def _dense(assignments, num_tokens, n):
+    token, expert, weight = (np.asarray(a) for a in assignments)
+    dense = np.zeros((num_tokens, n + 1))
+    np.add.at(dense, (token, expert), weight)
+    return dense[:, :n]
+
+
+def _batchwise_reference(gates, m, valid):
+    """M_batchwise: the top m of each column among valid tokens; then
+    G = G_sigma * M / sum_j G_sigma_j M_j (zero for a token no expert kept)."""
+    mask = np.zeros_like(gates)
+    scores = np.where(valid[:, None], gates, -np.inf)
+    for i in range(gates.shape[1]):
+        mask[np.argsort(-scores[:, i], kind="stable")[:m], i] = 1.0
+    mask *= valid[:, None]
+    kept = gates * mask
+    total = kept.sum(axis=1, keepdims=True)
+    return mask, np.divide(kept, total, out=np.zeros_like(kept), where=total > 0)
+
+
+def test_tokens_per_expert():
+    assert tokens_per_expert(2, 24, 6) == 8
+    assert tokens_per_expert(1, 10, 4) == 2
+    with pytest.raises(ValueError, match="num_experts"):
+        tokens_per_expert(1, 7, 8)
+
+
+@pytest.mark.parametrize("masked", [False, True])
+def test_training_gives_every_expert_exactly_m_tokens(masked):
+    gate = _randomised_gate()
+    x = np.random.default_rng(1).standard_normal((24, 5)).astype("float32")
+    valid = np.arange(24) % 5 != 0 if masked else np.ones(24, bool)
+    routing = gate(x, training=True, mask=valid if masked else None)
+    m = 2 * 24 // 6
+    token, expert, _ = (np.asarray(a) for a in routing["assignments"])
+    assert token.shape == (6 * m,)
+    np.testing.assert_array_equal(np.bincount(expert, minlength=7)[:6], np.full(6, m))
+    assert valid[token].all()
+    np.testing.assert_array_equal(routing["load"], np.full(6, m))
+    mask, gates = _batchwise_reference(_softmax(x @ gate.w_gate.numpy()), m, valid)
+    np.testing.assert_array_equal(_dense(routing["assignments"], 24, 6) > 0, mask > 0)
+    np.testing.assert_allclose(_dense(routing["assignments"], 24, 6), gates, rtol=1e-5, atol=1e-6)
+    np.testing.assert_allclose(routing["importance"], gates.sum(axis=0), rtol=1e-5)
+
+
+def test_threshold_loss_follows_the_formula_and_trains_only_thresholds():
+    gate = _randomised_gate()
+    gate.thresholds.assign(np.linspace(0.05, 0.3, 6).astype("float32"))
+    x = np.random.default_rng(2).standard_normal((30, 5)).astype("float32")
+    with tf.GradientTape() as tape:
+        gate(x, training=True)
+        loss = gate.losses[-1]
+    grad_t, grad_w = tape.gradient(loss, [gate.thresholds, gate.w_gate])
+    sigma = _softmax(x @ gate.w_gate.numpy())
+    thresholds = gate.thresholds.numpy()
+    batch_mask, _ = _batchwise_reference(sigma, 2 * 30 // 6, np.ones(30, bool))
+    threshold_mask = (sigma > thresholds).astype(float)
+    expected = ((threshold_mask - batch_mask) * (sigma - thresholds)).sum() / 30
+    np.testing.assert_allclose(float(loss), expected, rtol=1e-5, atol=1e-7)
+    assert float(loss) > 0
+    np.testing.assert_allclose(grad_t, -(threshold_mask - batch_mask).sum(axis=0) / 30, atol=1e-6)
+    assert grad_w is None or not np.any(np.asarray(grad_w))
+
+
+@pytest.mark.parametrize("threshold", [0.01, 0.5])
+def test_inference_uses_thresholds_within_a_candidate_set(threshold):
+    """Low thresholds: more experts pass than the bound of 3 allows; high
+    ones: some tokens pass none. Both against the numpy threshold mask."""
+    gate = _randomised_gate(max_experts_per_token=3)
+    thresholds = threshold * np.linspace(0.8, 1.2, 6).astype("float32")
+    gate.thresholds.assign(thresholds)
+    x = np.random.default_rng(3).standard_normal((40, 5)).astype("float32")
+    routing = gate(x, training=False)
+    assert routing["assignments"][0].shape == (40 * 3,)
+    sigma = _softmax(x @ gate.w_gate.numpy())
+    candidates = np.zeros_like(sigma, bool)
+    np.put_along_axis(candidates, np.argsort(-sigma, axis=1)[:, :3], True, axis=1)
+    keep = candidates & (sigma > thresholds)
+    kept = sigma * keep
+    total = kept.sum(axis=1, keepdims=True)
+    expected = np.divide(kept, total, out=np.zeros_like(kept), where=total > 0)
+    np.testing.assert_allclose(_dense(routing["assignments"], 40, 6), expected, rtol=1e-5, atol=1e-6)
+    np.testing.assert_array_equal(routing["load"], keep.sum(axis=0))
+    if threshold < 0.1:
+        assert (sigma > thresholds).sum(axis=1).max() > 3
+    else:
+        assert keep.sum(axis=1).min() == 0
+
+
+def test_moe_citizenship_inference_and_training():
+    for call_kwargs in ({}, {"training": True}):
+        run_layer_test(
+            tf_moe.MoE,
+            dict(num_experts=4, k=2, hidden_units=8, output_units=6, gate="batchwise"),
+            input_shape=(3, 5, 10),
+            expected_output_shape=(3, 5, 6),
+            call_kwargs=call_kwargs,
+        )
+
+
+def test_moe_training_output_and_unrouted_metric():
+    layer = tf_moe.MoE(4, 1, 7, gate="batchwise", importance_weight=0.0, load_weight=0.0)
+    layer.build((None, 6))
+    rng = np.random.default_rng(4)
+    for variable in layer.weights:
+        variable.assign(rng.standard_normal(variable.shape).astype("float32") * 0.5)
+    x = rng.standard_normal((20, 6)).astype("float32")
+    _, gates = _batchwise_reference(_softmax(x @ layer.gate.w_gate.numpy()), 5, np.ones(20, bool))
+    e = layer.experts
+    expected = ref.dense_moe(
+        x, gates, e.kernel_in.numpy(), e.bias_in.numpy()[:, 0], e.kernel_out.numpy(),
+        e.bias_out.numpy()[:, 0],
+    )
+    out = layer(x, training=True).numpy()
+    np.testing.assert_allclose(out, expected, rtol=1e-5, atol=1e-5)
+    unrouted = gates.sum(axis=1) == 0
+    assert unrouted.any()
+    assert np.all(out[unrouted] == 0)
+    result = layer.balance.result()
+    np.testing.assert_allclose(float(result[f"{layer.name}_unrouted_fraction"]), unrouted.mean())
+    assert float(result[f"{layer.name}_dropped_fraction"]) == 0.0
+
+
+def test_moe_rejects_batches_too_small_for_one_token_per_expert():
+    layer = tf_moe.MoE(8, 1, 4, gate="batchwise")
+    with pytest.raises(ValueError, match="k \\* tokens // num_experts"):
+        layer(np.zeros((1, 4, 3), "float32"), training=True)
+
+
+def test_thresholds_learn_to_reproduce_batchwise_routing():
+    """After a short fit, the inference threshold mask agrees with the
+    batchwise mask of a held-out batch on >= 90% of (token, expert) pairs;
+    with untrained thresholds (every candidate kept) it does not."""
+    keras.utils.set_random_seed(0)
+    rng = np.random.default_rng(0)
+    n, d = 8, 8
+    w = rng.standard_normal((d, 4))
+    x = rng.standard_normal((2048, d)).astype("float32")
+    inputs = keras.Input((d,))
+    moe = tf_moe.MoE(n, 2, 16, gate="batchwise")
+    model = keras.Model(inputs, keras.layers.Dense(4)(moe(inputs)))
+    model.compile(keras.optimizers.Adam(1e-2), "mse")
+    model.fit(x, np.tanh(x @ w), batch_size=64, epochs=4, verbose=0)
+
+    held_out = rng.standard_normal((512, d)).astype("float32")
+    batchwise = _dense(moe.gate(held_out, training=True)["assignments"], 512, n) > 0
+    thresholded = _dense(moe.gate(held_out)["assignments"], 512, n) > 0
+    assert (batchwise == thresholded).mean() >= 0.9
+    moe.gate.thresholds.assign(np.zeros(n, "float32"))
+    untrained = _dense(moe.gate(held_out)["assignments"], 512, n) > 0
+    assert (batchwise == untrained).mean() < 0.85
+
+
+def test_xla_training_keeps_exactly_m_per_expert():
+    x = np.random.default_rng(5).standard_normal((64, 8)).astype("float32")
+    inputs = keras.Input((8,), batch_size=16)
+    moe = tf_moe.MoE(4, 2, 8, gate="batchwise", capacity_factor=1.0, name="bw")
+    model = keras.Model(inputs, keras.layers.Dense(2)(moe(inputs)))
+    model.compile("adam", "mse", jit_compile=True)
+    logs = model.fit(x, x[:, :2], batch_size=16, epochs=1, verbose=0).history
+    assert np.isfinite(logs["loss"][0])
+    assert logs["bw_dropped_fraction"][0] == 0.0
+    assert logs["bw_max_over_mean_load"][0] == pytest.approx(1.0)
+
+
+@pytest.mark.parametrize(
+    "kwargs,arg",
+    [
+        (dict(num_experts=4, k=5), "k"),
+        (dict(num_experts=4, k=2, max_experts_per_token=5), "max_experts_per_token"),
+        (dict(num_experts=0, k=1), "num_experts"),
+    ],
+)
+def test_bad_configurations(kwargs, arg):
+    with pytest.raises(ValueError, match=arg):
+        tf_moe.BatchwiseGate(**kwargs)
+
+
+def test_config_round_trip():
+    gate = tf_moe.BatchwiseGate(6, 2, max_experts_per_token=3)
+    assert tf_moe.BatchwiseGate.from_config(gate.get_config()).get_config() == gate.get_config()
