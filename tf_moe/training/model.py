@@ -68,7 +68,8 @@ class MoEModel(keras.Model):
     masked token cross-entropy plus the sum of the model's `add_loss` losses
     (the MoE balancing losses and any regularisers), and the logs show them
     apart: `loss` (the total), `task_loss`, `aux_loss`, `perplexity`
-    (`exp` of the token-weighted task loss) and, automatically, every MoE
+    (`exp` of the task loss; all three losses are means over the epoch's
+    tokens) and, automatically, every MoE
     layer's load-balance metrics. Use it like `keras.Model`, functional
     (`MoEModel(inputs, outputs)`) or subclassed; compile it without a loss.
 
@@ -110,7 +111,7 @@ class MoEModel(keras.Model):
         return task_loss, aux_loss, tokens
 
     def _update_trackers(self, task_loss, aux_loss, tokens):
-        self._loss_tracker.update_state(task_loss + aux_loss)
+        self._loss_tracker.update_state(task_loss + aux_loss, sample_weight=tokens)
         self.task_loss_tracker.update_state(task_loss, sample_weight=tokens)
         self.perplexity_tracker.update_state(task_loss, sample_weight=tokens)
         self.aux_loss_tracker.update_state(aux_loss)
