@@ -95,7 +95,8 @@ class MoE(keras.layers.Layer):
             bias_regularizer: for the experts' weights.
         seed: optional int seed of the gating noise.
         gate: `"noisy_top_k"` (section 1), `"softmax"` (the dense baseline
-            `Softmax(x W_g)`: every expert on every token, `k` unused) or
+            `Softmax(x W_g)`: every expert on every token, `k` unused and
+            static capacity `ceil(capacity_factor * tokens)`) or
             `"batchwise"` (strictly balanced gating, appendix F: see
             `BatchwiseGate`; each expert takes `k * tokens // num_experts`
             tokens of the batch while training, `noisy_gating` unused).
