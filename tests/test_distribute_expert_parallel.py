@@ -1,0 +1,179 @@
+"""Expert parallelism (PAPER.md section 2(a)) on logical CPU devices.
+
+References are the single-device `MoE` with the same weights on the same
+global batch: sharding the experts over replicas must not change the maths.
+"""
+
+import keras
+import numpy as np
+import pytest
+import tensorflow as tf
+
+import tf_moe
+from tests.layer_test_case import run_layer_test
+from tf_moe.distribute import ExpertParallelMoE, expert_parallel_optimizer, get_strategy
+from tf_moe.distribute.expert_parallel import _ShardedExperts, gather_shards
+
+D, N = 6, 4
+
+
+def _strategy(replicas):
+    devices = [d.name for d in tf.config.list_logical_devices("CPU")[:replicas]]
+    return get_strategy("mirrored", devices=devices)
+
+
+def _model(layer_cls, capacity_factor=None, optimizer=None):
+    keras.utils.set_random_seed(1)
+    inputs = keras.Input((3, D))
+    outputs = layer_cls(
+        num_experts=N, k=2, hidden_units=8, noisy_gating=False,
+        capacity_factor=capacity_factor, name="moe",
+    )(inputs)
+    model = keras.Model(inputs, outputs)
+    if optimizer is not None:
+        model.compile(optimizer, "mse")
+    return model
+
+
+def _copy_weights(source, target):
+    """MoE weights into an (expert-parallel) MoE of any replica count."""
+    src, dst = source.get_layer("moe"), target.get_layer("moe")
+    dst.gate.set_weights(src.gate.get_weights())
+    dst.experts.load_own_variables({str(i): gather_shards(w) for i, w in enumerate(src.experts.weights)})
+
+
+def _reference(capacity_factor=None, optimizer=None):
+    model = _model(tf_moe.MoE, capacity_factor, optimizer)
+    # A random gate, so tokens really spread over experts on all replicas.
+    gate = np.random.default_rng(0).standard_normal((D, N)).astype("float32")
+    model.get_layer("moe").gate.w_gate.assign(gate)
+    return model
+
+
+def _data(batch=16):
+    rng = np.random.default_rng(3)
+    return rng.standard_normal((batch, 3, D)).astype("float32"), rng.standard_normal((batch, 3, D)).astype("float32")
+
+
+def test_layer_citizenship_on_one_replica():
+    run_layer_test(
+        ExpertParallelMoE,
+        dict(num_experts=4, k=2, hidden_units=8, output_units=5),
+        input_shape=(3, 5, 10),
+        expected_output_shape=(3, 5, 5),
+    )
+
+
+@pytest.mark.parametrize("replicas", [2, 4])
+@pytest.mark.parametrize("capacity_factor", [None, 1.0])
+def test_outputs_equal_single_device_moe(replicas, capacity_factor):
+    x, _ = _data()
+    reference = _reference(capacity_factor)
+    with _strategy(replicas).scope():
+        model = _model(ExpertParallelMoE, capacity_factor)
+        _copy_weights(reference, model)
+    experts = model.get_layer("moe").experts
+    assert experts.num_experts == N // replicas  # each replica holds its shard only
+    # capacity_factor=1.0 drops tokens; the per-replica capacity is then
+    # that of the replica's batch, as for a single device on that batch.
+    per_replica = len(x) // replicas if capacity_factor else len(x)
+    expected = np.concatenate(
+        [reference.predict(part, batch_size=per_replica, verbose=0) for part in np.split(x, len(x) // per_replica)]
+    )
+    got = model.predict(x, batch_size=len(x), verbose=0)
+    np.testing.assert_allclose(got, expected, rtol=1e-5, atol=1e-6)
+
+
+@pytest.mark.parametrize("replicas", [2, 4])
+def test_exchange_runs_every_replica_buffer_through_its_expert(replicas):
+    """Slots of every replica reach the replica holding their expert and come back."""
+    strategy = _strategy(replicas)
+    with strategy.scope():
+        experts = _ShardedExperts(N // replicas, hidden_units=8, output_units=5, name="experts")
+        experts.build((N // replicas, None, D))
+    w_in, w_out, b_in, b_out = (gather_shards(w) for w in experts.weights)
+    buffers = np.random.default_rng(5).standard_normal((replicas, N, 3, D)).astype("float32")
+    per_replica = strategy.experimental_distribute_values_from_function(
+        lambda context: tf.constant(buffers[context.replica_id_in_sync_group])
+    )
+    outputs = strategy.experimental_local_results(strategy.run(tf.function(experts), args=(per_replica,)))
+    for replica, got in enumerate(outputs):
+        hidden = np.maximum(np.einsum("ncd,ndh->nch", buffers[replica], w_in) + b_in, 0)
+        expected = np.einsum("nch,nho->nco", hidden, w_out) + b_out
+        np.testing.assert_allclose(got.numpy(), expected, rtol=1e-5, atol=1e-5)
+
+
+@pytest.mark.parametrize("capacity_factor", [None, 2.0])
+def test_training_matches_single_device(capacity_factor):
+    """Adam on 2 replicas = one device on the same global batch (no drops)."""
+    x, y = _data(32)
+    reference = _reference(capacity_factor, keras.optimizers.Adam(0.05))
+    with _strategy(2).scope():
+        model = _model(ExpertParallelMoE, capacity_factor, expert_parallel_optimizer(keras.optimizers.Adam(0.05)))
+        _copy_weights(reference, model)
+    expected = reference.fit(x, y, batch_size=16, epochs=3, shuffle=False, verbose=0).history
+    got = model.fit(x, y, batch_size=16, epochs=3, shuffle=False, verbose=0).history
+    for key in ("moe_aux_loss", "moe_cv_importance", "moe_cv_load", "moe_dropped_fraction"):
+        np.testing.assert_allclose(got[key], expected[key], rtol=1e-4, atol=1e-6)
+    np.testing.assert_allclose(
+        model.evaluate(x, y, verbose=0), reference.evaluate(x, y, verbose=0), rtol=1e-4, atol=1e-6
+    )
+    ref_layer, layer = reference.get_layer("moe"), model.get_layer("moe")
+    for ref_weight, weight in zip(ref_layer.weights, layer.weights):
+        np.testing.assert_allclose(gather_shards(weight), ref_weight.numpy(), rtol=1e-4, atol=1e-5)
+
+
+@pytest.mark.parametrize("target_replicas", [1, 4])
+def test_checkpoint_restores_onto_another_replica_count(tmp_path, target_replicas):
+    x, y = _data()
+    with _strategy(2).scope():
+        model = _model(ExpertParallelMoE, None, expert_parallel_optimizer(keras.optimizers.Adam(0.05)))
+    model.fit(x, y, batch_size=16, epochs=2, verbose=0)  # shards and Adam slots now differ
+    path = str(tmp_path / "ep.weights.h5")
+    model.save_weights(path)
+    expected = model.predict(x, batch_size=16, verbose=0)
+    with _strategy(target_replicas).scope():
+        restored = _model(ExpertParallelMoE, None, expert_parallel_optimizer(keras.optimizers.Adam(0.05)))
+        restored.optimizer.build(restored.trainable_variables)
+        restored.load_weights(path)
+    np.testing.assert_allclose(restored.predict(x, batch_size=16, verbose=0), expected, rtol=1e-5, atol=1e-6)
+    for saved, loaded in zip(model.optimizer.variables, restored.optimizer.variables):
+        np.testing.assert_allclose(gather_shards(loaded), gather_shards(saved), rtol=1e-6, atol=1e-7)
+
+
+def test_plain_optimizer_mixes_shards_so_wrapper_is_needed():
+    """Keras sums gradients over replicas: wrong for shards of different experts."""
+    x, y = _data(32)
+    reference = _reference(None, keras.optimizers.SGD(0.5))
+    with _strategy(2).scope():
+        model = _model(ExpertParallelMoE, None, keras.optimizers.SGD(0.5))
+        _copy_weights(reference, model)
+    reference.fit(x, y, batch_size=32, epochs=1, verbose=0)
+    model.fit(x, y, batch_size=32, epochs=1, verbose=0)
+    kernel = model.get_layer("moe").experts.kernel_in
+    assert not np.allclose(gather_shards(kernel), reference.get_layer("moe").experts.kernel_in.numpy(), atol=1e-4)
+
+
+def test_num_experts_must_divide_over_replicas():
+    with _strategy(4).scope():
+        layer = ExpertParallelMoE(num_experts=6, k=2, hidden_units=8)
+        with pytest.raises(ValueError, match="num_experts"):
+            layer.build((None, D))
+
+
+def test_call_outside_replica_context_is_an_error():
+    x, _ = _data()
+    with _strategy(2).scope():
+        model = _model(ExpertParallelMoE)
+        with pytest.raises(RuntimeError, match="replica context"):
+            model(x)
+
+
+def test_expert_parallel_optimizer_keeps_config():
+    base = keras.optimizers.Adam(0.003, beta_1=0.8)
+    wrapped = expert_parallel_optimizer(base)
+    assert isinstance(wrapped, keras.optimizers.Adam) and type(wrapped).__name__ == "ExpertParallelAdam"
+    assert wrapped.get_config() == base.get_config()
+    assert expert_parallel_optimizer(wrapped) is wrapped
+    with pytest.raises(TypeError, match="optimizer"):
+        expert_parallel_optimizer("adam")
