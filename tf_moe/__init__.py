@@ -4,5 +4,6 @@ from tf_moe.layers import FeedForwardExperts, MoE, NoisyTopKGate
 from tf_moe.layers import BatchwiseGate, HierarchicalGate, HierarchicalMoE, SoftmaxGate
 from tf_moe.metrics import LoadBalanceMetrics
 from tf_moe.ops.gating import cv_squared
+from tf_moe import models, training  # noqa: E402  (the paper's models and training loop)
 
 __version__ = "0.1.0"
