@@ -2,8 +2,8 @@
 
 Each configuration runs in a fresh subprocess so its peak memory (host RSS
 on CPU, the allocator's peak on GPU) is its own. Every time is reported as a
-ratio to the dense FFN of the same active FLOPs (hidden width k*h), measured
-in the same run on the same machine.
+ratio to the dense FFN of the same active FLOPs (hidden width k*h), timed
+alternately with it in the same process.
 
 Dispatchers compared:
   moe            tf_moe.MoE, dropless (sort-based dispatch, dynamic capacity)
@@ -99,25 +99,45 @@ def _build(method, n, k, d, h, tokens):
     return step
 
 
+def _time(step, x):
+    start = time.perf_counter()
+    [g.numpy() for g in step(x) if g is not None]
+    return time.perf_counter() - start
+
+
 def _measure(method, n, k, d, h, tokens, repeats):
+    """Times `method` and the dense FFN alternately in one process.
+
+    Alternating the two keeps their ratio honest on a shared machine whose
+    load changes during the run. Peak memory is read after the method's
+    warm-up, before the dense baseline is built.
+    """
     import tensorflow as tf
 
     x = tf.random.normal([tokens, d], seed=0)
     step = _build(method, n, k, d, h, tokens)
     for _ in range(2):  # trace and warm up
-        [g.numpy() for g in step(x) if g is not None]
-    times = []
-    for _ in range(repeats):
-        start = time.perf_counter()
-        [g.numpy() for g in step(x) if g is not None]
-        times.append(time.perf_counter() - start)
+        _time(step, x)
     gpus = tf.config.list_logical_devices("GPU")
     if gpus:
         peak = tf.config.experimental.get_memory_info("GPU:0")["peak"] / 2**20
     else:
         peak = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 2**10
-    times.sort()
-    return {"seconds": times[len(times) // 2], "peak_mib": peak, "device": "GPU" if gpus else "CPU"}
+    dense = _build("dense", n, k, d, h, tokens)
+    for _ in range(2):
+        _time(dense, x)
+    times, dense_times = [], []
+    for _ in range(repeats):
+        times.append(_time(step, x))
+        dense_times.append(_time(dense, x))
+    ratios = sorted(t / b for t, b in zip(times, dense_times))
+    return {
+        "seconds": sorted(times)[len(times) // 2],
+        "dense_seconds": sorted(dense_times)[len(dense_times) // 2],
+        "ratio": ratios[len(ratios) // 2],
+        "peak_mib": peak,
+        "device": "GPU" if gpus else "CPU",
+    }
 
 
 def _run_child(args, method, n):
@@ -150,23 +170,22 @@ def main():
         print(json.dumps(_measure(method, n, args.k, args.d, args.h, args.tokens, args.repeats)))
         return
 
-    dense = _run_child(args, "dense", 0)
-    print(f"# tokens={args.tokens} d={args.d} h={args.h} k={args.k} device={dense.get('device')}")
-    print(f"# dense FFN (hidden {args.k * args.h}): {dense['seconds'] * 1e3:.1f} ms/step, "
-          f"peak {dense['peak_mib']:.0f} MiB")
-    print("| experts | method | ms/step | ratio to dense | peak MiB |")
-    print("|---|---|---|---|---|")
+    print(f"# tokens={args.tokens} d={args.d} h={args.h} k={args.k}; ratio = median of "
+          f"(method / dense FFN of hidden {args.k * args.h}) over {args.repeats} alternating runs")
+    print("| experts | method | ms/step | dense ms/step | ratio to dense | peak MiB |")
+    print("|---|---|---|---|---|---|")
     for n in args.experts:
         for method in args.methods:
             if method == "every_expert" and n > args.every_expert_max:
-                print(f"| {n} | {method} | skipped (n/k = {n // args.k}x dense FLOPs) | | |")
+                print(f"| {n} | {method} | skipped (n/k = {n // args.k}x dense FLOPs) | | | |")
                 continue
             r = _run_child(args, method, n)
             if "error" in r:
-                print(f"| {n} | {method} | error: {r['error'][:80]} | | |")
+                print(f"| {n} | {method} | error: {r['error'][:80]} | | | |")
                 continue
-            print(f"| {n} | {method} | {r['seconds'] * 1e3:.1f} | {r['seconds'] / dense['seconds']:.2f} "
-                  f"| {r['peak_mib']:.0f} |", flush=True)
+            print(f"| {n} | {method} | {r['seconds'] * 1e3:.1f} | {r['dense_seconds'] * 1e3:.1f} "
+                  f"| {r['ratio']:.2f} | {r['peak_mib']:.0f} |", flush=True)
+    print(f"# device: {r.get('device', '?')}")
 
 
 if __name__ == "__main__":
