@@ -1,0 +1,275 @@
+"""Tests of the SavedModel export: signatures served without tf_moe.
+
+Every export is loaded in a fresh Python process that imports only
+TensorFlow and TensorFlow Text, called there, and compared with the
+in-memory model. `.keras` round trips of the models themselves are tested
+beside them (tests/test_models_lstm_lm.py and tests/test_models_seq2seq.py,
+`test_keras_round_trip_gives_identical_outputs`, loaded with
+`safe_mode=True`; tests/layer_test_case.py for every layer); here only the
+safe-mode guarantee and a batchwise-gate model are added.
+"""
+
+import json
+import os
+import subprocess
+import sys
+import textwrap
+
+import keras
+import numpy as np
+import pytest
+import tensorflow as tf
+
+from tf_moe import MoE
+from tf_moe import export
+from tf_moe.data import END_ID, RESERVED_TOKENS, START_ID, WordpieceTokenizer
+from tf_moe.models import Seq2SeqDecoder, lstm_lm, seq2seq
+
+VOCAB = list(RESERVED_TOKENS) + (
+    "in the beginning god created heavens and earth was light said let there be , . "
+    "en el principio dios creo los cielos y la tierra luz dijo sea ##s ##ed"
+).split()
+TOP_K = 3
+MAX_LENGTH = 7
+TEXTS = ["In the beginning God created the heavens.", "God said", "light, unknownword"]
+IDS = np.array([[START_ID, 4, 5, 6, 0], [START_ID, 7, 0, 0, 0], [START_ID, 10, 9, 12, 13]], "int32")
+
+# Runs in a fresh interpreter: TensorFlow and TensorFlow Text only.
+_SERVE_SCRIPT = textwrap.dedent(
+    """
+    import json, sys
+    import tensorflow as tf
+    import tensorflow_text  # noqa: F401  (registers the ops of the tokenizer)
+
+    requests = json.load(open(sys.argv[1]))
+    results = {"tf_moe_imported": any(m.split(".")[0] == "tf_moe" for m in sys.modules), "calls": {}}
+    for key, (path, signature, inputs) in requests.items():
+        served = tf.saved_model.load(path)
+        results.setdefault("signatures", {})[path] = sorted(served.signatures)
+        fn = served.signatures[signature]
+        args = {name: tf.constant(value, dtype) for name, (value, dtype) in inputs.items()}
+        first, second = fn(**args), fn(**args)
+        out = {}
+        for name, tensor in first.items():
+            value = tensor.numpy()
+            out[name] = {"value": value.astype(str).tolist() if value.dtype == object else value.tolist(),
+                         "repeatable": bool((value == second[name].numpy()).all())}
+        results["calls"][key] = out
+    results["tf_moe_imported"] |= any(m.split(".")[0] == "tf_moe" for m in sys.modules)
+    json.dump(results, open(sys.argv[2], "w"))
+    """
+)
+
+
+def _softmax(x):
+    e = np.exp(x - x.max(-1, keepdims=True))
+    return e / e.sum(-1, keepdims=True)
+
+
+def _top_k_next(model, rows):
+    """In-memory reference: each row alone, unpadded; padding never predicted."""
+    ids, probs = [], []
+    for row in rows:
+        logits = np.asarray(model(np.array([row], "int32"), training=False))[0, -1].astype("float64")
+        logits[0] = -np.inf
+        p = _softmax(logits)
+        order = np.argsort(-p, kind="stable")[:TOP_K]
+        ids.append(order)
+        probs.append(p[order])
+    return np.array(ids), np.array(probs)
+
+
+@pytest.fixture(scope="module")
+def tokenizer():
+    return WordpieceTokenizer(VOCAB)
+
+
+@pytest.fixture(scope="module")
+def exports(tmp_path_factory, tokenizer):
+    """Exports every kind of model once; returns their in-memory references and serving requests."""
+    base = str(tmp_path_factory.mktemp("saved_models"))
+    keras.utils.set_random_seed(0)
+    cases, requests = {}, {}
+
+    # Language model, through the command line (.keras file + vocabulary).
+    lm = lstm_lm(len(VOCAB), units=16, num_experts=4, k=2, expert_hidden_units=16, dropout=0.5)
+    lm.save(os.path.join(base, "lm.keras"))
+    tokenizer.save_vocabulary(os.path.join(base, "vocab.txt"))
+    export.main(["lm", os.path.join(base, "lm.keras"), "--vocab", os.path.join(base, "vocab.txt"),
+                 "--name", "lm", "--output", base, "--top-k", str(TOP_K)])
+    lm_dir = os.path.join(base, "lm", "1")
+    text_rows = [[START_ID, *ids] for ids in tokenizer.tokenize(TEXTS).to_list()]
+    cases["lm_text"] = _top_k_next(lm, text_rows)
+    requests["lm_text"] = (lm_dir, "serving_default", {"text": (TEXTS, "string")})
+    cases["lm_ids"] = _top_k_next(lm, [[i for i in row if i] for row in IDS])
+    requests["lm_ids"] = (lm_dir, "next_token_ids", {"token_ids": (IDS.tolist(), "int32")})
+
+    # Translation model, greedy and beam.
+    mt = seq2seq(len(VOCAB), units=16, num_experts=4, k=2, expert_hidden_units=16, attention_heads=2)
+    mt_dir = export.export_translation_model(
+        mt, tokenizer, export.version_dir(base, "mt"), max_length=MAX_LENGTH, beam_size=2
+    )
+    decoder = Seq2SeqDecoder(mt, START_ID, END_ID, max_length=MAX_LENGTH)
+    source = tf.ragged.constant(
+        [[START_ID, *ids[: MAX_LENGTH - 2], END_ID] for ids in tokenizer.tokenize(TEXTS).to_list()]
+    ).to_tensor()
+    for key, ids in (("mt_greedy", decoder.greedy(source)),
+                     ("mt_beam", decoder.beam_search(source, beam_size=2, length_penalty=0.6))):
+        cases[key] = (np.asarray(ids), tokenizer.detokenize(ids).numpy().astype(str))
+    requests["mt_greedy"] = (mt_dir, "serving_default", {"text": (TEXTS, "string")})
+    requests["mt_beam"] = (mt_dir, "beam_search", {"text": (TEXTS, "string")})
+
+    # A two-input functional model with a noisy-gated MoE, through the command line.
+    a, b = keras.Input((6,), name="features"), keras.Input((6,), name="context")
+    h = MoE(4, 2, 8, name="moe")(keras.layers.Concatenate()([a, b]))
+    numeric = keras.Model([a, b], keras.layers.Dense(3, name="scores")(keras.layers.Dropout(0.5)(h)))
+    numeric.save(os.path.join(base, "numeric.keras"))
+    export.main(["keras", os.path.join(base, "numeric.keras"), "--name", "numeric", "--output", base])
+    x = np.random.default_rng(1).normal(size=(2, 5, 6)).astype("float32")
+    cases["numeric"] = np.asarray(numeric([x[0], x[1]], training=False))
+    requests["numeric"] = (os.path.join(base, "numeric", "1"), "serving_default",
+                           {"features": (x[0].tolist(), "float32"), "context": (x[1].tolist(), "float32")})
+
+    # A bare batchwise-gated MoE layer with learned (here: set) thresholds.
+    moe = MoE(4, 2, 8, gate="batchwise", name="batchwise_moe")
+    moe.build((None, 6))
+    moe.gate.w_gate.assign(np.random.default_rng(2).normal(size=(6, 4)).astype("float32"))
+    moe.gate.thresholds.assign([0.3, 0.1, 0.4, 0.2])
+    tokens = np.random.default_rng(3).normal(size=(12, 6)).astype("float32")
+    export.export_keras_model(moe, export.version_dir(base, "moe"), [tf.TensorSpec([None, 6], tf.float32, name="x")])
+    cases["moe"] = np.asarray(moe(tokens, training=False))
+    moe.gate.thresholds.assign(tf.zeros(4))
+    cases["moe_without_thresholds"] = np.asarray(moe(tokens, training=False))
+    requests["moe"] = (os.path.join(base, "moe", "1"), "serving_default", {"x": (tokens.tolist(), "float32")})
+    return base, cases, requests
+
+
+@pytest.fixture(scope="module")
+def served(exports):
+    """What a fresh process without tf_moe gets from every signature."""
+    base, _, requests = exports
+    request_file, result_file = os.path.join(base, "requests.json"), os.path.join(base, "results.json")
+    with open(request_file, "w") as f:
+        json.dump(requests, f)
+    env = {**os.environ, "TF_CPP_MIN_LOG_LEVEL": "2", "CUDA_VISIBLE_DEVICES": ""}
+    env.pop("PYTHONPATH", None)
+    subprocess.run([sys.executable, "-c", _SERVE_SCRIPT, request_file, result_file],
+                   check=True, cwd=base, env=env, timeout=300)
+    with open(result_file) as f:
+        return json.load(f)
+
+
+def test_fresh_process_serves_without_tf_moe(served, exports):
+    assert served["tf_moe_imported"] is False
+    signatures = {os.path.relpath(path, exports[0]): names for path, names in served["signatures"].items()}
+    assert signatures == {
+        os.path.join("lm", "1"): ["next_token_ids", "serving_default"],
+        os.path.join("mt", "1"): ["beam_search", "serving_default"],
+        os.path.join("numeric", "1"): ["serve", "serving_default"],
+        os.path.join("moe", "1"): ["serve", "serving_default"],
+    }
+
+
+def test_inference_is_deterministic(served):
+    # No gating noise or dropout: the same request gives the same answer.
+    for key, outputs in served["calls"].items():
+        for name, output in outputs.items():
+            assert output["repeatable"], (key, name)
+
+
+@pytest.mark.parametrize("key", ("lm_text", "lm_ids"))
+def test_language_model_returns_the_models_top_k_next_tokens(key, served, exports):
+    ids, probabilities = exports[1][key]
+    out = served["calls"][key]
+    np.testing.assert_array_equal(out["token_ids"]["value"], ids)
+    np.testing.assert_allclose(out["probabilities"]["value"], probabilities, rtol=1e-4, atol=1e-6)
+    assert out["tokens"]["value"] == [[VOCAB[i] for i in row] for row in ids]
+
+
+@pytest.mark.parametrize("key", ("mt_greedy", "mt_beam"))
+def test_translation_decodes_raw_strings_like_the_decoder(key, served, exports):
+    ids, texts = exports[1][key]
+    out = served["calls"][key]
+    np.testing.assert_array_equal(out["token_ids"]["value"], ids)
+    assert out["translation"]["value"] == texts.tolist()
+    assert np.asarray(out["token_ids"]["value"]).shape == (len(TEXTS), MAX_LENGTH)
+
+
+def test_numeric_signature_takes_named_inputs(served, exports):
+    out = served["calls"]["numeric"]
+    assert list(out) == ["scores"]
+    np.testing.assert_allclose(out["scores"]["value"], exports[1]["numeric"], rtol=1e-5, atol=1e-6)
+
+
+def test_batchwise_moe_serves_with_its_thresholds(served, exports):
+    (out,) = served["calls"]["moe"].values()
+    cases = exports[1]
+    np.testing.assert_allclose(out["value"], cases["moe"], rtol=1e-5, atol=1e-6)
+    # The thresholds changed the routing, so they are in the export.
+    assert not np.allclose(cases["moe"], cases["moe_without_thresholds"])
+
+
+@pytest.mark.parametrize(
+    "name, expected",
+    [("lm", ["signature_def['next_token_ids']", "signature_def['serving_default']",
+             "inputs['text'] tensor_info:\n        dtype: DT_STRING", "outputs['tokens']",
+             "outputs['probabilities']", "inputs['token_ids'] tensor_info:\n        dtype: DT_INT32"]),
+     ("mt", ["signature_def['beam_search']", "signature_def['serving_default']",
+             "inputs['text'] tensor_info:\n        dtype: DT_STRING", "outputs['translation']"])],
+)
+def test_saved_model_cli_lists_the_signatures(name, expected, exports):
+    env = {**os.environ, "TF_CPP_MIN_LOG_LEVEL": "2", "CUDA_VISIBLE_DEVICES": ""}
+    shown = subprocess.run(
+        ["saved_model_cli", "show", "--all", "--dir", os.path.join(exports[0], name, "1")],
+        check=True, capture_output=True, text=True, env=env, timeout=300,
+    ).stdout
+    for line in expected:
+        assert line in shown, line
+
+
+def test_version_dir_follows_the_serving_layout(tmp_path):
+    base = str(tmp_path)
+    assert export.version_dir(base, "lm") == os.path.join(base, "lm", "1")
+    os.makedirs(os.path.join(base, "lm", "3", "variables"))
+    os.makedirs(os.path.join(base, "lm", "notes"))
+    assert export.version_dir(base, "lm") == os.path.join(base, "lm", "4")
+    with pytest.raises(FileExistsError, match="version"):
+        export.version_dir(base, "lm", 3)
+    with pytest.raises(ValueError, match="`version`"):
+        export.version_dir(base, "lm", 0)
+    with pytest.raises(ValueError, match="`name`"):
+        export.version_dir(base, os.path.join("a", "b"))
+
+
+def test_bad_arguments_are_named(tokenizer, tmp_path):
+    lm = lstm_lm(len(VOCAB), units=8, num_experts=2, k=1, expert_hidden_units=8)
+    with pytest.raises(ValueError, match="`top_k`"):
+        export.export_language_model(lm, tokenizer, str(tmp_path), top_k=len(VOCAB))
+    small = lstm_lm(len(VOCAB) - 1, units=8, num_experts=2, k=1, expert_hidden_units=8)
+    with pytest.raises(ValueError, match="`tokenizer`"):
+        export.export_language_model(small, tokenizer, str(tmp_path))
+    with pytest.raises(ValueError, match="`input_signature`"):
+        layer = MoE(2, 1, 4)
+        layer.build((None, 3))
+        export.export_keras_model(layer, str(tmp_path))
+    with pytest.raises(SystemExit, match="--vocab"):
+        export.main(["lm", "model.keras"])
+
+
+def test_keras_files_load_in_safe_mode(tmp_path):
+    # Safe mode stays on: arbitrary code (a Lambda) is refused...
+    inputs = keras.Input((4,))
+    unsafe = keras.Model(inputs, keras.layers.Lambda(lambda x: 2 * x)(inputs))
+    unsafe.save(tmp_path / "lambda.keras")
+    with pytest.raises(ValueError, match="safe_mode"):
+        keras.models.load_model(tmp_path / "lambda.keras")
+    # ...while tf_moe's layers load with the default, including the batchwise
+    # gate's learned thresholds.
+    moe = MoE(4, 2, 8, gate="batchwise", name="moe")
+    model = keras.Model(inputs, moe(inputs))
+    moe.gate.w_gate.assign(np.random.default_rng(0).normal(size=(4, 4)).astype("float32"))
+    moe.gate.thresholds.assign([0.3, 0.1, 0.4, 0.2])
+    model.save(tmp_path / "moe.keras")
+    loaded = keras.models.load_model(tmp_path / "moe.keras")
+    x = np.random.default_rng(1).normal(size=(10, 4)).astype("float32")
+    np.testing.assert_array_equal(np.asarray(loaded(x, training=False)), np.asarray(model(x, training=False)))
