@@ -79,7 +79,9 @@ class BatchwiseGate(keras.layers.Layer):
     those above their threshold and renormalises over them. Candidates
     beyond that bound are not used even if above threshold.
 
-    `W_g` and T start at zero. The gate computes in float32.
+    `W_g` and T start at zero. With all gates tied at the start, every
+    expert picks the same first m tokens of the first batch; the first
+    gradient step on `W_g` breaks the tie. The gate computes in float32.
 
     Args:
         num_experts: int, number of experts n.
