@@ -92,7 +92,7 @@ class NoisyTopKGate(keras.layers.Layer):
                 tf.matmul(x, tf.cast(self.w_noise, tf.float32)), self.noise_epsilon
             )
             if noise is None:
-                noise = keras.random.normal(tf.shape(clean_logits), seed=self.seed_generator)
+                noise = self._sample_noise(tf.shape(clean_logits))
             logits = clean_logits + tf.cast(noise, tf.float32) * stddev
         expert_index, expert_weight, _ = gating.top_k_gates(logits, self.k)
 
@@ -114,6 +114,20 @@ class NoisyTopKGate(keras.layers.Layer):
             "load": load,
             "logits": logits,
         }
+
+    def _sample_noise(self, shape):
+        """Standard-normal draws; each data-parallel replica gets its own stream.
+
+        Replicas share the mirrored generator state, so without the replica
+        id in the seed every replica would draw the same noise.
+        """
+        seed = self.seed_generator.next()
+        context = tf.distribute.get_replica_context()
+        if context is not None and context.num_replicas_in_sync > 1:
+            seed = seed + tf.cast(tf.stack([context.replica_id_in_sync_group, 0]), seed.dtype)
+        # int32 seeds, as keras.random does, so the draw compiles with XLA.
+        seed = tf.cast(tf.math.floormod(seed, tf.int32.max - 1), tf.int32)
+        return tf.random.stateless_normal(shape, seed=seed)
 
     def compute_mask(self, inputs, mask=None):
         return None
