@@ -10,6 +10,7 @@ import tensorflow as tf
 import tf_moe
 from tests import numpy_reference as ref
 from tests.layer_test_case import run_layer_test
+from tf_moe.distribute import get_strategy
 
 
 def _randomised_moe(d=6, n=5, k=2, h=7, seed=0, **kwargs):
@@ -258,7 +259,7 @@ def test_mirrored_strategy_matches_one_device():
         return history, model.get_weights()
 
     single, single_weights = train(tf.distribute.OneDeviceStrategy(devices[0]))
-    mirrored, mirrored_weights = train(tf.distribute.MirroredStrategy(devices))
+    mirrored, mirrored_weights = train(get_strategy("mirrored", devices=devices))
     np.testing.assert_allclose(mirrored["loss"], single["loss"], rtol=1e-4)
     np.testing.assert_allclose(mirrored["moe_aux_loss"], single["moe_aux_loss"], rtol=1e-3, atol=1e-6)
     for a, b in zip(mirrored_weights, single_weights):
