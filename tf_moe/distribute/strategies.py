@@ -52,7 +52,7 @@ def get_strategy(name="auto", tpu=None, devices=None):
             devices = [d.name for d in gpus] or [d.name for d in tf.config.list_logical_devices("CPU")]
         return _MirroredStrategy(devices)
     if name == "multiworker":
-        return tf.distribute.MultiWorkerMirroredStrategy()
+        return _MultiWorkerMirroredStrategy()
     return tf.distribute.TPUStrategy(_connect_tpu(tpu))
 
 
@@ -73,6 +73,28 @@ class _MirroredStrategy(tf.distribute.MirroredStrategy):
     def __init__(self, devices):
         self._collective_key_base = 100_000 * next(self._instances)
         super().__init__(devices)
+
+
+class _MultiWorkerMirroredStrategy(tf.distribute.MultiWorkerMirroredStrategy):
+    """MultiWorkerMirroredStrategy whose `reduce` takes what Keras's `fit` passes.
+
+    Keras 3 `fit` under this strategy calls `reduce` with a whole nested
+    (x, y) batch to build its metrics ("Attempt to convert a value
+    (PerReplica ...) to a Tensor"), and with `axis=0` on the scalar logs of
+    every step ("Invalid reduction dimension 0 for input with 0
+    dimensions"). Each leaf is reduced on its own, and a scalar over the
+    replicas only.
+    """
+
+    def reduce(self, reduce_op, value, axis=None):
+        reduce_one = super().reduce
+
+        def reduce_leaf(leaf):
+            local = self.experimental_local_results(leaf)[0]
+            leaf_axis = None if getattr(local, "shape", None) is not None and local.shape.rank == 0 else axis
+            return reduce_one(reduce_op, leaf, leaf_axis)
+
+        return tf.nest.map_structure(reduce_leaf, value)
 
 
 def _auto_strategy(tpu):
