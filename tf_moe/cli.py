@@ -5,6 +5,8 @@
     tf-moe experiment table6   # the six balancing-loss weightings
     tf-moe experiment experts  # 4/32/256/256-h experts vs baselines, fixed ops
     tf-moe train lm --quick    # a smoke run of seconds
+    tf-moe export lm saved_models/lm_moe.keras --vocab saved_models/lm_vocab.txt
+                               # SavedModel for TF Serving (docs/serving.md)
 
 Models are saved under `--output` (default `saved_models/`), TensorBoard logs
 under `<output>/runs/`. An interrupted run resumes from its last finished
@@ -56,6 +58,9 @@ def _parser():
     experiment = commands.add_parser("experiment", help="rerun a reproduction of docs/results.md")
     experiment.add_argument("name", choices=("table6", "experts"))
     add_flags(experiment)
+    from tf_moe.export import add_arguments as add_export_arguments
+
+    add_export_arguments(commands.add_parser("export", help="export a trained model for TF Serving"))
     return parser
 
 
@@ -83,6 +88,11 @@ def main(argv=None):
     # validation pass ended its dataset: both are intended here.
     warnings.filterwarnings("ignore", message=".*shuffle=True.*")
     warnings.filterwarnings("ignore", message=".*input ran out of data.*")
+    if args.command == "export":
+        from tf_moe.export import run
+
+        run(args)
+        return 0
     from tf_moe import experiments
 
     config = config_from_args(args)
