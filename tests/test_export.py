@@ -21,7 +21,7 @@ import pytest
 import tensorflow as tf
 
 from tf_moe import MoE
-from tf_moe import export
+from tf_moe import cli, export
 from tf_moe.data import END_ID, RESERVED_TOKENS, START_ID, WordpieceTokenizer
 from tf_moe.models import Seq2SeqDecoder, lstm_lm, seq2seq
 
@@ -119,12 +119,12 @@ def exports(tmp_path_factory, tokenizer):
     requests["mt_greedy"] = (mt_dir, "serving_default", {"text": (TEXTS, "string")})
     requests["mt_beam"] = (mt_dir, "beam_search", {"text": (TEXTS, "string")})
 
-    # A two-input functional model with a noisy-gated MoE, through the command line.
+    # A two-input functional model with a noisy-gated MoE, through `tf-moe export`.
     a, b = keras.Input((6,), name="features"), keras.Input((6,), name="context")
     h = MoE(4, 2, 8, name="moe")(keras.layers.Concatenate()([a, b]))
     numeric = keras.Model([a, b], keras.layers.Dense(3, name="scores")(keras.layers.Dropout(0.5)(h)))
     numeric.save(os.path.join(base, "numeric.keras"))
-    export.main(["keras", os.path.join(base, "numeric.keras"), "--name", "numeric", "--output", base])
+    cli.main(["export", "keras", os.path.join(base, "numeric.keras"), "--name", "numeric", "--output", base])
     x = np.random.default_rng(1).normal(size=(2, 5, 6)).astype("float32")
     cases["numeric"] = np.asarray(numeric([x[0], x[1]], training=False))
     requests["numeric"] = (os.path.join(base, "numeric", "1"), "serving_default",
