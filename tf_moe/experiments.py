@@ -38,7 +38,7 @@ class Config:
     expert_hidden: int = 256
     baseline: str = "moe-1-wide"
     epochs: int = 3
-    steps: int | None = 300
+    steps: int | None = 200
     batch_size: int = 32
     seq_len: int = 32
     vocab_size: int = 4000

@@ -51,6 +51,7 @@ def moe_layer(
         hidden_units=hidden_units,
         importance_weight=importance_weight,
         load_weight=load_weight,
+        capacity_factor=capacity_factor,
         seed=seed,
         name=name,
     )
