@@ -2,6 +2,7 @@
 
 from tf_moe.layers import FeedForwardExperts, MoE, NoisyTopKGate
 from tf_moe.layers import BatchwiseGate, HierarchicalGate, HierarchicalMoE, SoftmaxGate
+from tf_moe.distribute import ExpertParallelMoE  # also tf_moe.distribute.get_strategy etc.
 from tf_moe.metrics import LoadBalanceMetrics
 from tf_moe.ops.gating import cv_squared
 from tf_moe import models, training  # noqa: E402  (the paper's models and training loop)
