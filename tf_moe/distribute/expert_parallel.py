@@ -1,7 +1,5 @@
 """Expert parallelism: each expert lives on one replica (PAPER.md section 2(a))."""
 
-import contextlib
-
 import keras
 import tensorflow as tf
 from keras.src.backend.common.symbolic_scope import in_symbolic_scope
@@ -77,20 +75,20 @@ class _ShardedExperts(FeedForwardExperts):
     exchanged so that each replica runs its own experts on the slots that
     every replica routed to them, then the outputs go back to the replicas
     their tokens came from. Saved and loaded as the full stacked bank, so a
-    checkpoint restores onto any number of replicas (and into `MoE`).
+    checkpoint restores onto any number of replicas.
     """
 
     def build(self, input_shape):
-        self._strategy = tf.distribute.get_strategy()
-        self.num_shards = self._strategy.num_replicas_in_sync
+        strategy = tf.distribute.get_strategy()
+        self.num_shards = strategy.num_replicas_in_sync
         if self.num_shards == 1:
             super().build(input_shape)
             return
-        if len(self._strategy.extended.worker_devices) != self.num_shards:
+        if len(strategy.extended.worker_devices) != self.num_shards:
             raise NotImplementedError(
                 "Expert parallelism needs every replica on this worker (e.g. MirroredStrategy); "
-                f"got {type(self._strategy).__name__} with {self.num_shards} replicas over "
-                f"{len(self._strategy.extended.worker_devices)} local devices."
+                f"got {type(strategy).__name__} with {self.num_shards} replicas over "
+                f"{len(strategy.extended.worker_devices)} local devices."
             )
         if not tf.distribute.in_cross_replica_context():
             raise RuntimeError(
@@ -147,9 +145,6 @@ class _ShardedExperts(FeedForwardExperts):
         returned = tf.gather(context.all_gather(outputs[None], axis=0), replica, axis=1)
         returned = tf.reshape(returned, [shards * local, padded_capacity, out_units])
         return returned[:, :capacity]
-
-    def compute_output_shape(self, input_shape):
-        return tuple(input_shape[:-1]) + (self.output_units,)
 
     def save_own_variables(self, store):
         for i, variable in enumerate(self._trainable_variables + self._non_trainable_variables):
