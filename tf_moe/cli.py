@@ -105,7 +105,8 @@ def main(argv=None):
     else:
         rows = experiments.expert_sweep(config)
         title = "Figure 2: experts at fixed ops per timestep"
-    print(f"\n{title} (validation perplexity; balance figures are the MoE layers' on the validation set)")
+    print(f"\n{title}: validation perplexity; load balance of the MoE layers on the last epoch's"
+          " training batches and (valid_*) on the validation set")
     print(experiments.format_table(rows))
     for row in rows:
         if "example" in row:

@@ -91,7 +91,7 @@ def _fit(model, config, train, valid, run_dir):
     probe = next(iter(valid))[0]
     steps = config.steps
     start = time.time()
-    model.fit(
+    history = model.fit(
         train.repeat() if steps else train,
         epochs=config.epochs,
         steps_per_epoch=steps,
@@ -109,9 +109,13 @@ def _fit(model, config, train, valid, run_dir):
         "train_seconds": round(seconds, 1),
     }
     moe_names = [layer.name for layer in model.layers if isinstance(layer, MoE)]
+    # The paper's balance figures are of training batches (noisy gates);
+    # the validation ones are of the deterministic inference routing.
     for key in _BALANCE:
-        values = [float(logs[f"{name}_{key}"]) for name in moe_names]
-        row[key] = float(np.mean(values)) if values else None
+        train_values = [history.history[f"{name}_{key}"][-1] for name in moe_names]
+        valid_values = [float(logs[f"{name}_{key}"]) for name in moe_names]
+        row[key] = float(np.mean(train_values)) if moe_names else None
+        row[f"valid_{key}"] = float(np.mean(valid_values)) if moe_names else None
     return row
 
 
@@ -155,7 +159,8 @@ def train_lm(config, models=None, save=True):
     Returns:
         A list of dicts, one per model: name, params (without embedding and
         softmax), ops per timestep, validation perplexity, training seconds
-        and the MoE layers' load balance on the validation set.
+        and the MoE layers' load balance (mean over MoE layers) on the last
+        epoch's training batches and, under `valid_`, on the validation set.
     """
     keras.utils.set_random_seed(config.seed)
     tokenizer, train, valid = _lm_data(config)
@@ -297,7 +302,8 @@ def format_table(rows, columns=None):
     """Formats result rows as a Markdown table."""
     columns = columns or [
         key for key in ("model", "w_importance", "w_load", "params", "ops_per_timestep",
-                        "valid_perplexity", "test_bleu", *_BALANCE, "train_seconds")
+                        "valid_perplexity", "test_bleu", *_BALANCE,
+                        *(f"valid_{key}" for key in _BALANCE), "train_seconds")
         if any(key in row for row in rows)
     ]
 
