@@ -50,7 +50,7 @@ def test_mirrored_training_matches_one_device(capacity_factor):
     expected = single.fit(x, y, batch_size=32, epochs=2, shuffle=False, verbose=0).history
     got = mirrored.fit(x, y, batch_size=32, epochs=2, shuffle=False, verbose=0).history
     assert expected["moe_aux_loss"][0] > 1e-3
-    for key in ("moe_aux_loss", "moe_cv_importance", "moe_cv_load", "moe_max_over_mean_load", "moe_dropped_fraction"):
+    for key in ("loss", "moe_aux_loss", "moe_cv_importance", "moe_cv_load", "moe_max_over_mean_load", "moe_dropped_fraction"):
         np.testing.assert_allclose(got[key], expected[key], rtol=1e-4, atol=1e-6, err_msg=key)
     for a, b in zip(mirrored.get_weights(), single.get_weights()):
         np.testing.assert_allclose(a, b, rtol=1e-4, atol=1e-5)

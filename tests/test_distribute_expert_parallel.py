@@ -114,7 +114,7 @@ def test_training_matches_single_device(capacity_factor):
         _copy_weights(reference, model)
     expected = reference.fit(x, y, batch_size=16, epochs=2, shuffle=False, verbose=0).history
     got = model.fit(x, y, batch_size=16, epochs=2, shuffle=False, verbose=0).history
-    for key in ("moe_aux_loss", "moe_cv_importance", "moe_cv_load", "moe_dropped_fraction"):
+    for key in ("loss", "moe_aux_loss", "moe_cv_importance", "moe_cv_load", "moe_dropped_fraction"):
         np.testing.assert_allclose(got[key], expected[key], rtol=1e-4, atol=1e-6)
     np.testing.assert_allclose(
         model.evaluate(x, y, verbose=0), reference.evaluate(x, y, verbose=0), rtol=1e-4, atol=1e-6
