@@ -44,15 +44,20 @@ class LoadBalanceMetrics(keras.metrics.Metric):
     def update_state(
         self, importance, load, dropped=0.0, routed=0.0, aux_loss=0.0, unrouted=0.0, tokens=0.0
     ):
-        """Adds one batch's per-expert importance and load vectors."""
+        """Adds one batch's per-expert importance and load vectors.
+
+        A batch that routed nothing (no tokens, or all masked) has no balance
+        to report: it leaves the averages alone rather than pulling them to 0.
+        """
         importance = tf.cast(importance, tf.float32)
         load = tf.cast(load, tf.float32)
+        routed_any = tf.cast(tf.reduce_sum(importance) + tf.reduce_sum(load) > 0, tf.float32)
         values = {
-            "cv_importance": tf.sqrt(cv_squared(importance)),
-            "cv_load": tf.sqrt(cv_squared(load)),
-            "max_over_mean_load": tf.reduce_max(load) / (tf.reduce_mean(load) + _EPSILON),
-            "aux_loss": aux_loss,
-            "batches": 1.0,
+            "cv_importance": routed_any * tf.sqrt(cv_squared(importance)),
+            "cv_load": routed_any * tf.sqrt(cv_squared(load)),
+            "max_over_mean_load": routed_any * tf.reduce_max(load) / (tf.reduce_mean(load) + _EPSILON),
+            "aux_loss": routed_any * tf.cast(aux_loss, tf.float32),
+            "batches": routed_any,
             "dropped": dropped,
             "routed": routed,
             "unrouted": unrouted,
