@@ -119,9 +119,9 @@ def _fit(model, config, train, valid, run_dir):
     return row
 
 
-def _lm_model(config, kind, vocab_size, **overrides):
-    settings = dict(
-        vocab_size=vocab_size,
+def _model_settings(config):
+    """The model arguments the LM and translation experiments share."""
+    return dict(
         units=config.units,
         num_experts=config.experts,
         k=config.k,
@@ -130,9 +130,12 @@ def _lm_model(config, kind, vocab_size, **overrides):
         dropout=config.dropout,
         importance_weight=config.importance_weight,
         load_weight=config.load_weight,
-        model=kind,
         seed=config.seed,
     )
+
+
+def _lm_model(config, kind, vocab_size, **overrides):
+    settings = dict(_model_settings(config), vocab_size=vocab_size, model=kind)
     settings.update(overrides)
     return lstm_lm(**settings)
 
@@ -266,17 +269,9 @@ def train_mt(config, save=True):
         keras.utils.set_random_seed(config.seed)
         model = seq2seq(
             tokenizer.vocabulary_size,
-            units=config.units,
-            num_experts=config.experts,
-            k=config.k,
-            expert_hidden_units=config.expert_hidden,
-            num_groups=config.groups,
-            dropout=config.dropout,
-            importance_weight=config.importance_weight,
-            load_weight=config.load_weight,
             use_moe=use_moe,
-            seed=config.seed,
             name="mt_moe" if use_moe else "mt_dense",
+            **_model_settings(config),
         )
         row = _fit(model, config, train, valid, os.path.join(config.output, "runs", model.name))
         decoder = Seq2SeqDecoder(model, data.START_ID, data.END_ID, max_length=config.seq_len)
