@@ -8,6 +8,10 @@ alternately with it in the same process.
 Dispatchers compared:
   moe            tf_moe.MoE, dropless (sort-based dispatch, dynamic capacity)
   moe_cf1.25     tf_moe.MoE with capacity_factor=1.25 (static shapes)
+  experts_only   the stacked experts alone on a perfectly balanced buffer of
+                 k*tokens/n rows each: the floor any dispatcher feeding this
+                 batched matmul can reach, so moe / experts_only is the cost
+                 of gating and dispatch
   partition      per-expert loop: tf.dynamic_partition / dynamic_stitch
   onehot_einsum  one-hot [tokens, experts, capacity] dispatch and combine
                  einsums (GShard-style), capacity factor 1.25
@@ -16,6 +20,7 @@ Dispatchers compared:
 Usage:
   python benchmarks/dispatch.py                     # the BENCHMARKS.md table
   python benchmarks/dispatch.py --experts 4 16 --tokens 1024   # quicker
+  python benchmarks/dispatch.py --jit-compile --methods moe_cf1.25 experts_only
 """
 
 import argparse
@@ -28,10 +33,10 @@ import time
 
 sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 
-METHODS = ("dense", "moe", "moe_cf1.25", "partition", "onehot_einsum", "every_expert")
+METHODS = ("dense", "moe", "moe_cf1.25", "experts_only", "partition", "onehot_einsum", "every_expert")
 
 
-def _build(method, n, k, d, h, tokens):
+def _build(method, n, k, d, h, tokens, jit_compile=False):
     """Returns (step_fn, variables) for one method; step_fn(x) -> grads."""
     import keras
     import tensorflow as tf
@@ -46,6 +51,12 @@ def _build(method, n, k, d, h, tokens):
         layer = tf_moe.MoE(n, k, h, capacity_factor=1.25 if method == "moe_cf1.25" else None)
         layer.build((None, d))
         forward = lambda x: layer(x, training=True) + 0.0 * tf.add_n(layer.losses)  # noqa: E731
+    elif method == "experts_only":
+        if (k * tokens) % n:
+            raise ValueError(f"experts_only needs k * tokens divisible by n, got {k * tokens} and {n}")
+        layer = tf_moe.FeedForwardExperts(n, h, d)
+        layer.build((n, None, d))
+        forward = lambda x: layer(tf.reshape(tf.tile(x, [k, 1]), [n, k * tokens // n, d]))  # noqa: E731
     else:
         # The comparison dispatchers share tf_moe's gate and stacked experts,
         # so only the dispatch differs.
@@ -90,7 +101,7 @@ def _build(method, n, k, d, h, tokens):
             return tf.einsum("tn,ntd->td", dense_gates, out)
     variables = layer.trainable_variables
 
-    @tf.function
+    @tf.function(jit_compile=jit_compile)
     def step(x):
         with tf.GradientTape() as tape:
             loss = tf.reduce_mean(tf.square(forward(x)))
@@ -105,7 +116,7 @@ def _time(step, x):
     return time.perf_counter() - start
 
 
-def _measure(method, n, k, d, h, tokens, repeats):
+def _measure(method, n, k, d, h, tokens, repeats, jit_compile=False):
     """Times `method` and the dense FFN alternately in one process.
 
     Alternating the two keeps their ratio honest on a shared machine whose
@@ -115,7 +126,7 @@ def _measure(method, n, k, d, h, tokens, repeats):
     import tensorflow as tf
 
     x = tf.random.normal([tokens, d], seed=0)
-    step = _build(method, n, k, d, h, tokens)
+    step = _build(method, n, k, d, h, tokens, jit_compile)
     for _ in range(2):  # trace and warm up
         _time(step, x)
     gpus = tf.config.list_logical_devices("GPU")
@@ -123,7 +134,7 @@ def _measure(method, n, k, d, h, tokens, repeats):
         peak = tf.config.experimental.get_memory_info("GPU:0")["peak"] / 2**20
     else:
         peak = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 2**10
-    dense = _build("dense", n, k, d, h, tokens)
+    dense = _build("dense", n, k, d, h, tokens, jit_compile)
     for _ in range(2):
         _time(dense, x)
     times, dense_times = [], []
@@ -142,11 +153,14 @@ def _measure(method, n, k, d, h, tokens, repeats):
 
 def _run_child(args, method, n):
     cmd = [sys.executable, __file__, "--child", method, str(n), "--k", str(args.k), "--d", str(args.d),
-           "--h", str(args.h), "--tokens", str(args.tokens), "--repeats", str(args.repeats)]
+           "--h", str(args.h), "--tokens", str(args.tokens), "--repeats", str(args.repeats)] + ["--jit-compile"] * args.jit_compile
     env = dict(os.environ, TF_CPP_MIN_LOG_LEVEL="3")
     out = subprocess.run(cmd, capture_output=True, text=True, env=env, timeout=args.timeout)
+    if out.returncode < 0:
+        return {"error": f"killed by signal {-out.returncode} (out of memory?)"}
     if out.returncode != 0:
-        return {"error": out.stderr.strip().splitlines()[-1] if out.stderr.strip() else "failed"}
+        lines = [line for line in out.stderr.splitlines() if "Error" in line] or ["failed"]
+        return {"error": lines[-1].strip()}
     return json.loads(out.stdout.strip().splitlines()[-1])
 
 
@@ -162,15 +176,17 @@ def main():
     parser.add_argument("--every-expert-max", type=int, default=16,
                         help="skip every_expert above this expert count (its cost grows as n/k)")
     parser.add_argument("--timeout", type=int, default=900)
+    parser.add_argument("--jit-compile", action="store_true",
+                        help="compile every step, the dense baseline's too, with XLA (static-shape methods only)")
     parser.add_argument("--child", nargs=2, metavar=("METHOD", "N"), help=argparse.SUPPRESS)
     args = parser.parse_args()
 
     if args.child:
         method, n = args.child[0], int(args.child[1])
-        print(json.dumps(_measure(method, n, args.k, args.d, args.h, args.tokens, args.repeats)))
+        print(json.dumps(_measure(method, n, args.k, args.d, args.h, args.tokens, args.repeats, args.jit_compile)))
         return
 
-    print(f"# tokens={args.tokens} d={args.d} h={args.h} k={args.k}; ratio = median of "
+    print(f"# tokens={args.tokens} d={args.d} h={args.h} k={args.k} jit_compile={args.jit_compile}; ratio = median of "
           f"(method / dense FFN of hidden {args.k * args.h}) over {args.repeats} alternating runs")
     print("| experts | method | ms/step | dense ms/step | ratio to dense | peak MiB |")
     print("|---|---|---|---|---|---|")
