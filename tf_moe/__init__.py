@@ -5,6 +5,6 @@ from tf_moe.layers import BatchwiseGate, HierarchicalGate, HierarchicalMoE, Soft
 from tf_moe.distribute import ExpertParallelMoE  # also tf_moe.distribute.get_strategy etc.
 from tf_moe.metrics import LoadBalanceMetrics
 from tf_moe.ops.gating import cv_squared
-from tf_moe import models, training  # noqa: E402  (the paper's models and training loop)
+from tf_moe import models, training  # the paper's models and training loop
 
 __version__ = "0.1.0"
