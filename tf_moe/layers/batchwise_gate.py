@@ -3,7 +3,7 @@
 import keras
 import tensorflow as tf
 
-from tf_moe.layers.noisy_top_k_gate import _check_positive_int
+from tf_moe.layers.checks import check_not_above, check_positive_int
 from tf_moe.layers.replica_losses import use_thread_local_losses
 from tf_moe.ops import gating
 from tf_moe.ops.dispatch import token_choice_assignments
@@ -119,17 +119,12 @@ class BatchwiseGate(keras.layers.Layer):
         kwargs.setdefault("dtype", "float32")
         super().__init__(**kwargs)
         use_thread_local_losses(self)
-        _check_positive_int("num_experts", num_experts)
-        _check_positive_int("k", k)
-        if k > num_experts:
-            raise ValueError(f"`k` ({k}) must not exceed `num_experts` ({num_experts}).")
+        check_positive_int("num_experts", num_experts)
+        check_positive_int("k", k)
+        check_not_above("k", k, "num_experts", num_experts)
         if max_experts_per_token is not None:
-            _check_positive_int("max_experts_per_token", max_experts_per_token)
-            if max_experts_per_token > num_experts:
-                raise ValueError(
-                    f"`max_experts_per_token` ({max_experts_per_token}) must not exceed "
-                    f"`num_experts` ({num_experts})."
-                )
+            check_positive_int("max_experts_per_token", max_experts_per_token)
+            check_not_above("max_experts_per_token", max_experts_per_token, "num_experts", num_experts)
         self.num_experts = num_experts
         self.k = k
         self.max_experts_per_token = max_experts_per_token

@@ -3,6 +3,8 @@
 import keras
 from keras import ops
 
+from tf_moe.layers.checks import check_positive_int
+
 
 @keras.saving.register_keras_serializable(package="tf_moe")
 class FeedForwardExperts(keras.layers.Layer):
@@ -58,8 +60,7 @@ class FeedForwardExperts(keras.layers.Layer):
             ("hidden_units", hidden_units),
             ("output_units", output_units),
         ):
-            if not isinstance(value, int) or isinstance(value, bool) or value < 1:
-                raise ValueError(f"`{arg}` must be a positive int, got {value!r}.")
+            check_positive_int(arg, value)
         self.num_experts = num_experts
         self.hidden_units = hidden_units
         self.output_units = output_units

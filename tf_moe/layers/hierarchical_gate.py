@@ -3,7 +3,13 @@
 import keras
 import tensorflow as tf
 
-from tf_moe.layers.noisy_top_k_gate import NoisyTopKGate, _check_positive_int
+from tf_moe.layers.checks import (
+    check_capacity_factor,
+    check_non_negative,
+    check_not_above,
+    check_positive_int,
+)
+from tf_moe.layers.noisy_top_k_gate import NoisyTopKGate
 from tf_moe.ops import dispatch as dispatch_ops
 from tf_moe.ops import gating
 
@@ -16,14 +22,9 @@ def check_hierarchy(num_groups, experts_per_group, k_primary, k_secondary):
         ("k_primary", k_primary),
         ("k_secondary", k_secondary),
     ):
-        _check_positive_int(arg, value)
-    if k_primary > num_groups:
-        raise ValueError(f"`k_primary` ({k_primary}) must not exceed `num_groups` ({num_groups}).")
-    if k_secondary > experts_per_group:
-        raise ValueError(
-            f"`k_secondary` ({k_secondary}) must not exceed "
-            f"`experts_per_group` ({experts_per_group})."
-        )
+        check_positive_int(arg, value)
+    check_not_above("k_primary", k_primary, "num_groups", num_groups)
+    check_not_above("k_secondary", k_secondary, "experts_per_group", experts_per_group)
 
 
 def hierarchical_load(primary_load, secondary_load, group_size):
@@ -116,12 +117,8 @@ class HierarchicalGate(keras.layers.Layer):
         kwargs.setdefault("dtype", "float32")
         super().__init__(**kwargs)
         check_hierarchy(num_groups, experts_per_group, k_primary, k_secondary)
-        if not noise_epsilon >= 0:
-            raise ValueError(f"`noise_epsilon` must be >= 0, got {noise_epsilon!r}.")
-        if capacity_factor is not None and not capacity_factor > 0:
-            raise ValueError(
-                f"`capacity_factor` must be None (dropless) or > 0, got {capacity_factor!r}."
-            )
+        check_non_negative("noise_epsilon", noise_epsilon)
+        check_capacity_factor(capacity_factor)
         self.num_groups = num_groups
         self.experts_per_group = experts_per_group
         self.k_primary = k_primary

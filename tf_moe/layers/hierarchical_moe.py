@@ -64,6 +64,8 @@ class HierarchicalMoE(MoE):
     TensorShape([2, 5, 16])
     """
 
+    default_name = "hierarchical_moe"
+
     def __init__(
         self,
         num_groups,
@@ -88,9 +90,6 @@ class HierarchicalMoE(MoE):
         **kwargs,
     ):
         check_hierarchy(num_groups, experts_per_group, k_primary, k_secondary)
-        if "name" not in kwargs:
-            uid = keras.backend.get_uid("hierarchical_moe")
-            kwargs["name"] = "hierarchical_moe" if uid == 1 else f"hierarchical_moe_{uid - 1}"
         # Read by `_make_gate`, which the MoE constructor calls.
         self.num_groups = num_groups
         self.experts_per_group = experts_per_group

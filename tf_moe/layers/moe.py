@@ -6,7 +6,13 @@ import tensorflow as tf
 
 from tf_moe.layers.batchwise_gate import BatchwiseGate
 from tf_moe.layers.feed_forward_experts import FeedForwardExperts
-from tf_moe.layers.noisy_top_k_gate import NoisyTopKGate, _check_positive_int
+from tf_moe.layers.checks import (
+    check_capacity_factor,
+    check_non_negative,
+    check_not_above,
+    check_positive_int,
+)
+from tf_moe.layers.noisy_top_k_gate import NoisyTopKGate
 from tf_moe.layers.replica_losses import use_thread_local_losses
 from tf_moe.layers.softmax_gate import SoftmaxGate
 from tf_moe.metrics import LoadBalanceMetrics
@@ -123,6 +129,8 @@ class MoE(keras.layers.Layer):
 
     # Layer class of the expert bank; the expert-parallel subclass shards it.
     experts_class = FeedForwardExperts
+    # Prefix of unnamed layers' names (Keras would derive "mo_e" from the class).
+    default_name = "moe"
 
     def __init__(
         self,
@@ -146,23 +154,18 @@ class MoE(keras.layers.Layer):
         **kwargs,
     ):
         if "name" not in kwargs:
-            uid = keras.backend.get_uid("moe")
-            kwargs["name"] = "moe" if uid == 1 else f"moe_{uid - 1}"
+            uid = keras.backend.get_uid(self.default_name)
+            kwargs["name"] = self.default_name if uid == 1 else f"{self.default_name}_{uid - 1}"
         super().__init__(**kwargs)
-        _check_positive_int("num_experts", num_experts)
-        _check_positive_int("k", k)
-        _check_positive_int("hidden_units", hidden_units)
+        check_positive_int("num_experts", num_experts)
+        check_positive_int("k", k)
+        check_positive_int("hidden_units", hidden_units)
         if output_units is not None:
-            _check_positive_int("output_units", output_units)
-        if k > num_experts:
-            raise ValueError(f"`k` ({k}) must not exceed `num_experts` ({num_experts}).")
-        for arg, value in (("importance_weight", importance_weight), ("load_weight", load_weight)):
-            if not value >= 0:
-                raise ValueError(f"`{arg}` must be >= 0, got {value!r}.")
-        if capacity_factor is not None and not capacity_factor > 0:
-            raise ValueError(
-                f"`capacity_factor` must be None (dropless) or > 0, got {capacity_factor!r}."
-            )
+            check_positive_int("output_units", output_units)
+        check_not_above("k", k, "num_experts", num_experts)
+        check_non_negative("importance_weight", importance_weight)
+        check_non_negative("load_weight", load_weight)
+        check_capacity_factor(capacity_factor)
         self.num_experts = num_experts
         self.k = k
         self.hidden_units = hidden_units

@@ -3,12 +3,23 @@
 import keras
 import tensorflow as tf
 
+from tf_moe.layers.checks import check_non_negative, check_not_above, check_positive_int
 from tf_moe.ops import gating
 
 
-def _check_positive_int(name, value):
-    if not isinstance(value, int) or isinstance(value, bool) or value < 1:
-        raise ValueError(f"`{name}` must be a positive int, got {value!r}.")
+def replica_normal(seed_generator, shape):
+    """Standard-normal draws; each data-parallel replica gets its own stream.
+
+    Replicas share the mirrored generator state, so without the replica id in
+    the seed every replica would draw the same noise.
+    """
+    seed = seed_generator.next()
+    context = tf.distribute.get_replica_context()
+    if context is not None and context.num_replicas_in_sync > 1:
+        seed = seed + tf.cast(tf.stack([context.replica_id_in_sync_group, 0]), seed.dtype)
+    # int32 seeds, as keras.random does, so the draw compiles with XLA.
+    seed = tf.cast(tf.math.floormod(seed, tf.int32.max - 1), tf.int32)
+    return tf.random.stateless_normal(shape, seed=seed)
 
 
 @keras.saving.register_keras_serializable(package="tf_moe")
@@ -58,12 +69,10 @@ class NoisyTopKGate(keras.layers.Layer):
     def __init__(self, num_experts, k, noisy=True, noise_epsilon=1e-2, seed=None, **kwargs):
         kwargs.setdefault("dtype", "float32")
         super().__init__(**kwargs)
-        _check_positive_int("num_experts", num_experts)
-        _check_positive_int("k", k)
-        if k > num_experts:
-            raise ValueError(f"`k` ({k}) must not exceed `num_experts` ({num_experts}).")
-        if not noise_epsilon >= 0:
-            raise ValueError(f"`noise_epsilon` must be >= 0, got {noise_epsilon!r}.")
+        check_positive_int("num_experts", num_experts)
+        check_positive_int("k", k)
+        check_not_above("k", k, "num_experts", num_experts)
+        check_non_negative("noise_epsilon", noise_epsilon)
         self.num_experts = num_experts
         self.k = k
         self.noisy = bool(noisy)
@@ -92,7 +101,7 @@ class NoisyTopKGate(keras.layers.Layer):
                 tf.matmul(x, tf.cast(self.w_noise, tf.float32)), self.noise_epsilon
             )
             if noise is None:
-                noise = self._sample_noise(tf.shape(clean_logits))
+                noise = replica_normal(self.seed_generator, tf.shape(clean_logits))
             logits = clean_logits + tf.cast(noise, tf.float32) * stddev
         expert_index, expert_weight, _ = gating.top_k_gates(logits, self.k)
 
@@ -114,20 +123,6 @@ class NoisyTopKGate(keras.layers.Layer):
             "load": load,
             "logits": logits,
         }
-
-    def _sample_noise(self, shape):
-        """Standard-normal draws; each data-parallel replica gets its own stream.
-
-        Replicas share the mirrored generator state, so without the replica
-        id in the seed every replica would draw the same noise.
-        """
-        seed = self.seed_generator.next()
-        context = tf.distribute.get_replica_context()
-        if context is not None and context.num_replicas_in_sync > 1:
-            seed = seed + tf.cast(tf.stack([context.replica_id_in_sync_group, 0]), seed.dtype)
-        # int32 seeds, as keras.random does, so the draw compiles with XLA.
-        seed = tf.cast(tf.math.floormod(seed, tf.int32.max - 1), tf.int32)
-        return tf.random.stateless_normal(shape, seed=seed)
 
     def compute_mask(self, inputs, mask=None):
         return None

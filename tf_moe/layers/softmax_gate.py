@@ -3,7 +3,7 @@
 import keras
 import tensorflow as tf
 
-from tf_moe.layers.noisy_top_k_gate import _check_positive_int
+from tf_moe.layers.checks import check_positive_int
 
 
 @keras.saving.register_keras_serializable(package="tf_moe")
@@ -45,7 +45,7 @@ class SoftmaxGate(keras.layers.Layer):
     def __init__(self, num_experts, **kwargs):
         kwargs.setdefault("dtype", "float32")
         super().__init__(**kwargs)
-        _check_positive_int("num_experts", num_experts)
+        check_positive_int("num_experts", num_experts)
         self.num_experts = num_experts
         # Experts per token, read by the MoE to size static capacity.
         self.k = num_experts
