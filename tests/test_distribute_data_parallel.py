@@ -101,6 +101,19 @@ def test_noisy_gating_trains_under_mirrored_with_independent_noise():
     assert not np.allclose(logits[0], logits[1])
 
 
+def test_hierarchical_secondary_gates_draw_independent_noise_per_replica():
+    strategy = get_strategy("mirrored", devices=_devices(2))
+    with strategy.scope():
+        gate = tf_moe.HierarchicalGate(num_groups=2, experts_per_group=4, k_primary=1, k_secondary=2, seed=3)
+        gate.build((None, 8))
+    same = np.ones((4, 8), "float32")  # equal tokens on both replicas
+    batch = next(iter(strategy.experimental_distribute_dataset(tf.data.Dataset.from_tensor_slices(np.concatenate([same, same])).batch(8))))
+    # No primary noise: every replica picks the same group, so only the secondary draws can differ.
+    step = tf.function(lambda t: gate(t, training=True, noise=(tf.zeros([4, 2]), None))["expert_weight"])
+    weights = strategy.experimental_local_results(strategy.run(step, args=(batch,)))
+    assert not np.allclose(weights[0], weights[1])
+
+
 def test_capacity_path_trains_under_xla_with_steps_per_execution():
     """What TPUStrategy compiles: XLA, static shapes, several steps per call."""
     x, y = _data()

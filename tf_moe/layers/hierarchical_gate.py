@@ -9,7 +9,7 @@ from tf_moe.layers.checks import (
     check_not_above,
     check_positive_int,
 )
-from tf_moe.layers.noisy_top_k_gate import NoisyTopKGate
+from tf_moe.layers.noisy_top_k_gate import NoisyTopKGate, replica_normal
 from tf_moe.ops import dispatch as dispatch_ops
 from tf_moe.ops import gating
 
@@ -181,7 +181,7 @@ class HierarchicalGate(keras.layers.Layer):
                 tf.matmul(buffer, tf.cast(self.w_noise, tf.float32)), self.noise_epsilon
             )
             if secondary_noise is None:
-                slot_noise = keras.random.normal(tf.shape(clean_logits), seed=self.seed_generator)
+                slot_noise = replica_normal(self.seed_generator, tf.shape(clean_logits))
             else:
                 pair_noise = tf.gather_nd(
                     tf.cast(secondary_noise, tf.float32),
