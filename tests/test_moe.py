@@ -296,3 +296,21 @@ def test_sequential_and_fit_logs_report_load_balance():
         assert f"experts_layer_{key}" in history
     logs = model.evaluate(x, x[..., :1], verbose=0, return_dict=True)
     assert logs["experts_layer_dropped_fraction"] == 0.0
+
+
+@pytest.mark.parametrize("gate", ["noisy_top_k", "softmax", "batchwise"])
+@pytest.mark.parametrize("capacity_factor", [None, 1.5])
+def test_all_masked_or_empty_batch_gives_zeros(gate, capacity_factor):
+    # Every expert is empty: combine must still find its zero padding row.
+    layer = _randomised_moe(d=4, n=4, k=2, gate=gate, capacity_factor=capacity_factor)
+    x = np.ones((2, 3, 4), "float32")
+    for training in (False, True):
+        y = layer(x, mask=np.zeros((2, 3), bool), training=training)
+        np.testing.assert_array_equal(np.asarray(y), np.zeros((2, 3, 4), "float32"))
+    assert layer(np.ones((0, 3, 4), "float32")).shape == (0, 3, 4)
+
+
+def test_hierarchical_all_masked_batch_gives_zeros():
+    layer = tf_moe.HierarchicalMoE(2, 2, hidden_units=8)
+    y = layer(np.ones((2, 3, 4), "float32"), mask=np.zeros((2, 3), bool), training=True)
+    np.testing.assert_array_equal(np.asarray(y), np.zeros((2, 3, 4), "float32"))

@@ -106,9 +106,12 @@ def dispatch(tokens, token_id, expert_id, num_experts, capacity=None):
     source = tf.tensor_scatter_nd_update(
         tf.fill([num_slots + 1], num_tokens), slot[:, None], token_id
     )[:num_slots]
-    padded = tf.concat([tokens, tf.zeros_like(tokens[:1])], axis=0)
+    units = tokens.shape[-1] or tf.shape(tokens)[-1]
+    # An explicit zero row (not `tokens[:1]`), so that a batch of zero tokens
+    # still has one to point at.
+    padded = tf.concat([tokens, tf.zeros([1, units], tokens.dtype)], axis=0)
     buffer = tf.gather(padded, source)
-    buffer = tf.reshape(buffer, [num_experts, capacity, tokens.shape[-1] or tf.shape(tokens)[-1]])
+    buffer = tf.reshape(buffer, [num_experts, capacity, units])
     return buffer, slot, kept, counts
 
 
@@ -127,7 +130,9 @@ def combine(expert_outputs, slot, kept, token_id, weight, num_tokens):
     """
     units = expert_outputs.shape[-1]
     flat = tf.reshape(expert_outputs, [-1, units])
-    padded = tf.concat([flat, tf.zeros_like(flat[:1])], axis=0)
+    # Dropped and unrouted assignments point at this zero row; it must exist
+    # even when every expert is empty (an all-masked batch).
+    padded = tf.concat([flat, tf.zeros([1, units], flat.dtype)], axis=0)
     weight = tf.where(kept, tf.cast(weight, flat.dtype), tf.zeros((), flat.dtype))
     per_assignment = tf.gather(padded, slot) * weight[:, None]
     return tf.math.unsorted_segment_sum(per_assignment, token_id, num_tokens)
