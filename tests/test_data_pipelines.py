@@ -166,3 +166,30 @@ def test_bad_arguments_are_rejected(texts, pairs, tokenizer):
         data.lm_dataset(texts, tokenizer, seq_len=32, batch_size=8, bucket_boundaries=[16, 8])
     with pytest.raises(ValueError, match="`texts` is empty"):
         data.lm_dataset([], tokenizer, seq_len=32, batch_size=8)
+
+
+def test_stream_rows_continue_across_batches():
+    from tf_moe.data import lm_stream_dataset
+
+    ids = np.arange(1, 104, dtype=np.int32)  # 103 tokens
+    batches = list(lm_stream_dataset(ids, batch_size=4, seq_len=5))
+    # (103 - 1) // 20 = 5 batches; each row is a contiguous slice of the stream.
+    assert len(batches) == 5
+    inputs = np.concatenate([x.numpy() for x, _ in batches], axis=1)
+    targets = np.concatenate([y.numpy() for _, y in batches], axis=1)
+    assert inputs.shape == (4, 25) and inputs.dtype == np.int32
+    rows = (len(ids) - 1) // 4
+    for b in range(4):
+        np.testing.assert_array_equal(inputs[b], ids[b * rows : b * rows + 25])
+        np.testing.assert_array_equal(targets[b], ids[b * rows + 1 : b * rows + 26])
+
+
+def test_stream_rejects_bad_input():
+    from tf_moe.data import lm_stream_dataset
+
+    with pytest.raises(ValueError, match="too few"):
+        lm_stream_dataset(np.arange(10), batch_size=4, seq_len=5)
+    with pytest.raises(ValueError, match="1-D"):
+        lm_stream_dataset(np.ones((3, 40), np.int32), batch_size=2, seq_len=5)
+    with pytest.raises(ValueError, match="seq_len"):
+        lm_stream_dataset(np.arange(100), batch_size=2, seq_len=0)

@@ -91,3 +91,28 @@ def test_bad_arguments_are_named():
         lstm_lm(**SMALL, num_groups=3)
     with pytest.raises(ValueError, match="`vocab_size`"):
         lstm_lm(**{**SMALL, "vocab_size": 0})
+
+
+@pytest.mark.parametrize("kind", ("moe", "4xlstm"))
+def test_stateful_model_carries_state_through_a_stream(kind):
+    from tf_moe.training import ResetRecurrentState
+
+    rng = np.random.default_rng(3)
+    tokens = _tokens(rng, (2, 12))
+    stateless = lstm_lm(model=kind, **SMALL)
+    stateful = lstm_lm(model=kind, stateful=True, batch_size=2, **SMALL)
+    stateful.set_weights(stateless.get_weights())
+    whole = np.asarray(stateless(tokens))
+    # Three consecutive segments of the stream give the logits of the whole.
+    parts = [np.asarray(stateful(tokens[:, i : i + 4])) for i in (0, 4, 8)]
+    np.testing.assert_allclose(np.concatenate(parts, axis=1), whole, rtol=1e-5, atol=1e-5)
+    # After a reset the stream starts again from a zero state.
+    reset = ResetRecurrentState()
+    reset.set_model(stateful)
+    reset.on_epoch_begin(0)
+    np.testing.assert_allclose(np.asarray(stateful(tokens[:, :4])), whole[:, :4], rtol=1e-5, atol=1e-5)
+
+
+def test_stateful_model_needs_a_batch_size():
+    with pytest.raises(ValueError, match="batch_size"):
+        lstm_lm(stateful=True, **SMALL)

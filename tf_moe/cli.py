@@ -4,6 +4,8 @@
     tf-moe train mt            # MoE seq2seq vs dense, BLEU on En->Es
     tf-moe experiment table6   # the six balancing-loss weightings
     tf-moe experiment experts  # 4/32/256/256-h experts vs baselines, fixed ops
+    tf-moe experiment word-lm  # Penn Treebank, word level: MoEs vs dense baselines
+    tf-moe plot saved_models/word_lm_ptb_results.json --output docs/ptb_curves.png
     tf-moe train lm --quick    # a smoke run of seconds
     tf-moe export lm saved_models/lm_moe.keras --vocab saved_models/lm_vocab.txt
                                # SavedModel for TF Serving (docs/serving.md)
@@ -56,8 +58,15 @@ def _parser():
     train.add_argument("task", choices=("lm", "mt"))
     add_flags(train)
     experiment = commands.add_parser("experiment", help="rerun a reproduction of docs/results.md")
-    experiment.add_argument("name", choices=("table6", "experts"))
+    experiment.add_argument("name", choices=("table6", "experts", "word-lm"))
     add_flags(experiment)
+    experiment.add_argument("--models", nargs="+", metavar="MODEL",
+                            help="word-lm: models to train, e.g. moe-4 moe-16 moe-64-h moe-1-wide "
+                                 "moe-1-deep 4xlstm (the default)")
+    plot = commands.add_parser("plot", help="plot validation perplexity against training tokens")
+    plot.add_argument("results", nargs="+", help="result JSON files written by train/experiment")
+    plot.add_argument("--output", required=True, help="the PNG to write")
+    plot.add_argument("--title", help="plot title")
     from tf_moe.export import add_arguments as add_export_arguments
 
     add_export_arguments(commands.add_parser("export", help="export a trained model for TF Serving"))
@@ -77,7 +86,10 @@ def config_from_args(args):
         flags["corpus"] = "web-sparv"
     if flags.get("steps") == 0:
         flags["steps"] = None
-    return Config.quick(**flags) if args.quick else Config(**flags)
+    settings = dict(Config.WORD_LM) if getattr(args, "name", None) == "word-lm" else {}
+    if args.quick:
+        settings.update(Config.QUICK)
+    return Config(**{**settings, **flags})
 
 
 def main(argv=None):
@@ -93,6 +105,11 @@ def main(argv=None):
 
         run(args)
         return 0
+    if args.command == "plot":
+        from tf_moe.experiments import plot_curves
+
+        print(f"Wrote {plot_curves(args.results, args.output, args.title)}")
+        return 0
     from tf_moe import experiments
 
     config = config_from_args(args)
@@ -102,6 +119,9 @@ def main(argv=None):
     elif args.name == "table6":
         rows = experiments.table6(config)
         title = "Table 6: balancing-loss weights"
+    elif args.name == "word-lm":
+        rows = experiments.word_lm(config, *([args.models] if args.models else []))
+        title = f"Word-level LM on {config.corpus}: MoEs vs computationally matched dense baselines"
     else:
         rows = experiments.expert_sweep(config)
         title = "Figure 2: experts at fixed ops per timestep"

@@ -20,8 +20,8 @@ import tensorflow as tf
 
 from tf_moe import data
 from tf_moe.layers.moe import MoE
-from tf_moe.models import Seq2SeqDecoder, lstm_lm, ops_per_timestep, seq2seq
-from tf_moe.training import WarmupInverseSqrtDecay, default_callbacks
+from tf_moe.models import BASELINES, Seq2SeqDecoder, lstm_lm, ops_per_timestep, seq2seq
+from tf_moe.training import ResetRecurrentState, WarmupInverseSqrtDecay, default_callbacks
 
 _BALANCE = ("cv_importance", "cv_load", "max_over_mean_load")
 
@@ -41,7 +41,7 @@ class Config:
     steps: int | None = 200
     batch_size: int = 32
     seq_len: int = 32
-    vocab_size: int = 4000
+    vocab_size: int | None = 4000
     learning_rate: float = 3e-3
     warmup: int = 200
     dropout: float = 0.1
@@ -55,16 +55,22 @@ class Config:
     seed: int = 0
     verbose: int = 1
 
+    # The word-level benchmark's settings (`tf-moe experiment word-lm`): the
+    # Penn Treebank with its 10k-word vocabulary, full passes over the
+    # training stream in segments of 35 steps, as TensorFlow's PTB tutorial.
+    WORD_LM = dict(corpus="ptb", vocab_size=10_000, steps=None, epochs=13, seq_len=35, batch_size=32)
+
+    # A tiny smoke-test configuration (seconds, not minutes).
+    QUICK = dict(
+        experts=4, k=2, units=32, expert_hidden=64, epochs=1, steps=3, batch_size=16,
+        seq_len=16, vocab_size=200, warmup=5, train_size=300, valid_size=64,
+        bleu_sentences=16, beam_size=2,
+    )
+
     @classmethod
     def quick(cls, **overrides):
-        """A tiny smoke-test configuration (seconds, not minutes)."""
-        settings = dict(
-            experts=4, k=2, units=32, expert_hidden=64, epochs=1, steps=3, batch_size=16,
-            seq_len=16, vocab_size=200, warmup=5, train_size=300, valid_size=64,
-            bleu_sentences=16, beam_size=2,
-        )
-        settings.update(overrides)
-        return cls(**settings)
+        """`QUICK` with `overrides` applied."""
+        return cls(**{**cls.QUICK, **overrides})
 
 
 def _subset(items, size):
@@ -86,28 +92,41 @@ def _params(model):
     )
 
 
-def _fit(model, config, train, valid, run_dir):
+def _fit(model, config, train, valid, run_dir, test=None, callbacks=()):
+    """Trains `model`; returns its row: sizes, perplexities, balance, curve.
+
+    The row's `curve` is the validation perplexity after every epoch against
+    the number of training tokens (targets) seen so far.
+    """
     model.compile(optimizer=_optimizer(config))
     probe = next(iter(valid))[0]
     steps = config.steps
+    tokens = TokenCounter()
     start = time.time()
     history = model.fit(
         train.repeat() if steps else train,
         epochs=config.epochs,
         steps_per_epoch=steps,
         validation_data=valid,
-        callbacks=default_callbacks(run_dir, probe),
+        callbacks=[*callbacks, tokens, *default_callbacks(run_dir, probe)],
         verbose=config.verbose,
     )
     seconds = time.time() - start
-    logs = model.evaluate(valid, verbose=0, return_dict=True)
+    logs = model.evaluate(valid, verbose=0, return_dict=True, callbacks=list(callbacks))
     row = {
         "model": model.name,
         "params": _params(model),
         "ops_per_timestep": ops_per_timestep(model),
         "valid_perplexity": float(logs["perplexity"]),
         "train_seconds": round(seconds, 1),
+        "train_tokens": tokens.total,
+        "curve": [
+            [count, float(ppl)] for count, ppl in zip(tokens.per_epoch, history.history["val_perplexity"])
+        ],
     }
+    if test is not None:
+        test_logs = model.evaluate(test, verbose=0, return_dict=True, callbacks=list(callbacks))
+        row["test_perplexity"] = float(test_logs["perplexity"])
     moe_names = [layer.name for layer in model.layers if isinstance(layer, MoE)]
     # The paper's balance figures are of training batches (noisy gates);
     # the validation ones are of the deterministic inference routing.
@@ -117,6 +136,27 @@ def _fit(model, config, train, valid, run_dir):
         row[key] = float(np.mean(train_values)) if moe_names else None
         row[f"valid_{key}"] = float(np.mean(valid_values)) if moe_names else None
     return row
+
+
+class TokenCounter(keras.callbacks.Callback):
+    """Counts the training targets (non-padding tokens) seen, epoch by epoch."""
+
+    def __init__(self):
+        super().__init__()
+        self.total = 0
+        self.per_epoch = []
+
+    def on_train_batch_end(self, batch, logs=None):
+        # `fit` logs running means; the task-loss tracker's total weight is
+        # the number of targets of the epoch so far.
+        self._epoch_tokens = int(self.model.task_loss_tracker.count.numpy())
+
+    def on_epoch_begin(self, epoch, logs=None):
+        self._epoch_tokens = 0
+
+    def on_epoch_end(self, epoch, logs=None):
+        self.total += self._epoch_tokens
+        self.per_epoch.append(self.total)
 
 
 def _model_settings(config):
@@ -225,6 +265,78 @@ def expert_sweep(config, experts=(4, 32, 256), hierarchical=(16, 16)):
     return rows
 
 
+def _word_lm_data(config):
+    """The word-level protocol of the PTB benchmark on `config.corpus`.
+
+    Words split on whitespace, `<eos>` after each sentence, the
+    `config.vocab_size` most frequent training words (PTB's own 10k words
+    with `<eos>`), each split one stream cut into consecutive segments.
+    """
+    texts = {split: data.load_lm_corpus(config.corpus, split) for split in data.SPLITS}
+    vocab = data.WordVocabulary.from_texts(
+        _subset(texts["train"], config.train_size), max_size=config.vocab_size
+    )
+    streams = {
+        split: data.lm_stream_dataset(
+            vocab.encode(_subset(split_texts, config.train_size if split == "train" else config.valid_size)),
+            config.batch_size,
+            config.seq_len,
+        )
+        for split, split_texts in texts.items()
+    }
+    return vocab, streams
+
+
+# Figure 2 at fixed ops: flat MoEs of growing size, a hierarchical one (k per
+# level is sqrt(k), so a token still visits k experts), and the three dense
+# baselines matched to them.
+WORD_LM_MODELS = ("moe-4", "moe-16", "moe-64-h", "moe-1-wide", "moe-1-deep", "4xlstm")
+
+
+def _variant(label, config):
+    """`lstm_lm` arguments of a model label such as "moe-16", "moe-64-h" or "4xlstm"."""
+    if label in BASELINES:
+        return dict(model=label)
+    parts = label.split("-")
+    if parts[0] != "moe" or len(parts) not in (2, 3) or not parts[1].isdigit():
+        raise ValueError(f"Unknown model {label!r}: expected moe-<n>, moe-<n>-h or one of {BASELINES}.")
+    experts = int(parts[1])
+    if len(parts) == 2:
+        return dict(num_experts=experts)
+    groups = int(round(math.sqrt(experts)))
+    level_k = int(round(math.sqrt(config.k)))
+    if groups * groups != experts or level_k * level_k != config.k:
+        raise ValueError(f"{label!r}: a hierarchical MoE here needs square experts and k.")
+    return dict(num_experts=experts, num_groups=groups, k=level_k)
+
+
+def word_lm(config, models=WORD_LM_MODELS):
+    """MoE LSTM LMs and their matched dense baselines, word level (PTB protocol).
+
+    Every model sees the same token stream for `config.epochs` passes
+    (stateful LSTMs, truncated backpropagation over `config.seq_len` steps)
+    and is scored on the validation and test streams. Rows as `train_lm`'s,
+    plus `test_perplexity` and the validation curve.
+    """
+    keras.utils.set_random_seed(config.seed)
+    vocab, streams = _word_lm_data(config)
+    rows = []
+    for label in models:
+        keras.utils.set_random_seed(config.seed)
+        settings = dict(_model_settings(config), vocab_size=vocab.vocabulary_size,
+                        stateful=True, batch_size=config.batch_size, name=label.replace("-", "_"))
+        settings.update(_variant(label, config))
+        model = lstm_lm(**settings)
+        run_dir = os.path.join(config.output, "runs", f"word_lm_{label}")
+        row = _fit(model, config, streams["train"], streams["valid"], run_dir,
+                   test=streams["test"], callbacks=[ResetRecurrentState()])
+        row["model"] = label
+        rows.append(row)
+        print(format_table([row]), flush=True)
+    _write_json(os.path.join(config.output, f"word_lm_{config.corpus}_results.json"), config, rows)
+    return rows
+
+
 def _mt_data(config):
     train_pairs = _subset(data.load_translation_pairs(config.corpus, "train"), config.train_size)
     valid_pairs = _subset(data.load_translation_pairs(config.corpus, "valid"), config.valid_size)
@@ -293,11 +405,58 @@ def _write_json(path, config, rows):
         json.dump({"config": dataclasses.asdict(config), "rows": rows}, f, indent=2)
 
 
+def plot_curves(results_paths, output_path, title=None):
+    """Plots validation perplexity against training tokens for every model.
+
+    Args:
+        results_paths: result JSON files written by the experiments (each
+            row with a `curve` of `[tokens, valid perplexity]` points).
+        output_path: the PNG to write.
+        title: optional plot title (default: the corpora of the results).
+
+    Returns:
+        `output_path`.
+    """
+    try:
+        import matplotlib
+
+        matplotlib.use("Agg")
+        from matplotlib import pyplot
+    except ImportError as e:
+        raise ImportError("Plotting needs matplotlib: `pip install matplotlib`.") from e
+    figure, axes = pyplot.subplots(figsize=(7, 4.5))
+    corpora = []
+    for path in results_paths:
+        with open(path) as f:
+            results = json.load(f)
+        corpora.append(results["config"]["corpus"])
+        for row in results["rows"]:
+            if not row.get("curve"):
+                continue
+            tokens, perplexity = zip(*row["curve"])
+            dense = row["model"].replace("_", "-") in BASELINES
+            axes.plot(
+                np.asarray(tokens) / 1e6, perplexity, marker="o", markersize=3,
+                linestyle="--" if dense else "-", label=row["model"],
+            )
+    axes.set_xlabel("training tokens (millions)")
+    axes.set_ylabel("validation perplexity")
+    axes.set_yscale("log")
+    axes.grid(True, which="both", alpha=0.3)
+    axes.legend()
+    axes.set_title(title or f"MoE (solid) vs computationally matched dense (dashed): {', '.join(sorted(set(corpora)))}")
+    os.makedirs(os.path.dirname(output_path) or ".", exist_ok=True)
+    figure.tight_layout()
+    figure.savefig(output_path, dpi=120)
+    pyplot.close(figure)
+    return output_path
+
+
 def format_table(rows, columns=None):
     """Formats result rows as a Markdown table."""
     columns = columns or [
         key for key in ("model", "w_importance", "w_load", "params", "ops_per_timestep",
-                        "valid_perplexity", "test_bleu", *_BALANCE,
+                        "valid_perplexity", "test_perplexity", "test_bleu", *_BALANCE,
                         *(f"valid_{key}" for key in _BALANCE), "train_seconds")
         if any(key in row for row in rows)
     ]

@@ -13,7 +13,7 @@ from tf_moe.data.corpora import (
     load_verses,
     split_of_book,
 )
-from tf_moe.data.pipelines import lm_dataset, translation_dataset
+from tf_moe.data.pipelines import lm_dataset, lm_stream_dataset, translation_dataset
 from tf_moe.data.tfds_loaders import load_lm1b, load_wmt14_pairs
 from tf_moe.data.tokenizer import (
     END_ID,
@@ -24,6 +24,7 @@ from tf_moe.data.tokenizer import (
     WordpieceTokenizer,
     learn_vocabulary,
 )
+from tf_moe.data.vocabulary import WordVocabulary
 
 __all__ = [
     "END_ID",
@@ -35,12 +36,14 @@ __all__ = [
     "UNK_ID",
     "VALID_BOOKS",
     "Verse",
+    "WordVocabulary",
     "WordpieceTokenizer",
     "available_corpora",
     "clean_osis",
     "default_cache_dir",
     "learn_vocabulary",
     "lm_dataset",
+    "lm_stream_dataset",
     "load_lm1b",
     "load_lm_corpus",
     "load_translation_pairs",

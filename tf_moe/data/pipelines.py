@@ -169,6 +169,53 @@ def translation_dataset(
     )
 
 
+def lm_stream_dataset(ids, batch_size, seq_len):
+    """Consecutive segments of one token stream, for truncated backpropagation.
+
+    The standard word-level protocol (as TensorFlow's PTB tutorial): the
+    stream is cut into `batch_size` equal rows, and batch `j` holds columns
+    `[j * seq_len, (j + 1) * seq_len)` of every row, so row `b` of each batch
+    continues row `b` of the batch before. A model with stateful recurrent
+    layers (`lstm_lm(..., stateful=True)`) then carries its state across
+    batches and sees the whole stream. The tail that does not fill a batch
+    is dropped; targets are the inputs shifted by one token.
+
+    Args:
+        ids: 1-D int sequence, e.g. `WordVocabulary.encode(texts)`.
+        batch_size: number of parallel rows.
+        seq_len: time steps per batch.
+
+    Returns:
+        A `tf.data.Dataset` of `(inputs, targets)` int32 `[batch_size,
+        seq_len]`, in stream order (never shuffle it).
+
+    Example:
+
+    >>> ds = lm_stream_dataset(np.arange(1, 22), batch_size=2, seq_len=3)
+    >>> [x.numpy().tolist() for x, _ in ds][0]
+    [[1, 2, 3], [11, 12, 13]]
+    """
+    _check_positive(seq_len=seq_len, batch_size=batch_size)
+    ids = tf.convert_to_tensor(ids, tf.int32)
+    if ids.shape.rank != 1:
+        raise ValueError(f"`ids` must be a 1-D stream of token ids, got shape {ids.shape}.")
+    steps = (int(ids.shape[0]) - 1) // (batch_size * seq_len)
+    if steps < 1:
+        raise ValueError(
+            f"`ids` holds {ids.shape[0]} tokens, too few for one batch of "
+            f"batch_size * seq_len + 1 = {batch_size * seq_len + 1}."
+        )
+    length = steps * seq_len
+    rows = (int(ids.shape[0]) - 1) // batch_size
+    inputs = tf.reshape(ids[: batch_size * rows], [batch_size, rows])[:, :length]
+    targets = tf.reshape(ids[1 : batch_size * rows + 1], [batch_size, rows])[:, :length]
+
+    def segments(x):
+        return tf.transpose(tf.reshape(x, [batch_size, steps, seq_len]), [1, 0, 2])
+
+    return tf.data.Dataset.from_tensor_slices((segments(inputs), segments(targets)))
+
+
 def _check_positive(**values):
     for name, value in values.items():
         if not isinstance(value, int) or value <= 0:

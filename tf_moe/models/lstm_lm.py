@@ -63,7 +63,7 @@ def _residual(x, y, dropout, name):
     return keras.layers.Add(name=f"{name}_residual")([x, y])
 
 
-def _middle_block(x, kind, units, dropout, moe_kwargs):
+def _middle_block(x, kind, units, dropout, moe_kwargs, stateful):
     """The layer between the two LSTMs: an MoE or a matched dense stand-in."""
     k, hidden = moe_kwargs["k"], moe_kwargs["hidden_units"]
     if kind == "moe":
@@ -81,7 +81,7 @@ def _middle_block(x, kind, units, dropout, moe_kwargs):
     if kind == "4xlstm":
         # Two more LSTMs stand in for the MoE (the paper's 4xLSTM-512).
         for name in ("lstm_extra_1", "lstm_extra_2"):
-            y = keras.layers.LSTM(units, return_sequences=True, name=name)(x)
+            y = keras.layers.LSTM(units, return_sequences=True, stateful=stateful, name=name)(x)
             x = _residual(x, y, dropout, name)
         return x
     raise ValueError(f"`model` must be 'moe' or one of {BASELINES}, got {kind!r}.")
@@ -100,6 +100,8 @@ def lstm_lm(
     capacity_factor=None,
     model="moe",
     seed=None,
+    stateful=False,
+    batch_size=None,
     name=None,
 ):
     """The LSTM language model with an MoE between two LSTMs (appendix C).
@@ -132,6 +134,11 @@ def lstm_lm(
         capacity_factor: None (dropless) or the MoE's static capacity factor.
         model: "moe" or one of "moe-1-wide", "moe-1-deep", "4xlstm".
         seed: optional seed of the gating noise.
+        stateful: carry the LSTMs' state from one batch to the next, for
+            training and evaluating on a token stream cut into consecutive
+            segments (`tf_moe.data.lm_stream_dataset`); needs `batch_size`.
+            Reset it with `tf_moe.training.ResetRecurrentState`.
+        batch_size: the fixed batch size of a stateful model.
         name: model name (default: `model` with dashes as underscores).
 
     Returns:
@@ -150,6 +157,8 @@ def lstm_lm(
             raise ValueError(f"`{arg}` must be a positive int, got {value!r}.")
     if not 0 <= dropout < 1:
         raise ValueError(f"`dropout` must be in [0, 1), got {dropout!r}.")
+    if stateful and (not isinstance(batch_size, int) or batch_size < 1):
+        raise ValueError(f"A stateful model needs a positive int `batch_size`, got {batch_size!r}.")
     moe_kwargs = dict(
         num_experts=num_experts,
         k=k,
@@ -160,11 +169,16 @@ def lstm_lm(
         capacity_factor=capacity_factor,
         seed=seed,
     )
-    tokens = keras.Input((None,), dtype="int32", name="tokens")
+    batch_shape = (batch_size if stateful else None, None)
+    tokens = keras.Input(batch_shape=batch_shape, dtype="int32", name="tokens")
+
+    def lstm(name):
+        return keras.layers.LSTM(units, return_sequences=True, stateful=stateful, name=name)
+
     x = keras.layers.Embedding(vocab_size, units, mask_zero=True, name="embedding")(tokens)
     x = keras.layers.Dropout(dropout, name="embedding_dropout")(x)
-    x = _residual(x, keras.layers.LSTM(units, return_sequences=True, name="lstm_1")(x), dropout, "lstm_1")
-    x = _middle_block(x, model, units, dropout, moe_kwargs)
-    x = _residual(x, keras.layers.LSTM(units, return_sequences=True, name="lstm_2")(x), dropout, "lstm_2")
+    x = _residual(x, lstm("lstm_1")(x), dropout, "lstm_1")
+    x = _middle_block(x, model, units, dropout, moe_kwargs, stateful)
+    x = _residual(x, lstm("lstm_2")(x), dropout, "lstm_2")
     logits = keras.layers.Dense(vocab_size, dtype="float32", name="logits")(x)
     return MoEModel(tokens, logits, name=name or model.replace("-", "_"))

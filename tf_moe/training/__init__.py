@@ -2,4 +2,9 @@
 
 from tf_moe.training.model import MoEModel, Perplexity, masked_token_cross_entropy
 from tf_moe.training.schedules import WarmupInverseSqrtDecay
-from tf_moe.training.callbacks import TrainingSummaries, default_callbacks, expert_loads
+from tf_moe.training.callbacks import (
+    ResetRecurrentState,
+    TrainingSummaries,
+    default_callbacks,
+    expert_loads,
+)

@@ -140,3 +140,37 @@ def default_callbacks(output_dir, probe_inputs=None):
         keras.callbacks.BackupAndRestore(os.path.join(output_dir, "backup")),
         TrainingSummaries(os.path.join(output_dir, "logs"), probe_inputs),
     ]
+
+
+class ResetRecurrentState(keras.callbacks.Callback):
+    """Resets the state of a model's stateful recurrent layers between passes.
+
+    A stateful model (`lstm_lm(..., stateful=True)`) carries its state from
+    batch to batch through a token stream. The state must start from zero at
+    the start of every training epoch and of every evaluation, and the
+    training state must not leak into evaluation or back: this callback
+    resets it at each of those points.
+
+    Example:
+
+    >>> model.fit(train, validation_data=valid,
+    ...           callbacks=[ResetRecurrentState()])  # doctest: +SKIP
+    """
+
+    def _reset(self):
+        layers = list(self.model.layers)
+        while layers:
+            layer = layers.pop()
+            if isinstance(layer, keras.Model):
+                layers.extend(layer.layers)
+            elif isinstance(layer, keras.layers.RNN) and layer.stateful:
+                layer.reset_state()
+
+    def on_epoch_begin(self, epoch, logs=None):
+        self._reset()
+
+    def on_test_begin(self, logs=None):
+        self._reset()
+
+    def on_test_end(self, logs=None):
+        self._reset()

@@ -1,0 +1,60 @@
+"""Tests of the experiment runners (tiny settings) and the curve plot."""
+
+import json
+import math
+
+import numpy as np
+import pytest
+
+from tf_moe import experiments
+
+
+@pytest.fixture(scope="module")
+def word_lm_results(tmp_path_factory):
+    output = tmp_path_factory.mktemp("word_lm")
+    config = experiments.Config(**{
+        **experiments.Config.WORD_LM, **experiments.Config.QUICK,
+        "epochs": 2, "k": 4, "output": str(output), "verbose": 0,
+    })
+    rows = experiments.word_lm(config, models=("moe-4", "moe-4-h", "moe-1-wide"))
+    return config, rows, output
+
+
+def test_word_lm_rows_are_matched_and_complete(word_lm_results):
+    config, rows, output = word_lm_results
+    assert [row["model"] for row in rows] == ["moe-4", "moe-4-h", "moe-1-wide"]
+    tokens_per_epoch = None
+    for row in rows:
+        # Every model sees the same stream: same tokens per epoch, all of them targets.
+        assert len(row["curve"]) == config.epochs
+        counts = [tokens for tokens, _ in row["curve"]]
+        assert counts[1] == 2 * counts[0] and row["train_tokens"] == counts[-1]
+        tokens_per_epoch = tokens_per_epoch or counts[0]
+        assert counts[0] == tokens_per_epoch
+        assert tokens_per_epoch % (config.batch_size * config.seq_len) == 0
+        assert math.isclose(row["curve"][-1][1], row["valid_perplexity"], rel_tol=1e-4)
+        assert 1 < row["test_perplexity"] < config.vocab_size
+    moe, hierarchical, wide = rows
+    # k = 4 experts of 64 against one hidden layer of 256: equal up to the gates.
+    assert wide["ops_per_timestep"] < moe["ops_per_timestep"] <= wide["ops_per_timestep"] * 1.05
+    assert moe["cv_load"] is not None and wide["cv_load"] is None
+    saved = json.loads((output / "word_lm_ptb_results.json").read_text())
+    assert [row["model"] for row in saved["rows"]] == ["moe-4", "moe-4-h", "moe-1-wide"]
+
+
+def test_plot_writes_a_png(word_lm_results, tmp_path):
+    pytest.importorskip("matplotlib")
+    _, _, output = word_lm_results
+    path = experiments.plot_curves([str(output / "word_lm_ptb_results.json")], str(tmp_path / "c.png"))
+    with open(path, "rb") as f:
+        assert f.read(8) == b"\x89PNG\r\n\x1a\n"
+
+
+def test_bad_model_labels_are_named():
+    config = experiments.Config(k=4)
+    with pytest.raises(ValueError, match="moe-5-h"):
+        experiments._variant("moe-5-h", config)
+    with pytest.raises(ValueError, match="dense"):
+        experiments._variant("dense", config)
+    assert experiments._variant("moe-16-h", config) == dict(num_experts=16, num_groups=4, k=2)
+    assert experiments._variant("4xlstm", config) == dict(model="4xlstm")
