@@ -31,7 +31,7 @@ def test_unknown_task_is_an_argparse_error():
 def test_quick_lm_run_prints_the_table_and_saves_the_models(tmp_path, capsys):
     assert cli.main(["train", "lm", "--quick", "--verbose", "0", "--output", str(tmp_path)]) == 0
     out = capsys.readouterr().out
-    assert "| moe |" in out and "| moe_1_wide |" in out and "valid_perplexity" in out
+    assert "| moe |" in out and "| moe-1-wide |" in out and "valid_perplexity" in out
     results = json.load(open(os.path.join(tmp_path, "lm_results.json")))
     moe, wide = results["rows"]
     assert 1 < moe["valid_perplexity"] < results["config"]["vocab_size"] * 2

@@ -13,10 +13,10 @@ from tf_moe import experiments
 def word_lm_results(tmp_path_factory):
     output = tmp_path_factory.mktemp("word_lm")
     config = experiments.Config(**{
-        **experiments.Config.WORD_LM, **experiments.Config.QUICK,
-        "epochs": 2, "k": 4, "output": str(output), "verbose": 0,
+        **experiments.Config.WORD_LEVEL, **experiments.Config.QUICK,
+        "corpus": "ptb", "epochs": 2, "k": 4, "output": str(output), "verbose": 0,
     })
-    rows = experiments.word_lm(config, models=("moe-4", "moe-4-h", "moe-1-wide"))
+    rows = experiments.expert_sweep(config, models=("moe-4", "moe-4-h", "moe-1-wide"))
     return config, rows, output
 
 
@@ -38,14 +38,14 @@ def test_word_lm_rows_are_matched_and_complete(word_lm_results):
     # k = 4 experts of 64 against one hidden layer of 256: equal up to the gates.
     assert wide["ops_per_timestep"] < moe["ops_per_timestep"] <= wide["ops_per_timestep"] * 1.05
     assert moe["cv_load"] is not None and wide["cv_load"] is None
-    saved = json.loads((output / "word_lm_ptb_results.json").read_text())
+    saved = json.loads((output / "sweep_ptb_results.json").read_text())
     assert [row["model"] for row in saved["rows"]] == ["moe-4", "moe-4-h", "moe-1-wide"]
 
 
 def test_plot_writes_a_png(word_lm_results, tmp_path):
     pytest.importorskip("matplotlib")
     _, _, output = word_lm_results
-    path = experiments.plot_curves([str(output / "word_lm_ptb_results.json")], str(tmp_path / "c.png"))
+    path = experiments.plot_curves([str(output / "sweep_ptb_results.json")], str(tmp_path / "c.png"))
     with open(path, "rb") as f:
         assert f.read(8) == b"\x89PNG\r\n\x1a\n"
 
@@ -56,5 +56,9 @@ def test_bad_model_labels_are_named():
         experiments._variant("moe-5-h", config)
     with pytest.raises(ValueError, match="dense"):
         experiments._variant("dense", config)
+    with pytest.raises(ValueError, match="moe-4-x"):
+        experiments._variant("moe-4-x", config)
     assert experiments._variant("moe-16-h", config) == dict(num_experts=16, num_groups=4, k=2)
+    assert experiments._variant("moe-16", config) == dict(num_experts=16, num_groups=None)
+    assert experiments._variant("moe", config) == {}
     assert experiments._variant("4xlstm", config) == dict(model="4xlstm")

@@ -4,8 +4,8 @@
     tf-moe train mt            # MoE seq2seq vs dense, BLEU on En->Es
     tf-moe experiment table6   # the six balancing-loss weightings
     tf-moe experiment experts  # 4/32/256/256-h experts vs baselines, fixed ops
-    tf-moe experiment word-lm  # Penn Treebank, word level: MoEs vs dense baselines
-    tf-moe plot saved_models/word_lm_ptb_results.json --output docs/ptb_curves.png
+    tf-moe experiment ptb      # Penn Treebank, word level: MoEs vs dense baselines
+    tf-moe plot saved_models/sweep_ptb_results.json --output docs/ptb_curves.png
     tf-moe train lm --quick    # a smoke run of seconds
     tf-moe export lm saved_models/lm_moe.keras --vocab saved_models/lm_vocab.txt
                                # SavedModel for TF Serving (docs/serving.md)
@@ -31,7 +31,11 @@ def _parser():
 
     def add_flags(sub):
         sub.add_argument("--quick", action="store_true", help="tiny smoke run (seconds); other flags still apply")
-        sub.add_argument("--corpus", help=f"embedded corpus (lm: web, kjv; mt: web-sparv); default {defaults.corpus} / web-sparv")
+        sub.add_argument("--corpus", help=f"embedded corpus (lm: web, kjv, ptb; mt: web-sparv); default {defaults.corpus} / web-sparv")
+        sub.add_argument("--level", choices=("wordpiece", "word"),
+                         help="lm: wordpieces of each text alone (default), or the word-level "
+                              "stream protocol of the Penn Treebank benchmark (10k words, <eos>, "
+                              "stateful LSTMs; sets its defaults: 13 epochs, segments of 35)")
         sub.add_argument("--experts", type=int, help=f"experts per MoE layer (default {defaults.experts})")
         sub.add_argument("--k", type=int, help=f"experts per token (per level if hierarchical; default {defaults.k})")
         sub.add_argument("--hierarchical", type=int, metavar="GROUPS", dest="groups",
@@ -58,11 +62,11 @@ def _parser():
     train.add_argument("task", choices=("lm", "mt"))
     add_flags(train)
     experiment = commands.add_parser("experiment", help="rerun a reproduction of docs/results.md")
-    experiment.add_argument("name", choices=("table6", "experts", "word-lm"))
+    experiment.add_argument("name", choices=("table6", "experts", "ptb"))
     add_flags(experiment)
     experiment.add_argument("--models", nargs="+", metavar="MODEL",
-                            help="word-lm: models to train, e.g. moe-4 moe-16 moe-64-h moe-1-wide "
-                                 "moe-1-deep 4xlstm (the default)")
+                            help="experts/ptb: models to train: moe-<n>, moe-<n>-h (hierarchical), "
+                                 "moe-1-wide, moe-1-deep, 4xlstm")
     plot = commands.add_parser("plot", help="plot validation perplexity against training tokens")
     plot.add_argument("results", nargs="+", help="result JSON files written by train/experiment")
     plot.add_argument("--output", required=True, help="the PNG to write")
@@ -86,7 +90,11 @@ def config_from_args(args):
         flags["corpus"] = "web-sparv"
     if flags.get("steps") == 0:
         flags["steps"] = None
-    settings = dict(Config.WORD_LM) if getattr(args, "name", None) == "word-lm" else {}
+    settings = {}
+    if getattr(args, "name", None) == "ptb":
+        settings.update(Config.WORD_LEVEL, corpus="ptb")
+    elif getattr(args, "level", None) == "word":
+        settings.update(Config.WORD_LEVEL)
     if args.quick:
         settings.update(Config.QUICK)
     return Config(**{**settings, **flags})
@@ -119,12 +127,9 @@ def main(argv=None):
     elif args.name == "table6":
         rows = experiments.table6(config)
         title = "Table 6: balancing-loss weights"
-    elif args.name == "word-lm":
-        rows = experiments.word_lm(config, *([args.models] if args.models else []))
-        title = f"Word-level LM on {config.corpus}: MoEs vs computationally matched dense baselines"
     else:
-        rows = experiments.expert_sweep(config)
-        title = "Figure 2: experts at fixed ops per timestep"
+        rows = experiments.expert_sweep(config, *([args.models] if args.models else []))
+        title = f"Figure 2 on {config.corpus} ({config.level} level): experts at fixed ops per timestep"
     print(f"\n{title}: validation perplexity; load balance of the MoE layers on the last epoch's"
           " training batches and (valid_*) on the validation set")
     print(experiments.format_table(rows))

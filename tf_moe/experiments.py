@@ -13,6 +13,7 @@ import json
 import math
 import os
 import time
+import typing
 
 import keras
 import numpy as np
@@ -31,6 +32,7 @@ class Config:
     """Settings of one training run (the CLI's flags)."""
 
     corpus: str = "web"
+    level: str = "wordpiece"
     experts: int = 16
     k: int = 4
     groups: int | None = None
@@ -55,10 +57,10 @@ class Config:
     seed: int = 0
     verbose: int = 1
 
-    # The word-level benchmark's settings (`tf-moe experiment word-lm`): the
-    # Penn Treebank with its 10k-word vocabulary, full passes over the
-    # training stream in segments of 35 steps, as TensorFlow's PTB tutorial.
-    WORD_LM = dict(corpus="ptb", vocab_size=10_000, steps=None, epochs=13, seq_len=35, batch_size=32)
+    # The word-level protocol's settings (`--level word`): a 10k-word
+    # vocabulary (all of the Penn Treebank's), full passes over the training
+    # stream in segments of 35 steps, as TensorFlow's PTB tutorial.
+    WORD_LEVEL = dict(level="word", vocab_size=10_000, steps=None, epochs=13, seq_len=35, batch_size=32)
 
     # A tiny smoke-test configuration (seconds, not minutes).
     QUICK = dict(
@@ -174,19 +176,85 @@ def _model_settings(config):
     )
 
 
-def _lm_model(config, kind, vocab_size, **overrides):
-    settings = dict(_model_settings(config), vocab_size=vocab_size, model=kind)
-    settings.update(overrides)
-    return lstm_lm(**settings)
+class LMData(typing.NamedTuple):
+    """The data of one language-modelling protocol, and how models must use it."""
+
+    vocabulary: typing.Any  # WordpieceTokenizer or WordVocabulary
+    train: tf.data.Dataset
+    valid: tf.data.Dataset
+    test: tf.data.Dataset | None
+    stateful: bool  # stream segments: the models carry LSTM state across batches
 
 
 def _lm_data(config):
-    train_texts = _subset(data.load_lm_corpus(config.corpus, "train"), config.train_size)
-    valid_texts = _subset(data.load_lm_corpus(config.corpus, "valid"), config.valid_size)
-    tokenizer = data.WordpieceTokenizer.from_texts(train_texts, config.vocab_size)
-    train = data.lm_dataset(train_texts, tokenizer, config.seq_len, config.batch_size, seed=config.seed, fixed_length=True)
-    valid = data.lm_dataset(valid_texts, tokenizer, config.seq_len, config.batch_size, shuffle=False, fixed_length=True)
-    return tokenizer, train, valid
+    """The data of `config.level`'s protocol on `config.corpus`.
+
+    "wordpiece": every text (verse) on its own, `[START]` ... `[END]`,
+    WordPieces learned from the training texts, cut at `seq_len`. "word":
+    the word-level protocol of the Penn Treebank benchmark (Mikolov et al.
+    2010): words split on whitespace, `<eos>` after each sentence, the
+    `vocab_size` most frequent training words, and each split one stream
+    cut into consecutive segments of `seq_len` for truncated
+    backpropagation through stateful LSTMs.
+    """
+    texts = {
+        split: _subset(data.load_lm_corpus(config.corpus, split),
+                       config.train_size if split == "train" else config.valid_size)
+        for split in data.SPLITS
+    }
+    if config.level == "word":
+        vocab = data.WordVocabulary.from_texts(texts["train"], max_size=config.vocab_size)
+        streams = [data.lm_stream_dataset(vocab.encode(texts[split]), config.batch_size, config.seq_len)
+                   for split in data.SPLITS]
+        return LMData(vocab, *streams, stateful=True)
+    tokenizer = data.WordpieceTokenizer.from_texts(texts["train"], config.vocab_size)
+    train, valid, test = (
+        data.lm_dataset(texts[split], tokenizer, config.seq_len, config.batch_size,
+                        shuffle=split == "train", seed=config.seed, fixed_length=True)
+        for split in data.SPLITS
+    )
+    return LMData(tokenizer, train, valid, test, stateful=False)
+
+
+def _variant(label, config):
+    """`lstm_lm` arguments of a model label.
+
+    "moe" is the MoE of `config` (flat, or hierarchical with `config.groups`);
+    "moe-<n>" a flat MoE of n experts with `config.k` per token; "moe-<n>-h"
+    a hierarchical one of sqrt(n) groups with sqrt(k) experts per level (so
+    a token still visits k experts); or one of the dense `BASELINES`.
+    """
+    if label in BASELINES:
+        return dict(model=label)
+    if label == "moe":
+        return {}
+    parts = label.split("-")
+    if parts[0] != "moe" or len(parts) not in (2, 3) or not parts[1].isdigit() or parts[2:] not in ([], ["h"]):
+        raise ValueError(f"Unknown model {label!r}: expected moe, moe-<n>, moe-<n>-h or one of {BASELINES}.")
+    experts = int(parts[1])
+    if len(parts) == 2:
+        return dict(num_experts=experts, num_groups=None)
+    groups = int(round(math.sqrt(experts)))
+    level_k = int(round(math.sqrt(config.k)))
+    if groups * groups != experts or level_k * level_k != config.k:
+        raise ValueError(f"{label!r}: a hierarchical MoE here needs square numbers of experts and k.")
+    return dict(num_experts=experts, num_groups=groups, k=level_k)
+
+
+def _train_lm_variant(config, lm_data, label, run_name, **overrides):
+    """Builds the model `label`, trains it on `lm_data`; returns `(model, row)`."""
+    keras.utils.set_random_seed(config.seed)
+    settings = dict(_model_settings(config), vocab_size=lm_data.vocabulary.vocabulary_size,
+                    name=label.replace("-", "_"))
+    settings.update(_variant(label, config), **overrides)
+    if lm_data.stateful:
+        settings.update(stateful=True, batch_size=config.batch_size)
+    model = lstm_lm(**settings)
+    run_dir = os.path.join(config.output, "runs", run_name)
+    callbacks = [ResetRecurrentState()] if lm_data.stateful else []
+    row = _fit(model, config, lm_data.train, lm_data.valid, run_dir, lm_data.test, callbacks)
+    row["model"] = label
+    return model, row
 
 
 def train_lm(config, models=None, save=True):
@@ -194,146 +262,60 @@ def train_lm(config, models=None, save=True):
 
     Args:
         config: a `Config`.
-        models: list of `lstm_lm` kinds to train (default: "moe" and
-            `config.baseline`).
-        save: save each model as `<output>/lm_<kind>.keras` and the
+        models: model labels to train (default: "moe" and `config.baseline`;
+            see `_variant`).
+        save: save each model as `<output>/lm_<label>.keras` and the
             vocabulary as `<output>/lm_vocab.txt`.
 
     Returns:
         A list of dicts, one per model: name, params (without embedding and
-        softmax), ops per timestep, validation perplexity, training seconds
-        and the MoE layers' load balance (mean over MoE layers) on the last
-        epoch's training batches and, under `valid_`, on the validation set.
+        softmax), ops per timestep, validation and test perplexity, training
+        seconds, the validation curve and the MoE layers' load balance (mean
+        over MoE layers) on the last epoch's training batches and, under
+        `valid_`, on the validation set.
     """
-    keras.utils.set_random_seed(config.seed)
-    tokenizer, train, valid = _lm_data(config)
+    lm_data = _lm_data(config)
     rows = []
-    for kind in models or ["moe", config.baseline]:
-        model = _lm_model(config, kind, tokenizer.vocabulary_size)
-        name = kind.replace("-", "_")
-        rows.append(_fit(model, config, train, valid, os.path.join(config.output, "runs", f"lm_{name}")))
+    for label in models or ["moe", config.baseline]:
+        name = label.replace("-", "_")
+        model, row = _train_lm_variant(config, lm_data, label, f"lm_{name}")
+        rows.append(row)
         if save:
             model.save(os.path.join(config.output, f"lm_{name}.keras"))
     if save:
-        tokenizer.save_vocabulary(os.path.join(config.output, "lm_vocab.txt"))
+        lm_data.vocabulary.save_vocabulary(os.path.join(config.output, "lm_vocab.txt"))
         _write_json(os.path.join(config.output, "lm_results.json"), config, rows)
     return rows
 
 
 def table6(config, settings=((0.0, 0.0), (0.2, 0.0), (0.0, 0.2), (0.1, 0.1), (0.01, 0.01), (1.0, 1.0))):
     """The MoE LM at each (w_importance, w_load) of the paper's Table 6."""
-    keras.utils.set_random_seed(config.seed)
-    tokenizer, train, valid = _lm_data(config)
+    lm_data = _lm_data(config)
     rows = []
     for w_importance, w_load in settings:
-        keras.utils.set_random_seed(config.seed)
-        model = _lm_model(config, "moe", tokenizer.vocabulary_size,
-                          importance_weight=w_importance, load_weight=w_load)
-        run_dir = os.path.join(config.output, "runs", f"table6_{w_importance}_{w_load}")
-        row = _fit(model, config, train, valid, run_dir)
+        _, row = _train_lm_variant(config, lm_data, "moe", f"table6_{w_importance}_{w_load}",
+                                   importance_weight=w_importance, load_weight=w_load)
         row.update(w_importance=w_importance, w_load=w_load)
         rows.append(row)
-    _write_json(os.path.join(config.output, "table6_results.json"), config, rows)
+    _write_json(os.path.join(config.output, f"table6_{config.corpus}_results.json"), config, rows)
     return rows
 
 
-def expert_sweep(config, experts=(4, 32, 256), hierarchical=(16, 16)):
-    """Figure 2 at fixed ops: flat MoEs of growing size, a hierarchical one, baselines.
+# Figure 2 at fixed ops: flat MoEs of growing size, a hierarchical one, and
+# the three dense baselines matched to them.
+SWEEP_MODELS = ("moe-4", "moe-32", "moe-256", "moe-256-h", *BASELINES)
 
-    Every MoE model sends each token to `config.k` experts (k = 4: the
-    hierarchical one uses 2 at each level, so also 4) of the same width,
-    so all cost the same ops per timestep up to their gates; the dense
-    baselines are matched to them.
+
+def expert_sweep(config, models=SWEEP_MODELS):
+    """Figure 2 at fixed ops: MoEs of growing size against the dense baselines.
+
+    Every MoE model sends each token to `config.k` experts of the same width
+    (see `_variant`), so all cost the same ops per timestep up to their
+    gates; the dense baselines are matched to them.
     """
-    keras.utils.set_random_seed(config.seed)
-    tokenizer, train, valid = _lm_data(config)
-    variants = [(f"moe-{n}", dict(num_experts=n)) for n in experts]
-    groups, per_group = hierarchical
-    level_k = int(round(math.sqrt(config.k)))
-    variants.append(
-        (f"moe-{groups * per_group}-h", dict(num_experts=groups * per_group, num_groups=groups, k=level_k))
-    )
-    variants += [(kind, dict(model=kind)) for kind in ("moe-1-wide", "moe-1-deep", "4xlstm")]
-    rows = []
-    for label, overrides in variants:
-        keras.utils.set_random_seed(config.seed)
-        model = _lm_model(config, overrides.pop("model", "moe"), tokenizer.vocabulary_size, **overrides)
-        row = _fit(model, config, train, valid, os.path.join(config.output, "runs", f"sweep_{label}"))
-        row["model"] = label
-        rows.append(row)
-    _write_json(os.path.join(config.output, "sweep_results.json"), config, rows)
-    return rows
-
-
-def _word_lm_data(config):
-    """The word-level protocol of the PTB benchmark on `config.corpus`.
-
-    Words split on whitespace, `<eos>` after each sentence, the
-    `config.vocab_size` most frequent training words (PTB's own 10k words
-    with `<eos>`), each split one stream cut into consecutive segments.
-    """
-    texts = {split: data.load_lm_corpus(config.corpus, split) for split in data.SPLITS}
-    vocab = data.WordVocabulary.from_texts(
-        _subset(texts["train"], config.train_size), max_size=config.vocab_size
-    )
-    streams = {
-        split: data.lm_stream_dataset(
-            vocab.encode(_subset(split_texts, config.train_size if split == "train" else config.valid_size)),
-            config.batch_size,
-            config.seq_len,
-        )
-        for split, split_texts in texts.items()
-    }
-    return vocab, streams
-
-
-# Figure 2 at fixed ops: flat MoEs of growing size, a hierarchical one (k per
-# level is sqrt(k), so a token still visits k experts), and the three dense
-# baselines matched to them.
-WORD_LM_MODELS = ("moe-4", "moe-16", "moe-64-h", "moe-1-wide", "moe-1-deep", "4xlstm")
-
-
-def _variant(label, config):
-    """`lstm_lm` arguments of a model label such as "moe-16", "moe-64-h" or "4xlstm"."""
-    if label in BASELINES:
-        return dict(model=label)
-    parts = label.split("-")
-    if parts[0] != "moe" or len(parts) not in (2, 3) or not parts[1].isdigit():
-        raise ValueError(f"Unknown model {label!r}: expected moe-<n>, moe-<n>-h or one of {BASELINES}.")
-    experts = int(parts[1])
-    if len(parts) == 2:
-        return dict(num_experts=experts)
-    groups = int(round(math.sqrt(experts)))
-    level_k = int(round(math.sqrt(config.k)))
-    if groups * groups != experts or level_k * level_k != config.k:
-        raise ValueError(f"{label!r}: a hierarchical MoE here needs square experts and k.")
-    return dict(num_experts=experts, num_groups=groups, k=level_k)
-
-
-def word_lm(config, models=WORD_LM_MODELS):
-    """MoE LSTM LMs and their matched dense baselines, word level (PTB protocol).
-
-    Every model sees the same token stream for `config.epochs` passes
-    (stateful LSTMs, truncated backpropagation over `config.seq_len` steps)
-    and is scored on the validation and test streams. Rows as `train_lm`'s,
-    plus `test_perplexity` and the validation curve.
-    """
-    keras.utils.set_random_seed(config.seed)
-    vocab, streams = _word_lm_data(config)
-    rows = []
-    for label in models:
-        keras.utils.set_random_seed(config.seed)
-        settings = dict(_model_settings(config), vocab_size=vocab.vocabulary_size,
-                        stateful=True, batch_size=config.batch_size, name=label.replace("-", "_"))
-        settings.update(_variant(label, config))
-        model = lstm_lm(**settings)
-        run_dir = os.path.join(config.output, "runs", f"word_lm_{label}")
-        row = _fit(model, config, streams["train"], streams["valid"], run_dir,
-                   test=streams["test"], callbacks=[ResetRecurrentState()])
-        row["model"] = label
-        rows.append(row)
-        print(format_table([row]), flush=True)
-    _write_json(os.path.join(config.output, f"word_lm_{config.corpus}_results.json"), config, rows)
+    lm_data = _lm_data(config)
+    rows = [_train_lm_variant(config, lm_data, label, f"sweep_{label}")[1] for label in models]
+    _write_json(os.path.join(config.output, f"sweep_{config.corpus}_results.json"), config, rows)
     return rows
 
 
