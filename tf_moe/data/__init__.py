@@ -4,8 +4,11 @@ from tf_moe.data.corpora import (
     SPLITS,
     TEST_BOOKS,
     VALID_BOOKS,
+    CorpusError,
+    CorpusUnavailableError,
     Verse,
     available_corpora,
+    bible_source,
     clean_osis,
     default_cache_dir,
     load_lm_corpus,
@@ -26,6 +29,8 @@ from tf_moe.data.tokenizer import (
 )
 
 __all__ = [
+    "CorpusError",
+    "CorpusUnavailableError",
     "END_ID",
     "PAD_ID",
     "RESERVED_TOKENS",
@@ -37,6 +42,7 @@ __all__ = [
     "Verse",
     "WordpieceTokenizer",
     "available_corpora",
+    "bible_source",
     "clean_osis",
     "default_cache_dir",
     "learn_vocabulary",
