@@ -71,22 +71,36 @@ def filter_log_lines(text, level):
 def import_tensorflow():
     """Imports TensorFlow, holding back the start-up lines its log level hides."""
     level = min_log_level()
-    if "tensorflow" in sys.modules or level == 0:
+    saved = _duplicate_stderr() if level and "tensorflow" not in sys.modules else None
+    if saved is None:
         import tensorflow  # noqa: F401
 
         return
-    sys.stderr.flush()
-    saved = os.dup(2)
     with tempfile.TemporaryFile() as captured:
         os.dup2(captured.fileno(), 2)
         try:
             import tensorflow  # noqa: F401
         finally:
-            sys.stderr.flush()
+            _flush_stderr()
             os.dup2(saved, 2)
             os.close(saved)
             captured.seek(0)
             text = filter_log_lines(captured.read().decode("utf-8", "replace"), level)
             if text:
-                sys.stderr.write(text)
-                sys.stderr.flush()
+                os.write(2, text.encode("utf-8"))
+
+
+def _duplicate_stderr():
+    """A copy of file descriptor 2, or None where there is none (a GUI or service process)."""
+    _flush_stderr()
+    try:
+        return os.dup(2)
+    except OSError:
+        return None
+
+
+def _flush_stderr():
+    try:
+        sys.stderr.flush()
+    except (AttributeError, OSError, ValueError):  # sys.stderr is None or closed
+        pass
