@@ -42,6 +42,23 @@ def test_reserved_tokens_come_first(tokenizer):
     assert any(token.startswith("##") for token in vocab)
 
 
+def test_vocabulary_is_that_of_bert_vocab_from_dataset(training_texts):
+    # learn_vocabulary runs tensorflow_text's two steps itself (for its
+    # progress bars): the result must be the one-call function's.
+    import tensorflow_text as tf_text
+    from tensorflow_text.tools.wordpiece_vocab.bert_vocab_from_dataset import bert_vocab_from_dataset
+
+    texts = training_texts[:600]
+    reference = bert_vocab_from_dataset(
+        tf.data.Dataset.from_tensor_slices(texts).batch(256).map(tf_text.case_fold_utf8),
+        vocab_size=400,
+        reserved_tokens=list(data.RESERVED_TOKENS),
+        bert_tokenizer_params={"lower_case": False},
+    )
+    assert data.learn_vocabulary(texts, 400, batch_size=100) == reference
+    assert data.learn_vocabulary(tf.data.Dataset.from_tensor_slices(texts), 400) == reference
+
+
 def test_normalize_lower_cases_and_splits_punctuation(tokenizer):
     text = "In the beginning, God created the heavens and the earth."
     assert _decode(tokenizer.normalize([text])) == [

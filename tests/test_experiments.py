@@ -53,12 +53,12 @@ def test_plot_writes_a_png(word_lm_results, tmp_path):
 def test_bad_model_labels_are_named():
     config = experiments.Config(k=4)
     with pytest.raises(ValueError, match="moe-5-h"):
-        experiments._variant("moe-5-h", config)
+        experiments.variant_arguments("moe-5-h", config)
     with pytest.raises(ValueError, match="dense"):
-        experiments._variant("dense", config)
+        experiments.variant_arguments("dense", config)
     with pytest.raises(ValueError, match="moe-4-x"):
-        experiments._variant("moe-4-x", config)
-    assert experiments._variant("moe-16-h", config) == dict(num_experts=16, num_groups=4, k=2)
-    assert experiments._variant("moe-16", config) == dict(num_experts=16, num_groups=None)
-    assert experiments._variant("moe", config) == {}
-    assert experiments._variant("4xlstm", config) == dict(model="4xlstm")
+        experiments.variant_arguments("moe-4-x", config)
+    assert experiments.variant_arguments("moe-16-h", config) == dict(num_experts=16, num_groups=4, k=2)
+    assert experiments.variant_arguments("moe-16", config) == dict(num_experts=16, num_groups=None)
+    assert experiments.variant_arguments("moe", config) == {}
+    assert experiments.variant_arguments("4xlstm", config) == dict(model="4xlstm")

@@ -1,4 +1,4 @@
-"""The `tf-moe` command line: train the paper's models, rerun its experiments.
+"""The `tf-moe` command line: train the paper's models, rerun its experiments, export them.
 
     tf-moe train lm            # MoE LSTM LM vs its matched dense baseline
     tf-moe train mt            # MoE seq2seq vs dense, BLEU on En->Es
@@ -10,77 +10,235 @@
     tf-moe export lm saved_models/lm_moe.keras --vocab saved_models/lm_vocab.txt
                                # SavedModel for TF Serving (docs/serving.md)
 
-Models are saved under `--output` (default `saved_models/`), TensorBoard logs
-under `<output>/runs/`. An interrupted run resumes from its last finished
-epoch when rerun with the same flags.
+Before training, one line says what will run and where its results go;
+after it, the results table and the command that shows the TensorBoard
+logs. Models, vocabularies and results are saved under `--output` (default
+`saved_models/`), TensorBoard logs under `<output>/runs/`. An interrupted
+run resumes from its last finished epoch when rerun with the same flags.
+
+Output: `--progress` is Keras's progress display (0 none, 1 a bar, 2 a line
+per epoch). `-v` adds tf_moe's debug messages, TensorFlow's C++ warnings and
+errors, every Python warning and the traceback of an error; `-vv` also
+TensorFlow's C++ INFO lines. (The `tf-moe` command sets TensorFlow's level
+before TensorFlow loads; `python -m tf_moe.cli` runs the same commands with
+the level `TF_CPP_MIN_LOG_LEVEL` gives.)
+
+A mistake (a flag out of its range, a missing file, a corpus that cannot be
+fetched) prints one line and exits with status 2.
 """
 
 import argparse
 import dataclasses
+import logging
+import math
 import os
+import shlex
 import sys
 import warnings
 
+import tf_moe
+from tf_moe import data, experiments, export
+from tf_moe.experiments import Config
+
+# ------------------------------------------------------------ flag values ----
+# argparse `type=` functions: each turns a flag's text into its value or says
+# in one line what the flag accepts.
+
+
+def _number(text, kind):
+    try:
+        value = kind(text)
+    except ValueError:
+        expected = "an integer" if kind is int else "a number"
+        raise argparse.ArgumentTypeError(f"expected {expected}, got {text!r}") from None
+    if not math.isfinite(value):
+        raise argparse.ArgumentTypeError(f"expected a finite number, got {text!r}")
+    return value
+
+
+def int_at_least(minimum):
+    """A flag type: an integer >= `minimum`."""
+
+    def parse(text):
+        value = _number(text, int)
+        if value < minimum:
+            raise argparse.ArgumentTypeError(f"must be an integer >= {minimum}, got {text!r}")
+        return value
+
+    return parse
+
+
+positive_int = int_at_least(1)
+non_negative_int = int_at_least(0)
+
+
+def positive_float(text):
+    """A flag type: a finite number > 0."""
+    value = _number(text, float)
+    if value <= 0:
+        raise argparse.ArgumentTypeError(f"must be > 0, got {text!r}")
+    return value
+
+
+def non_negative_float(text):
+    """A flag type: a finite number >= 0."""
+    value = _number(text, float)
+    if value < 0:
+        raise argparse.ArgumentTypeError(f"must be >= 0, got {text!r}")
+    return value
+
+
+def rate_below_one(text):
+    """A flag type: a number in [0, 1), e.g. a dropout rate."""
+    value = _number(text, float)
+    if not 0 <= value < 1:
+        raise argparse.ArgumentTypeError(f"must be in [0, 1), got {text!r}")
+    return value
+
+
+def seed(text):
+    """A flag type: a random seed, an integer in [0, 2**32)."""
+    value = _number(text, int)
+    if not 0 <= value < 2**32:
+        raise argparse.ArgumentTypeError(f"must be an integer in [0, 2**32), got {text!r}")
+    return value
+
+
+class UsageError(Exception):
+    """A mistake in the command or the machine's setup: one line, exit status 2."""
+
+
+class _Parser(argparse.ArgumentParser):
+    def error(self, message):
+        # One line, not argparse's usage block: the usage of a training
+        # command is a screenful.
+        self.exit(2, f"{self.prog}: error: {message} (see `{self.prog} --help`)\n")
+
+
+# ---------------------------------------------------------------- parser ----
+
+# What each command runs: (function of a Config, what it trains, table title).
+_TRAININGS = {
+    "lm": (experiments.train_lm, "an MoE language model and its computationally matched dense baseline",
+           "lm: MoE vs computationally matched dense baseline"),
+    "mt": (experiments.train_mt, "an MoE translation model and its dense baseline",
+           "mt: MoE vs computationally matched dense baseline"),
+}
+_EXPERIMENTS = {
+    "table6": (experiments.table6, "the MoE language model at each balancing-loss weighting of Table 6",
+               "Table 6: balancing-loss weights"),
+    "experts": (experiments.expert_sweep,
+                "MoE language models of more and more experts and dense baselines at fixed ops (Figure 2)",
+                "Figure 2: experts at fixed ops per timestep"),
+    "ptb": (experiments.expert_sweep,
+            "word-level MoE language models and dense baselines at fixed ops on the Penn Treebank",
+            "Penn Treebank, word level: MoEs vs computationally matched dense baselines"),
+}
+# Experiments that set their own numbers of experts and groups (`--models`).
+_SWEEPS = ("experts", "ptb")
+
 
 def _parser():
-    from tf_moe.experiments import Config
+    parser = _Parser(prog="tf-moe", description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser.add_argument("--version", action="version", version=f"%(prog)s {tf_moe.__version__}")
+    _add_verbosity(parser, default=0)
+    # Subcommands take -v too; SUPPRESS keeps a -v given before them.
+    common = _Parser(add_help=False)
+    _add_verbosity(common, default=argparse.SUPPRESS)
+    commands = parser.add_subparsers(dest="command", required=True, metavar="COMMAND")
 
-    defaults = Config()
-    parser = argparse.ArgumentParser(prog="tf-moe", description=__doc__.split("\n")[0])
-    commands = parser.add_subparsers(dest="command", required=True)
+    train = commands.add_parser("train", parents=[common], help="train a model and its matched dense baseline")
+    train.add_argument("task", choices=tuple(_TRAININGS))
+    _add_training_flags(train)
+    train.set_defaults(run=_train)
 
-    def add_flags(sub):
-        sub.add_argument("--quick", action="store_true", help="tiny smoke run (seconds); other flags still apply")
-        sub.add_argument("--corpus", help=f"embedded corpus (lm: web, kjv, ptb; mt: web-sparv); default {defaults.corpus} / web-sparv")
-        sub.add_argument("--level", choices=("wordpiece", "word"),
-                         help="lm: wordpieces of each text alone (default), or the word-level "
-                              "stream protocol of the Penn Treebank benchmark (10k words, <eos>, "
-                              "stateful LSTMs; sets its defaults: 13 epochs, segments of 35)")
-        sub.add_argument("--experts", type=int, help=f"experts per MoE layer (default {defaults.experts})")
-        sub.add_argument("--k", type=int, help=f"experts per token (per level if hierarchical; default {defaults.k})")
-        sub.add_argument("--hierarchical", type=int, metavar="GROUPS", dest="groups",
-                         help="use a hierarchical MoE with this many groups of experts/GROUPS experts")
-        sub.add_argument("--units", type=int, help=f"LSTM/embedding width (default {defaults.units})")
-        sub.add_argument("--expert-hidden", type=int, help=f"hidden width of each expert (default {defaults.expert_hidden})")
-        sub.add_argument("--baseline", choices=("moe-1-wide", "moe-1-deep", "4xlstm"),
-                         help=f"dense baseline of the LM (default {defaults.baseline})")
-        sub.add_argument("--epochs", type=int, help=f"epochs (default {defaults.epochs})")
-        sub.add_argument("--steps", type=int, help=f"steps per epoch; 0 for full passes (default {defaults.steps})")
-        sub.add_argument("--batch-size", type=int, help=f"default {defaults.batch_size}")
-        sub.add_argument("--seq-len", type=int, help=f"max tokens per sequence (default {defaults.seq_len})")
-        sub.add_argument("--vocab-size", type=int, help=f"wordpiece vocabulary size (default {defaults.vocab_size})")
-        sub.add_argument("--learning-rate", type=float, help=f"peak Adam rate (default {defaults.learning_rate})")
-        sub.add_argument("--warmup", type=int, help=f"warm-up steps (default {defaults.warmup})")
-        sub.add_argument("--train-size", type=int, help="use only the first N training texts")
-        sub.add_argument("--beam-size", type=int, help=f"mt: beam width for BLEU (default {defaults.beam_size})")
-        sub.add_argument("--bleu-sentences", type=int, help=f"mt: test sentences scored (default {defaults.bleu_sentences})")
-        sub.add_argument("--output", help=f"where models, results and logs go (default {defaults.output})")
-        sub.add_argument("--seed", type=int, help="random seed (default 0)")
-        sub.add_argument("--verbose", type=int, choices=(0, 1, 2), help="Keras progress: 0 silent, 1 bar, 2 line per epoch")
-
-    train = commands.add_parser("train", help="train a model and its matched dense baseline")
-    train.add_argument("task", choices=("lm", "mt"))
-    add_flags(train)
-    experiment = commands.add_parser("experiment", help="rerun a reproduction of docs/results.md")
-    experiment.add_argument("name", choices=("table6", "experts", "ptb"))
-    add_flags(experiment)
+    experiment = commands.add_parser("experiment", parents=[common], help="rerun a reproduction of docs/results.md")
+    experiment.add_argument("name", choices=tuple(_EXPERIMENTS))
+    _add_training_flags(experiment)
     experiment.add_argument("--models", nargs="+", metavar="MODEL",
-                            help="experts/ptb: models to train: moe-<n>, moe-<n>-h (hierarchical), "
+                            help="experts/ptb: the models to train: moe-<n>, moe-<n>-h (hierarchical), "
                                  "moe-1-wide, moe-1-deep, 4xlstm")
-    plot = commands.add_parser("plot", help="plot validation perplexity against training tokens")
+    experiment.set_defaults(run=_experiment)
+
+    plot = commands.add_parser("plot", parents=[common],
+                               help="plot validation perplexity against training tokens")
     plot.add_argument("results", nargs="+", help="result JSON files written by train/experiment")
     plot.add_argument("--output", required=True, help="the PNG to write")
     plot.add_argument("--title", help="plot title")
-    from tf_moe.export import add_arguments as add_export_arguments
+    plot.set_defaults(run=_plot)
 
-    add_export_arguments(commands.add_parser("export", help="export a trained model for TF Serving"))
+    export_command = commands.add_parser("export", parents=[common], help="export a trained model for TF Serving")
+    _add_export_flags(export_command)
+    export_command.set_defaults(run=_export)
     return parser
+
+
+def _add_verbosity(parser, default):
+    parser.add_argument(
+        "-v", "--verbose", action="count", default=default, dest="verbosity",
+        help="more output: -v tf_moe's debug messages, TensorFlow's C++ warnings and errors, "
+             "Python warnings, tracebacks; -vv also TensorFlow's C++ INFO lines",
+    )
+
+
+def _add_training_flags(sub):
+    defaults = Config()
+    add = sub.add_argument
+    add("--quick", action="store_true", help="tiny smoke run (seconds); other flags still apply")
+    add("--corpus", help=f"embedded corpus (lm: {', '.join(data.available_corpora('lm'))}; "
+                         f"mt: {', '.join(data.available_corpora('translation'))}); "
+                         f"default {defaults.corpus} / web-sparv")
+    add("--level", choices=("wordpiece", "word"),
+        help="lm: wordpieces of each text on its own (default), or the word-level stream protocol of "
+             "the Penn Treebank benchmark (10k words, <eos>, stateful LSTMs; its defaults: 13 full "
+             "epochs of 35-step segments)")
+    add("--experts", type=positive_int, help=f"experts per MoE layer (default {defaults.experts})")
+    add("--k", type=positive_int, help=f"experts per token (per level if hierarchical; default {defaults.k})")
+    add("--hierarchical", type=positive_int, metavar="GROUPS", dest="groups",
+        help="use a hierarchical MoE with this many groups of experts/GROUPS experts")
+    add("--units", type=positive_int, help=f"LSTM/embedding width (default {defaults.units})")
+    add("--expert-hidden", type=positive_int, help=f"hidden width of each expert (default {defaults.expert_hidden})")
+    add("--baseline", choices=("moe-1-wide", "moe-1-deep", "4xlstm"),
+        help=f"dense baseline of the LM (default {defaults.baseline})")
+    add("--epochs", type=positive_int, help=f"epochs (default {defaults.epochs})")
+    add("--steps", type=non_negative_int, help=f"steps per epoch; 0 for full passes (default {defaults.steps})")
+    add("--batch-size", type=positive_int, help=f"sequences per batch (default {defaults.batch_size})")
+    add("--seq-len", type=int_at_least(2), help=f"max tokens per sequence (default {defaults.seq_len})")
+    add("--vocab-size", type=int_at_least(len(data.RESERVED_TOKENS) + 1),
+        help=f"wordpiece vocabulary size (default {defaults.vocab_size})")
+    add("--learning-rate", type=positive_float, help=f"peak Adam rate (default {defaults.learning_rate})")
+    add("--warmup", type=positive_int, help=f"warm-up steps (default {defaults.warmup})")
+    add("--dropout", type=rate_below_one, help=f"dropout rate (default {defaults.dropout})")
+    add("--importance-weight", type=non_negative_float,
+        help=f"weight of the importance loss (default {defaults.importance_weight})")
+    add("--load-weight", type=non_negative_float, help=f"weight of the load loss (default {defaults.load_weight})")
+    add("--train-size", type=positive_int, help="use only the first N training texts")
+    add("--valid-size", type=positive_int, help="use only the first N validation texts")
+    add("--beam-size", type=positive_int, help=f"mt: beam width for BLEU (default {defaults.beam_size})")
+    add("--bleu-sentences", type=positive_int, help=f"mt: test sentences scored (default {defaults.bleu_sentences})")
+    add("--output", help=f"where models, results and logs go (default {defaults.output})")
+    add("--seed", type=seed, help=f"random seed (default {defaults.seed})")
+    add("--progress", type=int, choices=(0, 1, 2), dest="verbose",
+        help="Keras progress: 0 silent, 1 bar, 2 line per epoch (default 1)")
+
+
+def _add_export_flags(sub):
+    add = sub.add_argument
+    add("kind", choices=("lm", "mt", "keras"),
+        help="lm: language model; mt: seq2seq translation; keras: any model, numeric signature")
+    add("model", help="trained model, a .keras file (e.g. saved_models/lm_moe.keras)")
+    add("--vocab", help="lm/mt: vocabulary file (e.g. saved_models/lm_vocab.txt)")
+    add("--name", help="model name in the serving layout (default: the kind)")
+    add("--version", type=positive_int, help="version number (default: next free one)")
+    add("--output", default=export.DEFAULT_BASE_DIR, help=f"base directory (default {export.DEFAULT_BASE_DIR})")
+    add("--top-k", type=positive_int, default=5, help="lm: next tokens returned (default 5)")
+    add("--max-length", type=int_at_least(3), default=64, help="mt: most source/target tokens (default 64)")
+    add("--beam-size", type=positive_int, default=4,
+        help="mt: width of the beam_search signature; 1 for none (default 4)")
 
 
 def config_from_args(args):
     """The `Config` that command-line arguments ask for."""
-    from tf_moe.experiments import Config
-
     flags = {
         field.name: getattr(args, field.name)
         for field in dataclasses.fields(Config)
@@ -93,52 +251,160 @@ def config_from_args(args):
     settings = {}
     if getattr(args, "name", None) == "ptb":
         settings.update(Config.WORD_LEVEL, corpus="ptb")
-    elif getattr(args, "level", None) == "word":
+    elif flags.get("level") == "word":
         settings.update(Config.WORD_LEVEL)
     if args.quick:
         settings.update(Config.QUICK)
     return Config(**{**settings, **flags})
 
 
-def main(argv=None):
-    """Entry point of `tf-moe` and `python -m tf_moe.cli`."""
-    args = _parser().parse_args(argv)
-    os.environ.setdefault("TF_CPP_MIN_LOG_LEVEL", "2")
-    # Keras warns that tf.data input is not reshuffled by `fit` and that a
-    # validation pass ended its dataset: both are intended here.
-    warnings.filterwarnings("ignore", message=".*shuffle=True.*")
-    warnings.filterwarnings("ignore", message=".*input ran out of data.*")
-    if args.command == "export":
-        from tf_moe.export import run
+def check_config(args, config):
+    """Raises `UsageError` for flags that are fine alone but not together."""
+    kind = "translation" if getattr(args, "task", None) == "mt" else "lm"
+    corpora = data.available_corpora(kind)
+    if config.corpus not in corpora:
+        raise UsageError(f"--corpus {config.corpus} is not a {kind} corpus; choose from {', '.join(corpora)}")
+    # The expert sweeps set their own numbers of experts and groups.
+    if not (args.command == "experiment" and args.name in _SWEEPS):
+        if config.groups is None and config.k > config.experts:
+            raise UsageError(f"--k {config.k} exceeds --experts {config.experts}")
+        if config.groups is not None:
+            if config.experts % config.groups:
+                raise UsageError(f"--experts {config.experts} is not a multiple of --hierarchical {config.groups}")
+            per_group = config.experts // config.groups
+            if config.k > min(config.groups, per_group):
+                raise UsageError(
+                    f"--k {config.k} exceeds the {config.groups} groups or the {per_group} experts per group "
+                    f"(a hierarchical MoE picks k at both levels)"
+                )
+    # Fixed-length batches drop the remainder: too few texts leave no batch.
+    for flag, size in (("--train-size", config.train_size), ("--valid-size", config.valid_size)):
+        if size is not None and size < config.batch_size:
+            raise UsageError(f"{flag} {size} is smaller than --batch-size {config.batch_size}: no full batch")
 
-        run(args)
-        return 0
-    if args.command == "plot":
-        from tf_moe.experiments import plot_curves
 
-        print(f"Wrote {plot_curves(args.results, args.output, args.title)}")
-        return 0
-    from tf_moe import experiments
+def describe_run(what, config):
+    """The one line printed before training: what runs, on what, for how long, and where results go."""
+    moe = f"{config.experts} experts" + (f" in {config.groups} groups" if config.groups else "")
+    texts = f" (first {config.train_size} texts)" if config.train_size else ""
+    steps = f"{config.steps} steps" if config.steps else "a full pass"
+    vocabulary = f"{config.vocab_size}-{'word' if config.level == 'word' else 'wordpiece'} vocabulary"
+    return (
+        f"Training {what} on {config.corpus}{texts}: MoE of {moe}, k={config.k}, expert hidden "
+        f"{config.expert_hidden}; {config.units}-unit LSTMs; {vocabulary}; "
+        f"{config.epochs} epoch{'s' * (config.epochs != 1)} of {steps}, batches of {config.batch_size} x "
+        f"{config.seq_len} tokens. Results go to {os.path.join(config.output, '')}"
+    )
 
+
+# ------------------------------------------------------------- commands ----
+
+
+def _train(args):
+    return _run_training(args, *_TRAININGS[args.task], save_note=True)
+
+
+def _experiment(args):
+    return _run_training(args, *_EXPERIMENTS[args.name], save_note=False)
+
+
+def _plot(args):
+    for path in args.results:
+        if not os.path.isfile(path):
+            raise UsageError(f"{path}: no such file")
+    try:
+        print(f"Wrote {experiments.plot_curves(args.results, args.output, args.title)}")
+    except (ImportError, OSError, KeyError, ValueError) as error:
+        raise UsageError(error) from error
+    return 0
+
+
+def _run_training(args, function, what, title, save_note):
     config = config_from_args(args)
-    if args.command == "train":
-        rows = experiments.train_lm(config) if args.task == "lm" else experiments.train_mt(config)
-        title = f"{args.task}: MoE vs computationally matched dense baseline"
-    elif args.name == "table6":
-        rows = experiments.table6(config)
-        title = "Table 6: balancing-loss weights"
-    else:
-        rows = experiments.expert_sweep(config, *([args.models] if args.models else []))
-        title = f"Figure 2 on {config.corpus} ({config.level} level): experts at fixed ops per timestep"
+    check_config(args, config)
+    print(describe_run(what, config), flush=True)
+    models = getattr(args, "models", None)
+    for label in models or ():
+        try:
+            experiments.variant_arguments(label, config)
+        except ValueError as error:
+            raise UsageError(f"--models: {error}") from error
+    try:
+        rows = function(config, models) if models else function(config)
+    except (data.CorpusError, ImportError, OSError) as error:
+        raise UsageError(error) from error
     print(f"\n{title}: validation perplexity; load balance of the MoE layers on the last epoch's"
           " training batches and (valid_*) on the validation set")
     print(experiments.format_table(rows))
     for row in rows:
         if "example" in row:
             print(f"{row['model']}: {row['example']}")
-    if args.command == "train":
-        print(f"\nSaved the models and vocabulary under {config.output}/")
+    if save_note:
+        print(f"\nSaved the models, the vocabulary and the results under {os.path.join(config.output, '')}")
+    runs = os.path.join(config.output, "runs")
+    print(f"TensorBoard logs: {os.path.join(runs, '')}  (view them with `tensorboard --logdir {shlex.quote(runs)}`)")
     return 0
+
+
+def _export(args):
+    if args.kind in ("lm", "mt") and not args.vocab:
+        raise UsageError(f"--vocab is required for {args.kind}: the vocabulary saved with the model "
+                         f"(e.g. saved_models/{args.kind}_vocab.txt)")
+    for path in (args.model, args.vocab):
+        if path is not None and not os.path.isfile(path):
+            raise UsageError(f"{path}: no such file")
+    try:
+        model = export._load_keras(args.model)
+        export_dir = export.version_dir(args.output, args.name or args.kind, args.version)
+        if args.kind == "lm":
+            export.export_language_model(model, data.WordpieceTokenizer(args.vocab), export_dir, top_k=args.top_k)
+        elif args.kind == "mt":
+            export.export_translation_model(model, data.WordpieceTokenizer(args.vocab), export_dir,
+                                            max_length=args.max_length, beam_size=args.beam_size)
+        else:
+            export.export_keras_model(model, export_dir)
+    except (ValueError, OSError) as error:
+        raise UsageError(error) from error
+    print(f"Exported to {export_dir}")
+    return 0
+
+
+# ------------------------------------------------------------------ main ----
+
+
+class _Formatter(logging.Formatter):
+    def format(self, record):
+        message = super().format(record)
+        return message if record.levelno == logging.INFO else f"{record.levelname.lower()}: {message}"
+
+
+def main(argv=None):
+    """Entry point of `tf-moe` (through `_tf_moe_launcher`) and `python -m tf_moe.cli`."""
+    parser = _parser()
+    args = parser.parse_args(argv)
+    logger = logging.getLogger("tf_moe")
+    handler, level = logging.StreamHandler(sys.stderr), logger.level
+    handler.setFormatter(_Formatter("%(message)s"))
+    logger.addHandler(handler)
+    logger.setLevel(logging.DEBUG if args.verbosity else logging.INFO)
+    try:
+        with warnings.catch_warnings():
+            if not args.verbosity:
+                # Keras notes that tf.data input is not reshuffled by `fit`
+                # and that a validation pass ended its dataset: both intended.
+                warnings.filterwarnings("ignore", message=".*shuffle=True.*")
+                warnings.filterwarnings("ignore", message=".*input ran out of data.*")
+            return args.run(args)
+    except UsageError as error:
+        if args.verbosity:
+            raise
+        parser.exit(2, f"tf-moe {args.command}: error: {' '.join(str(error).split())}\n")
+    except KeyboardInterrupt:
+        parser.exit(130, "\ntf-moe: interrupted (a training run resumes from its last finished epoch"
+                         " when rerun with the same flags)\n")
+    finally:
+        logger.removeHandler(handler)
+        logger.setLevel(level)
 
 
 if __name__ == "__main__":

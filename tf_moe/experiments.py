@@ -216,7 +216,7 @@ def _lm_data(config):
     return LMData(tokenizer, train, valid, test, stateful=False)
 
 
-def _variant(label, config):
+def variant_arguments(label, config):
     """`lstm_lm` arguments of a model label.
 
     "moe" is the MoE of `config` (flat, or hierarchical with `config.groups`);
@@ -246,7 +246,7 @@ def _train_lm_variant(config, lm_data, label, run_name, **overrides):
     keras.utils.set_random_seed(config.seed)
     settings = dict(_model_settings(config), vocab_size=lm_data.vocabulary.vocabulary_size,
                     name=label.replace("-", "_"))
-    settings.update(_variant(label, config), **overrides)
+    settings.update(variant_arguments(label, config), **overrides)
     if lm_data.stateful:
         settings.update(stateful=True, batch_size=config.batch_size)
     model = lstm_lm(**settings)
@@ -263,7 +263,7 @@ def train_lm(config, models=None, save=True):
     Args:
         config: a `Config`.
         models: model labels to train (default: "moe" and `config.baseline`;
-            see `_variant`).
+            see `variant_arguments`).
         save: save each model as `<output>/lm_<label>.keras` and the
             vocabulary as `<output>/lm_vocab.txt`.
 
@@ -310,7 +310,7 @@ def expert_sweep(config, models=SWEEP_MODELS):
     """Figure 2 at fixed ops: MoEs of growing size against the dense baselines.
 
     Every MoE model sends each token to `config.k` experts of the same width
-    (see `_variant`), so all cost the same ops per timestep up to their
+    (see `variant_arguments`), so all cost the same ops per timestep up to their
     gates; the dense baselines are matched to them.
     """
     lm_data = _lm_data(config)

@@ -18,18 +18,17 @@ noise, and `MoE(gate="batchwise")` routes with its learned thresholds.
 The MoE layers still update their load-balance metric variables when
 called, so served requests change those counters, never the outputs.
 
-Command line (also `tf-moe export ...`):
+Command line (`tf_moe.cli`; `python -m tf_moe.export ...` is the same):
 
-    python -m tf_moe.export lm saved_models/lm_moe.keras \\
+    tf-moe export lm saved_models/lm_moe.keras \\
         --vocab saved_models/lm_vocab.txt --name lm
-    python -m tf_moe.export mt saved_models/mt_moe.keras \\
+    tf-moe export mt saved_models/mt_moe.keras \\
         --vocab saved_models/mt_vocab.txt --name translate
-    python -m tf_moe.export keras model.keras --name numeric
+    tf-moe export keras model.keras --name numeric
 
 See docs/serving.md for serving the result and the REST request bodies.
 """
 
-import argparse
 import os
 import sys
 
@@ -305,43 +304,11 @@ def _load_keras(path):
     return keras.models.load_model(path)
 
 
-def add_arguments(parser):
-    """Adds the export command's arguments to an argparse parser."""
-    parser.add_argument("kind", choices=("lm", "mt", "keras"),
-                        help="lm: language model; mt: seq2seq translation; keras: any model, numeric signature")
-    parser.add_argument("model", help="trained model, a .keras file (e.g. saved_models/lm_moe.keras)")
-    parser.add_argument("--vocab", help="lm/mt: vocabulary file (e.g. saved_models/lm_vocab.txt)")
-    parser.add_argument("--name", help="model name in the serving layout (default: the kind)")
-    parser.add_argument("--version", type=int, help="version number (default: next free one)")
-    parser.add_argument("--output", default=DEFAULT_BASE_DIR, help=f"base directory (default {DEFAULT_BASE_DIR})")
-    parser.add_argument("--top-k", type=int, default=5, help="lm: next tokens returned (default 5)")
-    parser.add_argument("--max-length", type=int, default=64, help="mt: most source/target tokens (default 64)")
-    parser.add_argument("--beam-size", type=int, default=4, help="mt: width of the beam_search signature; 1 for none (default 4)")
-
-
-def run(args):
-    """Runs the export command for parsed `args`; returns the export directory."""
-    if args.kind in ("lm", "mt") and not args.vocab:
-        raise SystemExit(f"tf-moe export {args.kind}: --vocab is required (the vocabulary saved with the model).")
-    model = _load_keras(args.model)
-    export_dir = version_dir(args.output, args.name or args.kind, args.version)
-    if args.kind == "lm":
-        export_language_model(model, WordpieceTokenizer(args.vocab), export_dir, top_k=args.top_k)
-    elif args.kind == "mt":
-        export_translation_model(model, WordpieceTokenizer(args.vocab), export_dir,
-                                 max_length=args.max_length, beam_size=args.beam_size)
-    else:
-        export_keras_model(model, export_dir)
-    print(f"Exported to {export_dir}")
-    return export_dir
-
-
 def main(argv=None):
-    """`python -m tf_moe.export`."""
-    parser = argparse.ArgumentParser(prog="python -m tf_moe.export", description=__doc__.split("\n")[0])
-    add_arguments(parser)
-    run(parser.parse_args(argv))
-    return 0
+    """`python -m tf_moe.export ARGS`: the same as `tf-moe export ARGS`."""
+    from tf_moe import cli
+
+    return cli.main(["export", *(sys.argv[1:] if argv is None else argv)])
 
 
 if __name__ == "__main__":

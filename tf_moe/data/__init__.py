@@ -4,8 +4,11 @@ from tf_moe.data.corpora import (
     SPLITS,
     TEST_BOOKS,
     VALID_BOOKS,
+    CorpusError,
+    CorpusUnavailableError,
     Verse,
     available_corpora,
+    bible_source,
     clean_osis,
     default_cache_dir,
     load_lm_corpus,
@@ -27,6 +30,8 @@ from tf_moe.data.tokenizer import (
 from tf_moe.data.vocabulary import WordVocabulary
 
 __all__ = [
+    "CorpusError",
+    "CorpusUnavailableError",
     "END_ID",
     "PAD_ID",
     "RESERVED_TOKENS",
@@ -39,6 +44,7 @@ __all__ = [
     "WordVocabulary",
     "WordpieceTokenizer",
     "available_corpora",
+    "bible_source",
     "clean_osis",
     "default_cache_dir",
     "learn_vocabulary",

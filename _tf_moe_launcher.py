@@ -1,0 +1,42 @@
+"""Starts the `tf-moe` command: TensorFlow's log level first, then `tf_moe.cli`.
+
+TensorFlow reads `TF_CPP_MIN_LOG_LEVEL` once, when it loads, and importing
+anything from `tf_moe` loads it (`tf_moe/__init__.py`). The level that the
+command's `-v` flags ask for is therefore set here, in a module outside the
+package, before `tf_moe.cli` is imported: by default TensorFlow's C++ logs
+are hidden (level 3), `-v` shows its warnings and errors (1), `-vv`
+everything (0). Without `-v`, a level already set in the environment is kept.
+"""
+
+import os
+import sys
+
+_TF_LOG_LEVELS = ("3", "1", "0")  # by number of -v
+
+
+def verbosity(argv):
+    """How many `-v` / `--verbose` flags `argv` holds (before any `--`)."""
+    count = 0
+    for arg in argv:
+        if arg == "--":
+            break
+        if arg == "--verbose":
+            count += 1
+        elif arg.startswith("-v") and set(arg[1:]) == {"v"}:
+            count += len(arg) - 1
+    return count
+
+
+def main(argv=None):
+    """Entry point of the `tf-moe` command."""
+    argv = sys.argv[1:] if argv is None else list(argv)
+    count = verbosity(argv)
+    if count or "TF_CPP_MIN_LOG_LEVEL" not in os.environ:
+        os.environ["TF_CPP_MIN_LOG_LEVEL"] = _TF_LOG_LEVELS[min(count, len(_TF_LOG_LEVELS) - 1)]
+    from tf_moe import cli
+
+    return cli.main(argv)
+
+
+if __name__ == "__main__":
+    sys.exit(main())
