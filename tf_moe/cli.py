@@ -322,13 +322,13 @@ def _plot(args):
 def _run_training(args, function, what, title, save_note):
     config = config_from_args(args)
     check_config(args, config)
-    print(describe_run(what, config), flush=True)
     models = getattr(args, "models", None)
     for label in models or ():
         try:
             experiments.variant_arguments(label, config)
         except ValueError as error:
             raise UsageError(f"--models: {error}") from error
+    print(describe_run(what, config), flush=True)
     try:
         rows = function(config, models) if models else function(config)
     except (data.CorpusError, ImportError, OSError) as error:
