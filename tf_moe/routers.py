@@ -1,22 +1,24 @@
 """The routers of `MoELayer`, by name.
 
-| name            | router               | experts per token         | loss                                  | source                     |
-|-----------------|----------------------|---------------------------|---------------------------------------|----------------------------|
-| `"noisy_top_k"` | `NoisyTopKRouter`    | k                         | CV^2 of importance and load (MoE's)    | Shazeer et al. 2017, 2.1, 4 |
-| `"softmax"`     | `SoftmaxRouter`      | all n (dense baseline)    | CV^2 of importance and load (MoE's)    | Shazeer et al. 2017, 2.1    |
-| `"batchwise"`   | `BatchwiseRouter`    | k on average, m per expert | MoE's, plus the threshold loss        | Shazeer et al. 2017, app. F |
-| `"hierarchical"`| `HierarchicalRouter` | k_primary * k_secondary   | CV^2 of Importance_H and Load_H (MoE's) | Shazeer et al. 2017, app. B |
+| name             | router               | experts per token       | source (Shazeer et al. 2017) |
+|------------------|----------------------|-------------------------|------------------------------|
+| `"noisy_top_k"`  | `NoisyTopKRouter`    | k                       | section 2.1                  |
+| `"softmax"`      | `SoftmaxRouter`      | all n (dense baseline)  | section 2.1                  |
+| `"batchwise"`    | `BatchwiseRouter`    | k on average            | appendix F                   |
+| (an instance)    | `HierarchicalRouter` | k_primary * k_secondary | appendix B                   |
 
-`get` turns a name, a serialized config or an instance into a router.
+All four take the MoE's balancing loss of section 4 (CV^2 of importance and
+load); the batchwise router adds its threshold loss. `get` turns a name, a
+serialized config or an instance into a router.
 """
+
+import keras
 
 from tf_moe.layers.batchwise_router import BatchwiseRouter
 from tf_moe.layers.hierarchical_router import HierarchicalRouter
 from tf_moe.layers.noisy_top_k_router import NoisyTopKRouter
 from tf_moe.layers.router import Router, Routing
 from tf_moe.layers.softmax_router import SoftmaxRouter
-
-import keras
 
 # Routers made from (num_experts, k) alone.
 _BY_NAME = {

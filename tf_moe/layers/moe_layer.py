@@ -14,6 +14,8 @@ from tf_moe.ops.gating import cv_squared
 from tf_moe.ops.replicas import cross_replica_sum
 
 _MASK_SHAPE_MESSAGE = "`mask` must have the shape of `inputs` without its last axis"
+# The gate arguments of tf_moe 0.1's MoE, now a router's.
+_LEGACY_GATE_ARGUMENTS = ("gate", "noisy_gating", "noise_epsilon", "seed")
 
 
 def flatten_tokens(inputs, mask):
@@ -52,7 +54,10 @@ def flatten_tokens(inputs, mask):
 def _flatten_per_token(value, leading_rank):
     """[*leading, ...] -> [T, ...]: a per-token router input, flattened like the tokens."""
     value = tf.convert_to_tensor(value)
-    rest = [d if d is not None else tf.shape(value)[leading_rank + i] for i, d in enumerate(value.shape[leading_rank:])]
+    rest = [
+        d if d is not None else tf.shape(value)[leading_rank + i]
+        for i, d in enumerate(value.shape[leading_rank:])
+    ]
     return tf.reshape(value, [-1] + rest)
 
 
@@ -330,10 +335,6 @@ class MoELayer(keras.layers.Layer):
             config["router"] = routers.from_gate_arguments(config["num_experts"], config["k"], **legacy)
             config["k"] = None  # the softmax gate ignored `k`
         return super().from_config(config)
-
-
-# The gate arguments of tf_moe 0.1's MoE, now a router's.
-_LEGACY_GATE_ARGUMENTS = ("gate", "noisy_gating", "noise_epsilon", "seed")
 
 
 def _serialize(module, value):
