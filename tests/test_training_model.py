@@ -16,7 +16,7 @@ def _tiny_model(noisy=True, seed=0):
     keras.utils.set_random_seed(seed)
     tokens = keras.Input((None,), dtype="int32")
     x = keras.layers.Embedding(VOCAB, 8, mask_zero=True)(tokens)
-    x = MoE(4, 2, 16, noisy_gating=noisy, seed=seed, name="moe")(x)
+    x = MoE(4, 2, 16, noisy_gating=noisy, name="moe")(x)
     logits = keras.layers.Dense(VOCAB, dtype="float32", name="logits")(x)
     return MoEModel(tokens, logits)
 
