@@ -6,8 +6,8 @@ ratio to the dense FFN of the same active FLOPs (hidden width k*h), timed
 alternately with it in the same process.
 
 Dispatchers compared:
-  moe            tf_moe.MoE, dropless (sort-based dispatch, dynamic capacity)
-  moe_cf1.25     tf_moe.MoE with capacity_factor=1.25 (static shapes)
+  moe            tf_moe.MoELayer, dropless (sort-based dispatch, dynamic capacity)
+  moe_cf1.25     tf_moe.MoELayer with capacity_factor=1.25 (static shapes)
   experts_only   the stacked experts alone on a perfectly balanced buffer of
                  k*tokens/n rows each: the floor any dispatcher feeding this
                  batched matmul can reach, so moe / experts_only is the cost
@@ -48,7 +48,7 @@ def _build(method, n, k, d, h, tokens, jit_compile=False):
         layer.build((None, d))
         forward = lambda x: layer(x)  # noqa: E731
     elif method in ("moe", "moe_cf1.25"):
-        layer = tf_moe.MoE(n, k, h, capacity_factor=1.25 if method == "moe_cf1.25" else None)
+        layer = tf_moe.MoELayer(n, k, h, capacity_factor=1.25 if method == "moe_cf1.25" else None)
         layer.build((None, d))
         forward = lambda x: layer(x, training=True) + 0.0 * tf.add_n(layer.losses)  # noqa: E731
     elif method == "experts_only":
@@ -58,9 +58,9 @@ def _build(method, n, k, d, h, tokens, jit_compile=False):
         layer.build((n, None, d))
         forward = lambda x: layer(tf.reshape(tf.tile(x, [k, 1]), [n, k * tokens // n, d]))  # noqa: E731
     else:
-        # The comparison dispatchers share tf_moe's gate and stacked experts,
+        # The comparison dispatchers share tf_moe's router and stacked experts,
         # so only the dispatch differs.
-        gate = tf_moe.NoisyTopKGate(n, k)
+        gate = tf_moe.NoisyTopKRouter(n, k)
         gate.build((None, d))
         experts = tf_moe.FeedForwardExperts(n, h, d)
         experts.build((n, None, d))
@@ -72,7 +72,8 @@ def _build(method, n, k, d, h, tokens, jit_compile=False):
 
         def forward(x):
             r = gate(x, training=True)
-            idx, wgt = r["expert_index"], r["expert_weight"]
+            # Assignments come choice-major: [k * T] -> [T, k].
+            idx, wgt = (tf.transpose(tf.reshape(t, [k, tokens])) for t in (r.expert_id, r.weight))
             if method == "partition":
                 flat_e = tf.reshape(idx, [-1])
                 flat_t = tf.repeat(tf.range(tokens), k)

@@ -39,7 +39,7 @@ def run_one(mode, devices, steps, repeats, batch, seq, units, hidden, experts):
     from tf_moe.distribute import ExpertParallelMoE, expert_parallel_optimizer, get_strategy
 
     strategy = get_strategy("mirrored", devices=[d.name for d in tf.config.list_logical_devices("CPU")])
-    layer_cls = ExpertParallelMoE if mode == "expert" else tf_moe.MoE
+    layer_cls = ExpertParallelMoE if mode == "expert" else tf_moe.MoELayer
     with strategy.scope():
         keras.utils.set_random_seed(0)
         inputs = keras.Input((seq, units))

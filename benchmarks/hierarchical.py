@@ -34,19 +34,15 @@ def _step(layer, part):
     from tf_moe.ops.gating import cv_squared
 
     def gate_loss(x):
-        routing = layer.gate(x, training=True)
-        return (
-            tf.reduce_sum(routing["expert_weight"])
-            + cv_squared(routing["importance"])
-            + cv_squared(routing["load"])
-        )
+        routing = layer.router(x, training=True)
+        return tf.reduce_sum(routing.weight) + cv_squared(routing.importance) + cv_squared(routing.load)
 
     def layer_loss(x):
         y = layer(x, training=True)
         return tf.reduce_sum(tf.square(y)) + tf.add_n(layer.losses)
 
     loss_fn = gate_loss if part == "gate" else layer_loss
-    variables = layer.gate.trainable_weights if part == "gate" else layer.trainable_weights
+    variables = layer.router.trainable_weights if part == "gate" else layer.trainable_weights
 
     @tf.function
     def step(x):
@@ -94,7 +90,7 @@ def main():
     for layer in (flat, hier):
         layer.build((None, args.d))
         # Non-zero gate weights, so routing is not the all-ties start.
-        for variable in layer.gate.trainable_weights:
+        for variable in layer.router.trainable_weights:
             variable.assign(0.1 * rng.standard_normal(variable.shape).astype("float32"))
 
     print(f"# {a}x{b} hierarchical vs flat {a * b} experts, k=4, d={args.d}, h={args.h}, "

@@ -1,7 +1,10 @@
-"""Independent numpy transcription of the paper's equations (PAPER.md 1, 3).
+"""Independent numpy transcription of the paper's equations.
 
-Written from the formulas, element by element, with none of the tricks the
-TensorFlow code uses (kth_excluding is computed by deleting component i).
+Shazeer et al. 2017: noisy top-k gating (section 2.1), importance and the
+smooth load (section 4, appendix A), and the routing diagnostics of the
+noisy top-k router. Written from the formulas, element by element, with
+none of the tricks the TensorFlow code uses (kth_excluding is computed by
+deleting component i).
 """
 
 import math
@@ -51,10 +54,39 @@ def cv_squared(v):
     return v.var() / (v.mean() ** 2 + 1e-10)
 
 
-def dense_moe(x, gates, w_in, b_in, w_out, b_out):
+def relu(x):
+    return np.maximum(x, 0)
+
+
+def expert(x, w_in, b_in, w_out, b_out, activation=relu):
+    """One feed-forward expert, `activation(x W1 + b1) W2 + b2` (biases may be None)."""
+    hidden = x @ w_in + (0 if b_in is None else b_in)
+    out = activation(hidden) @ w_out
+    return out + (0 if b_out is None else b_out)
+
+
+def dense_moe(x, gates, w_in, b_in, w_out, b_out, activation=relu):
     """Every expert on every token, weighted by the (sparse) gates."""
     out = 0.0
     for e in range(w_in.shape[0]):
-        hidden = np.maximum(x @ w_in[e] + b_in[e], 0)
-        out = out + gates[:, e : e + 1] * (hidden @ w_out[e] + b_out[e])
+        b1 = None if b_in is None else b_in[e]
+        b2 = None if b_out is None else b_out[e]
+        out = out + gates[:, e : e + 1] * expert(x, w_in[e], b1, w_out[e], b2, activation)
     return out
+
+
+def topk_agreement(h, clean, k, valid):
+    """Mean over valid tokens of |top-k of h  &  top-k of clean| / k."""
+    shares = []
+    for t in np.flatnonzero(valid):
+        noisy_set = set(np.argsort(-h[t], kind="stable")[:k])
+        clean_set = set(np.argsort(-clean[t], kind="stable")[:k])
+        shares.append(len(noisy_set & clean_set) / k)
+    return float(np.mean(shares))
+
+
+def noise_to_signal(stddev, clean, valid):
+    """Mean noise stddev over mean per-token std of the clean logits (valid tokens)."""
+    noise = np.mean([stddev[t].mean() for t in np.flatnonzero(valid)])
+    signal = np.mean([clean[t].std() for t in np.flatnonzero(valid)])
+    return float(noise / signal)

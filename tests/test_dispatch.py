@@ -1,5 +1,8 @@
 """Sparse dispatch and combine against dense and loop references."""
 
+import fractions
+import math
+
 import numpy as np
 import pytest
 import tensorflow as tf
@@ -74,10 +77,55 @@ def test_dispatch_handles_no_tokens():
     assert out.shape == (0, 4)
 
 
-def test_static_capacity():
-    assert dispatch.static_capacity(1.25, 2 * 100, 8) == 32
-    assert dispatch.static_capacity(1.0, 0, 8) == 0
-    assert int(dispatch.static_capacity(1.0, tf.constant(10), 4)) == 3
+def _exact_capacity(capacity_factor, assignments, experts):
+    """ceil(cf * A / n) with the factor as the decimal it is written as."""
+    ratio = fractions.Fraction(str(capacity_factor)) * assignments / experts
+    return math.ceil(ratio)
+
+
+@pytest.mark.parametrize(
+    "capacity_factor, assignments, experts, expected",
+    [
+        (1.25, 200, 8, 32),
+        (1.0, 0, 8, 0),
+        (1.0, 10, 4, 3),
+        # A float 0.0015 is a hair above 3/2000, and limit_denominator(1000)
+        # gave 3/2000 -> 3749 before; the documented ceil is 3750.
+        (0.0015, 10_000_000, 4, 3750),
+        (0.0004, 100, 8, 1),  # below 1/2000: was 0 slots
+        (1e-9, 1, 64, 1),
+        (0.1, 30, 3, 1),  # 0.1 * 30 / 3 = 1 exactly, not 2
+        (3.0, 7, 7, 3),
+    ],
+)
+def test_static_capacity_is_the_exact_ceil(capacity_factor, assignments, experts, expected):
+    assert _exact_capacity(capacity_factor, assignments, experts) == expected
+    assert dispatch.static_capacity(capacity_factor, assignments, experts) == expected
+    # The tensor path (dynamic batch), integer ops only, also under XLA.
+    tensor = dispatch.static_capacity(capacity_factor, tf.constant(assignments), experts)
+    assert tensor.dtype == tf.int32 and int(tensor) == expected
+    compiled = tf.function(
+        lambda a: dispatch.static_capacity(capacity_factor, a, experts), jit_compile=True
+    )
+    assert int(compiled(tf.constant(assignments))) == expected
+
+
+def test_static_capacity_tensor_path_matches_exact_integers():
+    rng = np.random.default_rng(0)
+    factors = [round(rng.uniform(1e-6, 4.0), int(rng.integers(0, 8))) or 0.5 for _ in range(200)]
+    experts = rng.integers(1, 4096, 200)
+    assignments = rng.integers(0, 2**31 - 1, 200)
+    for cf, n, a in zip(factors, experts, assignments):
+        expected = _exact_capacity(cf, int(a), int(n))
+        if expected >= 2**31:
+            continue
+        assert int(dispatch.static_capacity(cf, tf.constant(int(a)), int(n))) == expected, (cf, n, a)
+
+
+def test_static_capacity_with_too_many_digits_for_a_dynamic_batch_is_named():
+    assert dispatch.static_capacity(1 / 3, 300, 4) == 25
+    with pytest.raises(ValueError, match="`capacity_factor`"):
+        dispatch.static_capacity(1 / 3, tf.constant(300), 4)
 
 
 def test_capacity_path_compiles_with_xla():

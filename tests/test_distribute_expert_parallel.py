@@ -1,7 +1,8 @@
-"""Expert parallelism (PAPER.md section 2(a)) on logical CPU devices.
+"""Expert parallelism (Shazeer et al. 2017, section 3.1) on logical CPU devices.
 
-References are the single-device `MoE` with the same weights on the same
-global batch: sharding the experts over replicas must not change the maths.
+References are the single-device `MoELayer` with the same weights on the
+same global batch: sharding the experts over replicas must not change the
+maths, whatever the router.
 """
 
 import keras
@@ -10,7 +11,7 @@ import pytest
 import tensorflow as tf
 
 import tf_moe
-from tests.layer_test_case import run_layer_test
+from tests.layer_test_case import randomise_weights, run_layer_test
 from tf_moe.distribute import ExpertParallelMoE, expert_parallel_optimizer, get_strategy
 from tf_moe.distribute.expert_parallel import _ShardedExperts, gather_shards
 
@@ -22,12 +23,21 @@ def _strategy(replicas):
     return get_strategy("mirrored", devices=devices)
 
 
-def _model(layer_cls, capacity_factor=None, optimizer=None):
+def _router(kind="noisy_top_k"):
+    """A noise-free router of each kind over the N experts."""
+    return {
+        "noisy_top_k": lambda: tf_moe.NoisyTopKRouter(N, 2, noisy=False),
+        "softmax": lambda: tf_moe.SoftmaxRouter(N),
+        "batchwise": lambda: tf_moe.BatchwiseRouter(N, 2),
+        "hierarchical": lambda: tf_moe.HierarchicalRouter(2, N // 2, 1, 2, noisy=False),
+    }[kind]()
+
+
+def _model(layer_cls, capacity_factor=None, optimizer=None, router="noisy_top_k"):
     keras.utils.set_random_seed(1)
     inputs = keras.Input((3, D))
     outputs = layer_cls(
-        num_experts=N, k=2, hidden_units=8, noisy_gating=False,
-        capacity_factor=capacity_factor, name="moe",
+        hidden_units=8, router=_router(router), capacity_factor=capacity_factor, name="moe",
     )(inputs)
     model = keras.Model(inputs, outputs)
     if optimizer is not None:
@@ -42,11 +52,10 @@ def _copy_weights(source, target):
     dst.experts.load_own_variables({str(i): gather_shards(w) for i, w in enumerate(src.experts.weights)})
 
 
-def _reference(capacity_factor=None, optimizer=None):
-    model = _model(tf_moe.MoE, capacity_factor, optimizer)
-    # A random gate, so tokens really spread over experts on all replicas.
-    gate = np.random.default_rng(0).standard_normal((D, N)).astype("float32")
-    model.get_layer("moe").gate.w_gate.assign(gate)
+def _reference(capacity_factor=None, optimizer=None, router="noisy_top_k"):
+    model = _model(tf_moe.MoELayer, capacity_factor, optimizer, router)
+    # A random router, so tokens really spread over experts on all replicas.
+    randomise_weights(model.get_layer("moe").router, seed=0, scale=1.0)
     return model
 
 
@@ -62,6 +71,35 @@ def test_layer_citizenship_on_one_replica():
         input_shape=(3, 5, 10),
         expected_output_shape=(3, 5, 5),
     )
+
+
+@pytest.mark.parametrize(
+    "router",
+    # The default run takes the hierarchical router (about a minute on two
+    # cores); the noisy top-k router is also covered on 2 replicas above.
+    ["hierarchical"] + [pytest.param(r, marks=pytest.mark.slow) for r in ("noisy_top_k", "softmax", "batchwise")],
+)
+def test_every_router_on_four_replicas_equals_the_single_device_layer(router):
+    """Inference outputs and balance, and (where the routing of a replica's
+    batch is that of the global batch) two training epochs."""
+    x, y = _data()
+    reference = _reference(None, keras.optimizers.SGD(0.1), router)
+    with _strategy(4).scope():
+        model = _model(ExpertParallelMoE, None, expert_parallel_optimizer(keras.optimizers.SGD(0.1)), router)
+        _copy_weights(reference, model)
+    assert model.get_layer("moe").experts.num_experts == 1
+    np.testing.assert_allclose(
+        model.predict(x, batch_size=len(x), verbose=0), reference.predict(x, batch_size=len(x), verbose=0),
+        rtol=1e-5, atol=1e-6,
+    )
+    if router == "batchwise":
+        return  # each replica ranks its own batch while training
+    expected = reference.fit(x, y, batch_size=16, epochs=2, shuffle=False, verbose=0).history
+    got = model.fit(x, y, batch_size=16, epochs=2, shuffle=False, verbose=0).history
+    for key in ("loss", "moe_aux_loss", "moe_cv_importance", "moe_cv_load"):
+        np.testing.assert_allclose(got[key], expected[key], rtol=1e-4, atol=1e-6, err_msg=key)
+    for ref_weight, weight in zip(reference.get_layer("moe").weights, model.get_layer("moe").weights):
+        np.testing.assert_allclose(gather_shards(weight), ref_weight.numpy(), rtol=1e-4, atol=1e-5)
 
 
 @pytest.mark.parametrize(

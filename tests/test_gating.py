@@ -1,4 +1,4 @@
-"""The gating maths against the numpy transcription of the paper."""
+"""The gating maths against the numpy transcription of the paper (sections 2.1, 4, appendix A)."""
 
 import numpy as np
 import pytest
@@ -77,3 +77,42 @@ def test_smooth_load_has_the_expectation_of_the_hard_load():
     # Monte Carlo error of the hard count to a few tenths.
     np.testing.assert_allclose(smooth, hard, rtol=0.05)
     assert not np.allclose(hard, hard[0])  # the routing is genuinely unequal
+
+
+def test_masked_tokens_leave_smooth_load_and_importance_untouched_even_when_nan():
+    rng = np.random.default_rng(3)
+    clean = rng.standard_normal((6, 4)).astype(np.float32)
+    noisy = clean + rng.standard_normal((6, 4)).astype(np.float32)
+    stddev = np.ones((6, 4), np.float32)
+    valid = np.array([True, False, True, True, False, True])
+    for array in (clean, noisy):
+        array[~valid] = np.nan
+    np.testing.assert_allclose(
+        gating.smooth_load(clean, noisy, stddev, 2, valid),
+        gating.smooth_load(clean[valid], noisy[valid], stddev[valid], 2),
+        rtol=1e-6,
+    )
+    index = tf.constant([[0, 1], [4, 4], [2, 3]])  # 4 = not routed
+    weight = tf.constant([[0.6, 0.4], [np.nan, np.inf], [0.5, 0.5]])
+    np.testing.assert_allclose(gating.importance(index, weight, 4), [0.6, 0.4, 0.5, 0.5])
+
+
+def test_routing_diagnostics_match_the_reference():
+    rng = np.random.default_rng(4)
+    t, n, k = 30, 6, 2
+    clean = rng.standard_normal((t, n)).astype(np.float32)
+    stddev = np.abs(rng.standard_normal((t, n))).astype(np.float32) + 0.1
+    noisy = clean + rng.standard_normal((t, n)).astype(np.float32) * stddev
+    valid = rng.random(t) > 0.2
+    noisy_index, _, _ = gating.top_k_gates(noisy, k)
+    np.testing.assert_allclose(
+        gating.topk_agreement(noisy_index, clean, valid), ref.topk_agreement(noisy, clean, k, valid), rtol=1e-6
+    )
+    np.testing.assert_allclose(
+        gating.noise_to_signal(stddev, clean, valid), ref.noise_to_signal(stddev, clean, valid), rtol=1e-5
+    )
+    # Identical sets agree fully; no spread in the clean logits means no signal.
+    clean_index, _, _ = gating.top_k_gates(clean, k)
+    assert float(gating.topk_agreement(clean_index, clean)) == 1.0
+    assert np.isinf(float(gating.noise_to_signal(stddev, np.zeros_like(clean))))
+    assert float(gating.noise_to_signal(stddev, clean, np.zeros(t, bool))) == 0.0

@@ -42,3 +42,35 @@ def test_reset_state_and_serialization():
     assert float(metric.result()["balance_max_over_mean_load"]) == 0.0
     clone = tf_moe.LoadBalanceMetrics.from_config(metric.get_config())
     assert clone.name == "balance"
+
+
+def test_a_non_finite_batch_is_skipped_not_kept_forever():
+    """One NaN (or inf) batch must not turn the running figures into NaN."""
+    metric = tf_moe.LoadBalanceMetrics(name="m", router_metrics=("agreement",))
+    metric.update_state([1.0, 3.0], [2.0, 2.0], dropped=1.0, routed=4.0, aux_loss=0.5,
+                        unrouted=0.0, tokens=2.0, router_metrics={"agreement": 0.75})
+    nan = float("nan")
+    metric.update_state([nan, 1.0], [nan, 1.0], dropped=nan, routed=nan, aux_loss=nan,
+                        unrouted=nan, tokens=nan, router_metrics={"agreement": nan})
+    metric.update_state([2.0, 2.0], [1.0, 3.0], dropped=0.0, routed=4.0, aux_loss=0.25,
+                        unrouted=1.0, tokens=2.0, router_metrics={"agreement": float("inf")})
+    result = {key: float(value) for key, value in metric.result().items()}
+    assert all(np.isfinite(value) for value in result.values())
+    assert result["m_cv_importance"] == pytest.approx(np.mean([_cv([1, 3]), 0.0]), rel=1e-5)
+    assert result["m_cv_load"] == pytest.approx(np.mean([0.0, _cv([1, 3])]), rel=1e-5, abs=1e-6)
+    assert result["m_aux_loss"] == pytest.approx(0.375)
+    assert result["m_agreement"] == pytest.approx(0.75)  # the only finite value
+    assert result["m_dropped_fraction"] == pytest.approx(1.0 / 8.0)
+    assert result["m_unrouted_fraction"] == pytest.approx(1.0 / 4.0)
+
+
+def test_router_metrics_are_averaged_and_checked():
+    metric = tf_moe.LoadBalanceMetrics(name="m", router_metrics=("agreement",))
+    for value in (0.5, 1.0):
+        metric.update_state([1.0, 1.0], [1.0, 1.0], router_metrics={"agreement": value})
+    assert float(metric.result()["m_agreement"]) == pytest.approx(0.75)
+    with pytest.raises(ValueError, match="agreement"):
+        metric.update_state([1.0], [1.0], router_metrics={})
+    with pytest.raises(ValueError, match="balance names"):
+        tf_moe.LoadBalanceMetrics(router_metrics=("cv_load",))
+    assert tf_moe.LoadBalanceMetrics.from_config(metric.get_config()).router_metrics == ("agreement",)

@@ -6,6 +6,7 @@ import keras
 import numpy as np
 import pytest
 
+from tf_moe import HierarchicalRouter
 from tf_moe.models import BASELINES, lstm_lm, ops_per_timestep
 from tf_moe.training import MoEModel
 
@@ -34,9 +35,9 @@ def test_shapes_and_padding_does_not_change_real_logits(kind):
 
 def test_hierarchical_moe_shapes_and_padding():
     model = lstm_lm(**{**SMALL, "num_experts": 8}, num_groups=4)
-    layer = model.get_layer("moe")
-    assert type(layer).__name__ == "HierarchicalMoE"
-    assert (layer.num_groups, layer.experts_per_group, layer.k_primary, layer.k_secondary) == (4, 2, 2, 2)
+    router = model.get_layer("moe").router
+    assert isinstance(router, HierarchicalRouter)
+    assert (router.num_groups, router.experts_per_group, router.k_primary, router.k_secondary) == (4, 2, 2, 2)
     rng = np.random.default_rng(1)
     tokens = _tokens(rng, (2, 6))
     tokens[1, 3:] = 0
@@ -89,6 +90,8 @@ def test_bad_arguments_are_named():
         lstm_lm(**{**SMALL, "dropout": 1.5})
     with pytest.raises(ValueError, match="`num_groups`"):
         lstm_lm(**SMALL, num_groups=3)
+    with pytest.raises(ValueError, match="`num_groups`"):
+        lstm_lm(**SMALL, num_groups=0)
     with pytest.raises(ValueError, match="`vocab_size`"):
         lstm_lm(**{**SMALL, "vocab_size": 0})
 

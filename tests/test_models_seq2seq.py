@@ -7,10 +7,11 @@ import numpy as np
 import pytest
 
 from tf_moe.models import Seq2SeqDecoder, ops_per_timestep, seq2seq
+from tf_moe.models.seq2seq import Seq2SeqModel, Seq2SeqParts
 from tf_moe.training import MoEModel
 
 VOCAB, START, END = 40, 2, 3
-SMALL = dict(vocab_size=VOCAB, units=16, num_experts=4, k=2, expert_hidden_units=32, attention_heads=2, dropout=0.0)
+SMALL = dict(vocab_size=VOCAB, units=16, num_experts=4, k=2, expert_hidden_units=32, attention_heads=2, dropout=0.0, seed=0)
 
 
 def _batch(seed=0):
@@ -25,6 +26,7 @@ def _batch(seed=0):
 
 @pytest.fixture(scope="module")
 def model():
+    keras.utils.set_random_seed(0)
     return seq2seq(**SMALL)
 
 
@@ -113,8 +115,33 @@ def test_keras_round_trip_gives_identical_outputs(use_moe, tmp_path):
     np.testing.assert_array_equal(loaded_decoder.greedy(source).numpy(), decoder.greedy(source).numpy())
 
 
+@pytest.mark.parametrize("use_moe", (True, False))
+def test_parts_record_the_layers_decoding_reuses(use_moe):
+    model = seq2seq(**SMALL, use_moe=use_moe)
+    assert isinstance(model, Seq2SeqModel)
+    parts = model.parts
+    assert isinstance(parts, Seq2SeqParts)
+    assert parts.embedding is model.get_layer("embedding") and parts.logits is model.get_layer("logits")
+    middle = [type(layer).__name__ for layer in parts.decoder_middle]
+    assert middle == (["MoELayer"] if use_moe else ["Dense", "Dense"])
+    source, _ = _batch(6)
+    encoded = np.asarray(parts.encoder(source))
+    assert encoded.shape == (3, 7, SMALL["units"])
+
+
+def test_a_seq2seq_model_saved_by_tf_moe_0_1_still_decodes(model):
+    """0.1 saved a plain MoEModel with no recorded parts: its fixed layout is used."""
+    legacy = MoEModel(model.inputs, model.outputs)
+    assert not hasattr(legacy, "part_names")
+    source, _ = _batch(7)
+    legacy_decoder, decoder = Seq2SeqDecoder(legacy, START, END, 5), Seq2SeqDecoder(model, START, END, 5)
+    np.testing.assert_array_equal(legacy_decoder.greedy(source).numpy(), decoder.greedy(source).numpy())
+
+
 def test_bad_arguments_are_named(model):
     with pytest.raises(ValueError, match="`units`"):
         seq2seq(**{**SMALL, "units": 15})
     with pytest.raises(ValueError, match="`max_length`"):
         Seq2SeqDecoder(model, START, END, max_length=0)
+    with pytest.raises(ValueError, match="`part_names`"):
+        Seq2SeqModel(model.inputs, model.outputs, part_names={"embedding": "embedding"})

@@ -12,7 +12,7 @@ from tf_moe.models import lstm_lm
 from tf_moe.training import TrainingSummaries, default_callbacks, expert_loads
 
 VOCAB = 30
-SIZES = dict(vocab_size=VOCAB, units=8, num_experts=4, k=2, expert_hidden_units=16, dropout=0.0)
+SIZES = dict(vocab_size=VOCAB, units=8, num_experts=4, k=2, expert_hidden_units=16, dropout=0.0, seed=0)
 
 
 def _data(seed=0, batch=16, length=6):
@@ -51,9 +51,14 @@ def test_histograms_are_written_per_moe_layer(tmp_path):
     x, y = _data()
     callbacks = default_callbacks(str(tmp_path), probe_inputs=x[:8])
     assert any(isinstance(c, TrainingSummaries) for c in callbacks)
-    model.fit(x, y, batch_size=8, epochs=2, verbose=0, callbacks=callbacks)
+    model.fit(x, y, batch_size=8, epochs=2, verbose=0, callbacks=callbacks, validation_data=(x, y))
     tags = _events(os.path.join(tmp_path, "logs"))
     assert {"moe/expert_load", "epoch_moe_cv_load", "epoch_perplexity", "epoch_learning_rate"} <= tags
+    # The router's diagnostics, for the training and the validation routing.
+    for split in ("train", "validation"):
+        tags = _events(os.path.join(tmp_path, "logs", split))
+        assert {"epoch_moe_topk_agreement", "epoch_moe_noise_to_signal"} <= tags
+    assert _last_tensor(os.path.join(tmp_path, "logs", "validation"), "epoch_moe_topk_agreement") == 1.0
     histogram = _last_tensor(os.path.join(tmp_path, "logs", "experts"), "moe/expert_load")
     # One bucket per expert, [i, i + 1), holding the probe batch's load.
     np.testing.assert_array_equal(histogram[:, 0], np.arange(4))

@@ -20,7 +20,7 @@ import numpy as np
 import tensorflow as tf
 
 from tf_moe import data
-from tf_moe.layers.moe import MoE
+from tf_moe.layers.moe_layer import MoELayer
 from tf_moe.models import BASELINES, Seq2SeqDecoder, lstm_lm, ops_per_timestep, seq2seq
 from tf_moe.training import ResetRecurrentState, WarmupInverseSqrtDecay, default_callbacks
 
@@ -129,7 +129,7 @@ def _fit(model, config, train, valid, run_dir, test=None, callbacks=()):
     if test is not None:
         test_logs = model.evaluate(test, verbose=0, return_dict=True, callbacks=list(callbacks))
         row["test_perplexity"] = float(test_logs["perplexity"])
-    moe_names = [layer.name for layer in model.layers if isinstance(layer, MoE)]
+    moe_names = [layer.name for layer in model.layers if isinstance(layer, MoELayer)]
     # The paper's balance figures are of training batches (noisy gates);
     # the validation ones are of the deterministic inference routing.
     for key in _BALANCE:

@@ -1,11 +1,11 @@
-"""Expert parallelism: each expert lives on one replica (PAPER.md section 2(a))."""
+"""Expert parallelism: each expert lives on one replica (Shazeer et al. 2017, section 3.1)."""
 
 import keras
 import tensorflow as tf
 from keras.src.backend.common.symbolic_scope import in_symbolic_scope
 
 from tf_moe.layers.feed_forward_experts import FeedForwardExperts
-from tf_moe.layers.moe import MoE
+from tf_moe.layers.moe_layer import MoELayer
 
 
 def is_replica_local(variable):
@@ -157,34 +157,36 @@ class _ShardedExperts(FeedForwardExperts):
 
 
 @keras.saving.register_keras_serializable(package="tf_moe")
-class ExpertParallelMoE(MoE):
+class ExpertParallelMoE(MoELayer):
     """MoE layer whose experts are sharded across data-parallel replicas.
 
-    The mix of data and model parallelism of PAPER.md section 2(a): under a
-    `tf.distribute` strategy with R replicas, the gate and the rest of the
+    The mix of data and model parallelism of section 3.1: under a
+    `tf.distribute` strategy with R replicas, the router and the rest of the
     model are replicated (data parallel) while each replica holds
     `num_experts / R` experts. In every step the per-replica dispatch
     buffers are exchanged with cross-replica all-gathers, so each expert
     runs once on the tokens routed to it from the whole global batch (a
     batch of about `k * B / n` for a global batch of B tokens instead of
     `k * B / (n R)`), and the outputs return to their replicas. With one
-    replica it is exactly `MoE`. Expert weights are per-replica (ON_READ)
+    replica it is exactly `MoELayer`. It works with every router, the
+    hierarchical one included: routing happens on each replica before the
+    exchange. Expert weights are per-replica (ON_READ)
     variables: train with an optimizer wrapped by
     `tf_moe.distribute.expert_parallel_optimizer`, which leaves their
     gradients local instead of summing them over replicas. Weights are
     saved as the full `[num_experts, ...]` bank, so they load onto any
-    replica count and into `MoE`.
+    replica count and into `MoELayer`.
 
     Args:
-        Those of `MoE`; `num_experts` must be a multiple of the number of
-        replicas of the strategy in scope when the layer is built.
+        Those of `MoELayer`; `num_experts` must be a multiple of the number
+        of replicas of the strategy in scope when the layer is built.
 
     Call arguments:
-        As `MoE`, inside a replica context when there are several replicas
-        (`fit`, `evaluate`, `predict`, `strategy.run`).
+        As `MoELayer`, inside a replica context when there are several
+        replicas (`fit`, `evaluate`, `predict`, `strategy.run`).
 
     Returns:
-        As `MoE`.
+        As `MoELayer`.
 
     Example:
 

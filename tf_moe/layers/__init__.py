@@ -1,9 +1,11 @@
-"""Keras layers of tf_moe."""
+"""Keras layers of tf_moe: `MoELayer`, its routers and its experts."""
 
-from tf_moe.layers.batchwise_gate import BatchwiseGate
+from tf_moe.layers.batchwise_router import BatchwiseRouter
 from tf_moe.layers.feed_forward_experts import FeedForwardExperts
-from tf_moe.layers.hierarchical_gate import HierarchicalGate
 from tf_moe.layers.hierarchical_moe import HierarchicalMoE
+from tf_moe.layers.hierarchical_router import HierarchicalRouter
 from tf_moe.layers.moe import MoE
-from tf_moe.layers.noisy_top_k_gate import NoisyTopKGate
-from tf_moe.layers.softmax_gate import SoftmaxGate
+from tf_moe.layers.moe_layer import MoELayer
+from tf_moe.layers.noisy_top_k_router import NoisyTopKRouter
+from tf_moe.layers.router import Router, Routing
+from tf_moe.layers.softmax_router import SoftmaxRouter

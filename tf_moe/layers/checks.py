@@ -1,5 +1,8 @@
 """Argument checks shared by the layers: each error names the argument."""
 
+import math
+import numbers
+
 
 def check_positive_int(name, value):
     if not isinstance(value, int) or isinstance(value, bool) or value < 1:
@@ -12,13 +15,21 @@ def check_not_above(name, value, limit_name, limit):
         raise ValueError(f"`{name}` ({value}) must not exceed `{limit_name}` ({limit}).")
 
 
+def _is_real(value):
+    return isinstance(value, numbers.Real) and not isinstance(value, bool)
+
+
 def check_non_negative(name, value):
-    if not value >= 0:
-        raise ValueError(f"`{name}` must be >= 0, got {value!r}.")
+    """A finite real number >= 0 (an inf weight would make the loss inf)."""
+    if not (_is_real(value) and math.isfinite(value) and value >= 0):
+        raise ValueError(f"`{name}` must be a finite number >= 0, got {value!r}.")
 
 
 def check_capacity_factor(capacity_factor):
-    if capacity_factor is not None and not capacity_factor > 0:
+    if capacity_factor is not None and not (
+        _is_real(capacity_factor) and math.isfinite(capacity_factor) and capacity_factor > 0
+    ):
         raise ValueError(
-            f"`capacity_factor` must be None (dropless) or > 0, got {capacity_factor!r}."
+            "`capacity_factor` must be None (dropless) or a finite number > 0, "
+            f"got {capacity_factor!r}."
         )

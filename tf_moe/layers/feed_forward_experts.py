@@ -11,7 +11,7 @@ class FeedForwardExperts(keras.layers.Layer):
     """`num_experts` two-layer feed-forward networks applied as batched matmuls.
 
     Every expert is `activation(x W1_e + b1_e) W2_e + b2_e` (the experts of
-    PAPER.md section 1). Their weights are stacked along a leading expert axis
+    Shazeer et al. 2017, section 2). Their weights are stacked along a leading expert axis
     ([n, d, h], [n, h, o]) so all experts run in one batched matmul on a
     dispatch buffer, whatever their number.
 
@@ -128,6 +128,10 @@ class FeedForwardExperts(keras.layers.Layer):
         if self.use_bias:
             outputs = outputs + self.bias_out
         return outputs
+
+    def ops_per_token(self):
+        """Multiply-adds of one expert on one token (both kernels; needs the layer built)."""
+        return self.kernel_in.shape[-2] * self.hidden_units + self.hidden_units * self.output_units
 
     def compute_output_shape(self, input_shape):
         return tuple(input_shape[:-1]) + (self.output_units,)

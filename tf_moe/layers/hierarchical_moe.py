@@ -1,28 +1,21 @@
-"""The hierarchical Mixture-of-Experts layer (PAPER.md section 4, appendix B)."""
+"""`HierarchicalMoE`: `MoELayer` with the hierarchical router (Shazeer et al. 2017, appendix B)."""
 
 import keras
 
-from tf_moe.layers.hierarchical_gate import HierarchicalGate, check_hierarchy
-from tf_moe.layers.moe import MoE
+from tf_moe.layers.hierarchical_router import HierarchicalRouter
+from tf_moe.layers.moe_layer import MoELayer
 
 
 @keras.saving.register_keras_serializable(package="tf_moe")
-class HierarchicalMoE(MoE):
+class HierarchicalMoE(MoELayer):
     """Two-level MoE: a primary gate picks groups, each group's gate its experts.
 
+    A convenience for `MoELayer(router=HierarchicalRouter(...))`:
     `y_H = sum_i sum_j G_primary(x)_i G_i(x)_j E_{i,j}(x)` over `num_groups`
     groups of `experts_per_group` experts (appendix B; the paper's MoE-256-h
-    is 16 x 16 with k = 2 at both levels). Both levels are noisy top-k gates,
-    and a group's gate is evaluated only on the tokens sent to that group
-    (see `HierarchicalGate`), so gating costs O(tokens * (a + k_primary * b)
-    * d) instead of the O(tokens * a * b * d) of a flat gate over a * b
-    experts. The a * b experts are one stacked `FeedForwardExperts` bank
-    (expert `i * b + j` is E_{i,j}) on the same sparse dispatch path as
-    `MoE`, and everything else is the `MoE`'s: flattening of leading axes,
-    masks, capacity, mixed precision, the balancing loss
-    `importance_weight * CV(Importance_H)^2 + load_weight * CV(Load_H)^2`
-    added with `add_loss` while training, and the load-balance metrics in
-    the `fit` logs under `<name>_cv_importance`, ... .
+    is 16 x 16 with k = 2 at both levels), with the balancing loss on
+    `Importance_H` and `Load_H`. See `HierarchicalRouter` for the gating and
+    `MoELayer` for everything else (dispatch, masks, capacity, metrics).
 
     Args:
         num_groups: int, number of groups a.
@@ -30,32 +23,21 @@ class HierarchicalMoE(MoE):
         k_primary: int, groups per token, <= num_groups.
         k_secondary: int, experts per chosen group, <= experts_per_group.
         hidden_units: int, hidden width of each expert (keyword only).
-        output_units: int or None, output width (None: the input width).
-        activation: activation of the experts' hidden layer.
+        output_units, activation, importance_weight, load_weight, use_bias,
+            kernel_initializer, bias_initializer, kernel_regularizer,
+            bias_regularizer: as `MoELayer`.
         noisy_gating: bool, add both gates' tunable noise while training.
-        noise_epsilon: float >= 0 added to the noise scales.
-        importance_weight: float >= 0, w_importance.
-        load_weight: float >= 0, w_load.
+        noise_epsilon: finite float >= 0 added to the noise scales.
         capacity_factor: None for dropless dispatch (dynamic shapes), or a
-            float > 0 for static capacities: each expert takes
+            finite float > 0 for static capacities: each expert takes
             `ceil(capacity_factor * k_primary * k_secondary * tokens / (a*b))`
             tokens and each group's gate
             `ceil(capacity_factor * k_primary * tokens / a)`; what is over
             capacity contributes zero and counts as dropped.
-        use_bias, kernel_initializer, bias_initializer, kernel_regularizer,
-            bias_regularizer: for the experts' weights.
         seed: optional int seed of the gating noise.
-        **kwargs: base layer arguments (`name`, `dtype`, ...).
-
-    Call arguments:
-        inputs: [..., d] tensor of rank >= 2.
-        training: bool, enables noise, the smooth loads and the losses.
-        mask: optional bool tensor of shape `inputs.shape[:-1]`: masked
-            tokens are not routed, their output is zero and they count in
-            neither importance nor load.
-
-    Returns:
-        [..., output_units or d].
+        **kwargs: base layer arguments (`name`, `dtype`, ...). A `router`,
+            `gate`, `num_experts` or `k` is an error: the router is always
+            the hierarchical one (use `MoELayer` for others).
 
     Example:
 
@@ -89,20 +71,27 @@ class HierarchicalMoE(MoE):
         seed=None,
         **kwargs,
     ):
-        check_hierarchy(num_groups, experts_per_group, k_primary, k_secondary)
-        # Read by `_make_gate`, which the MoE constructor calls.
-        self.num_groups = num_groups
-        self.experts_per_group = experts_per_group
-        self.k_primary = k_primary
-        self.k_secondary = k_secondary
+        for arg in ("router", "gate", "num_experts", "k"):
+            if arg in kwargs:
+                raise ValueError(
+                    f"HierarchicalMoE always routes with HierarchicalRouter and takes no `{arg}`; "
+                    "use `MoELayer(router=...)` for another router."
+                )
+        router = HierarchicalRouter(
+            num_groups,
+            experts_per_group,
+            k_primary,
+            k_secondary,
+            noisy=noisy_gating,
+            noise_epsilon=noise_epsilon,
+            capacity_factor=capacity_factor,
+            seed=seed,
+        )
         super().__init__(
-            num_experts=num_groups * experts_per_group,
-            k=k_primary * k_secondary,
             hidden_units=hidden_units,
             output_units=output_units,
             activation=activation,
-            noisy_gating=noisy_gating,
-            noise_epsilon=noise_epsilon,
+            router=router,
             importance_weight=importance_weight,
             load_weight=load_weight,
             capacity_factor=capacity_factor,
@@ -111,26 +100,31 @@ class HierarchicalMoE(MoE):
             bias_initializer=bias_initializer,
             kernel_regularizer=kernel_regularizer,
             bias_regularizer=bias_regularizer,
-            seed=seed,
             **kwargs,
         )
+        self.noisy_gating = router.noisy
+        self.noise_epsilon = router.noise_epsilon
+        self.seed = seed
 
-    def _make_gate(self):
-        return HierarchicalGate(
-            self.num_groups,
-            self.experts_per_group,
-            self.k_primary,
-            self.k_secondary,
-            noisy=self.noisy_gating,
-            noise_epsilon=self.noise_epsilon,
-            capacity_factor=self.capacity_factor,
-            seed=self.seed,
-            name="gate",
-        )
+    @property
+    def num_groups(self):
+        return self.router.num_groups
+
+    @property
+    def experts_per_group(self):
+        return self.router.experts_per_group
+
+    @property
+    def k_primary(self):
+        return self.router.k_primary
+
+    @property
+    def k_secondary(self):
+        return self.router.k_secondary
 
     def get_config(self):
         config = super().get_config()
-        for key in ("num_experts", "k", "gate"):
+        for key in ("num_experts", "k", "router"):
             del config[key]
         config.update(
             {
@@ -138,6 +132,13 @@ class HierarchicalMoE(MoE):
                 "experts_per_group": self.experts_per_group,
                 "k_primary": self.k_primary,
                 "k_secondary": self.k_secondary,
+                "noisy_gating": self.noisy_gating,
+                "noise_epsilon": self.noise_epsilon,
+                "seed": self.seed,
             }
         )
         return config
+
+    @classmethod
+    def from_config(cls, config):
+        return super(MoELayer, cls).from_config(config)

@@ -2,7 +2,10 @@
 
 import keras
 
-from tf_moe.layers.moe import MoE
+from tf_moe.layers.checks import check_positive_int
+from tf_moe.layers.hierarchical_router import HierarchicalRouter
+from tf_moe.layers.moe_layer import MoELayer
+from tf_moe.layers.noisy_top_k_router import NoisyTopKRouter
 from tf_moe.training.model import MoEModel
 
 BASELINES = ("moe-1-wide", "moe-1-deep", "4xlstm")
@@ -19,40 +22,29 @@ def moe_layer(
     seed=None,
     name="moe",
 ):
-    """A flat `MoE`, or a `HierarchicalMoE` when `num_groups` is given.
+    """An `MoELayer` with the noisy top-k router, or the hierarchical one when `num_groups` is given.
 
-    The hierarchical layer (appendix B) splits `num_experts` into
+    The hierarchical router (appendix B) splits `num_experts` into
     `num_groups` groups and uses `k` at both levels, as the paper's
-    MoE-256-h does with k=2.
+    MoE-256-h does with k=2; its groups get the layer's capacity factor.
     """
     if num_groups is None:
-        return MoE(
-            num_experts,
-            k,
-            hidden_units,
-            importance_weight=importance_weight,
-            load_weight=load_weight,
-            capacity_factor=capacity_factor,
-            seed=seed,
-            name=name,
+        router = NoisyTopKRouter(num_experts, k, seed=seed)
+    else:
+        check_positive_int("num_groups", num_groups)
+        if num_experts % num_groups:
+            raise ValueError(
+                f"`num_experts` ({num_experts}) must be a multiple of `num_groups` ({num_groups})."
+            )
+        router = HierarchicalRouter(
+            num_groups, num_experts // num_groups, k, k, capacity_factor=capacity_factor, seed=seed
         )
-    if num_experts % num_groups:
-        raise ValueError(
-            f"`num_experts` ({num_experts}) must be a multiple of `num_groups` ({num_groups})."
-        )
-    # Imported lazily: the hierarchical layer is optional for flat models.
-    from tf_moe.layers.hierarchical_moe import HierarchicalMoE
-
-    return HierarchicalMoE(
-        num_groups=num_groups,
-        experts_per_group=num_experts // num_groups,
-        k_primary=k,
-        k_secondary=k,
+    return MoELayer(
         hidden_units=hidden_units,
+        router=router,
         importance_weight=importance_weight,
         load_weight=load_weight,
         capacity_factor=capacity_factor,
-        seed=seed,
         name=name,
     )
 
@@ -127,8 +119,9 @@ def lstm_lm(
         num_experts: int, experts of the MoE layer.
         k: int, experts per token (per level when hierarchical).
         expert_hidden_units: int, hidden width of every expert.
-        num_groups: None for a flat MoE; an int for a `HierarchicalMoE`
-            of `num_groups` groups of `num_experts // num_groups` experts.
+        num_groups: None for a flat MoE; an int for a hierarchical one
+            (`HierarchicalRouter`) of `num_groups` groups of
+            `num_experts // num_groups` experts.
         dropout: float, dropout rate on every layer's output but the softmax.
         importance_weight, load_weight: the balancing loss weights.
         capacity_factor: None (dropless) or the MoE's static capacity factor.

@@ -4,40 +4,23 @@ import math
 
 import keras
 
-from tf_moe.layers.moe import MoE
+from tf_moe.layers.moe_layer import MoELayer
 
 
 def _kernel_size(*variables):
     return sum(math.prod(v.shape) for v in variables)
 
 
-def _gate_ops(gate):
-    primary = getattr(gate, "primary", None)
-    if primary is not None:
-        # Hierarchical gate: the primary gate runs on every token, and the
-        # gates of the k_primary groups it picks.
-        return _kernel_size(primary.w_gate) + gate.k_primary * _kernel_size(gate.w_gate) // gate.num_groups
-    return _kernel_size(gate.w_gate)
-
-
-def _moe_ops(layer):
-    # The gate runs on every token; only `gate.k` of the experts do (all of
-    # them behind a softmax gate).
-    experts = layer.experts
-    expert_ops = _kernel_size(experts.kernel_in, experts.kernel_out) // layer.num_experts
-    return _gate_ops(layer.gate) + layer.gate.k * expert_ops
-
-
 def layer_ops_per_timestep(layer):
     """Multiply-adds one token costs in `layer` at inference.
 
     Dense-like layers cost one multiply-add per kernel weight; an LSTM its
-    input and recurrent kernels; an MoE (flat or hierarchical) its gates plus the `k` experts
-    a token visits. Layers
+    input and recurrent kernels; an MoE layer its router plus the `k` experts
+    a token visits (`MoELayer.ops_per_token`, whatever the router). Layers
     without a kernel (embedding lookups, dropout, adds) count as zero.
     """
-    if isinstance(layer, MoE):
-        return _moe_ops(layer)
+    if isinstance(layer, MoELayer):
+        return layer.ops_per_token()
     if isinstance(layer, keras.layers.Bidirectional):
         return layer_ops_per_timestep(layer.forward_layer) + layer_ops_per_timestep(layer.backward_layer)
     if isinstance(layer, keras.layers.RNN):

@@ -1,5 +1,7 @@
 """The GNMT-style translation model of appendix E, at small scale, and its decoders."""
 
+from typing import NamedTuple
+
 import keras
 import tensorflow as tf
 
@@ -7,6 +9,93 @@ from tf_moe.models.lstm_lm import _residual, moe_layer
 from tf_moe.training.model import MoEModel
 
 _NEG_INF = -1e9
+
+
+class Seq2SeqParts(NamedTuple):
+    """The parts of a `seq2seq` model that step-by-step decoding runs, by role.
+
+    Fields:
+        encoder: `keras.Model` from the source ids to the encoder output
+            [batch, src_len, units].
+        embedding: the shared embedding layer.
+        decoder_lstm_1: the bottom decoder LSTM (its cell runs one step).
+        attention: the encoder-decoder `MultiHeadAttention`.
+        decoder_middle: tuple of the layers between the decoder LSTMs, in
+            order (the MoE layer, or the dense stand-ins).
+        decoder_lstm_2: the top decoder LSTM.
+        logits: the softmax projection.
+    """
+
+    encoder: keras.Model
+    embedding: keras.layers.Layer
+    decoder_lstm_1: keras.layers.Layer
+    attention: keras.layers.Layer
+    decoder_middle: tuple
+    decoder_lstm_2: keras.layers.Layer
+    logits: keras.layers.Layer
+
+    @classmethod
+    def of(cls, model):
+        """The parts of `model`, a `Seq2SeqModel` (or a tf_moe 0.1 seq2seq `MoEModel`)."""
+        names = getattr(model, "part_names", None) or _v01_part_names(model)
+        layer = model.get_layer
+        return cls(
+            encoder=keras.Model(model.inputs[0], layer(names["encoder_output"]).output),
+            embedding=layer(names["embedding"]),
+            decoder_lstm_1=layer(names["decoder_lstm_1"]),
+            attention=layer(names["attention"]),
+            decoder_middle=tuple(layer(name) for name in names["decoder_middle"]),
+            decoder_lstm_2=layer(names["decoder_lstm_2"]),
+            logits=layer(names["logits"]),
+        )
+
+
+def _v01_part_names(model):
+    """The fixed layout of seq2seq models saved by tf_moe 0.1, which recorded no parts."""
+    names = {layer.name for layer in model.layers}
+    middle = ["decoder_moe"] if "decoder_moe" in names else ["decoder_wide_hidden", "decoder_wide_output"]
+    return {
+        "encoder_output": "encoder_lstm_3_residual",
+        "embedding": "embedding",
+        "decoder_lstm_1": "decoder_lstm_1",
+        "attention": "attention",
+        "decoder_middle": middle,
+        "decoder_lstm_2": "decoder_lstm_2",
+        "logits": "logits",
+    }
+
+
+@keras.saving.register_keras_serializable(package="tf_moe")
+class Seq2SeqModel(MoEModel):
+    """The `MoEModel` that `seq2seq` builds, with the roles of its layers recorded.
+
+    `part_names` (saved in the config) maps each role of `Seq2SeqParts` to
+    the layer that plays it, so decoders find the parts from the model
+    itself; `parts` gives them as a `Seq2SeqParts`.
+
+    Args:
+        part_names: dict role -> layer name (`decoder_middle`: a list).
+        *args, **kwargs: `MoEModel` arguments.
+    """
+
+    def __init__(self, *args, part_names=None, **kwargs):
+        super().__init__(*args, **kwargs)
+        roles = (set(Seq2SeqParts._fields) - {"encoder"}) | {"encoder_output"}
+        if part_names is None or set(part_names) != roles:
+            raise ValueError(
+                "`part_names` must map each role of Seq2SeqParts (with `encoder_output` for "
+                f"the encoder) to a layer name, got {part_names!r}."
+            )
+        self.part_names = dict(part_names)
+
+    @property
+    def parts(self):
+        return Seq2SeqParts.of(self)
+
+    def get_config(self):
+        config = super().get_config()
+        config["part_names"] = self.part_names
+        return config
 
 
 def seq2seq(
@@ -55,10 +144,11 @@ def seq2seq(
         name: model name.
 
     Returns:
-        A `MoEModel` with inputs `(source [batch, src_len],
+        A `Seq2SeqModel` (an `MoEModel`) with inputs `(source [batch, src_len],
         decoder_input [batch, tgt_len])` (int token ids; the decoder input is
         the target shifted right behind a start token) and float32 logits
-        `[batch, tgt_len, vocab_size]`. Decode it with `Seq2SeqDecoder`.
+        `[batch, tgt_len, vocab_size]`, whose `parts` are the layers that
+        decoding reuses. Decode it with `Seq2SeqDecoder`.
 
     Example:
 
@@ -75,8 +165,9 @@ def seq2seq(
         )
 
     def middle(x, prefix):
+        """The MoE (or its dense stand-in) with its residual; returns (output, layers)."""
         if use_moe:
-            y = moe_layer(
+            layers = [moe_layer(
                 num_experts,
                 k,
                 expert_hidden_units,
@@ -86,11 +177,16 @@ def seq2seq(
                 capacity_factor=capacity_factor,
                 seed=seed,
                 name=f"{prefix}_moe",
-            )(x)
+            )]
         else:
-            h = keras.layers.Dense(k * expert_hidden_units, activation="relu", name=f"{prefix}_wide_hidden")(x)
-            y = keras.layers.Dense(units, name=f"{prefix}_wide_output")(h)
-        return _residual(x, y, dropout, f"{prefix}_moe")
+            layers = [
+                keras.layers.Dense(k * expert_hidden_units, activation="relu", name=f"{prefix}_wide_hidden"),
+                keras.layers.Dense(units, name=f"{prefix}_wide_output"),
+            ]
+        y = x
+        for layer in layers:
+            y = layer(y)
+        return _residual(x, y, dropout, f"{prefix}_moe"), layers
 
     source = keras.Input((None,), dtype="int32", name="source")
     decoder_input = keras.Input((None,), dtype="int32", name="decoder_input")
@@ -102,20 +198,35 @@ def seq2seq(
     )
     x = _residual(x, bidirectional(x), dropout, "encoder_lstm_1")
     x = _residual(x, keras.layers.LSTM(units, return_sequences=True, name="encoder_lstm_2")(x), dropout, "encoder_lstm_2")
-    x = middle(x, "encoder")
+    x, _ = middle(x, "encoder")
     encoded = _residual(x, keras.layers.LSTM(units, return_sequences=True, name="encoder_lstm_3")(x), dropout, "encoder_lstm_3")
 
     y = keras.layers.Dropout(dropout, name="decoder_embedding_dropout")(embedding(decoder_input))
-    y = _residual(y, keras.layers.LSTM(units, return_sequences=True, name="decoder_lstm_1")(y), dropout, "decoder_lstm_1")
+    bottom = keras.layers.LSTM(units, return_sequences=True, name="decoder_lstm_1")
+    y = _residual(y, bottom(y), dropout, "decoder_lstm_1")
     attention = keras.layers.MultiHeadAttention(
         attention_heads, units // attention_heads, name="attention"
     )
     context = attention(y, encoded)
-    y = middle(y, "decoder")
+    y, decoder_middle = middle(y, "decoder")
     top = keras.layers.LSTM(units, return_sequences=True, name="decoder_lstm_2")
     y = _residual(y, top(keras.layers.Concatenate(name="decoder_lstm_2_input")([y, context])), dropout, "decoder_lstm_2")
-    logits = keras.layers.Dense(vocab_size, dtype="float32", name="logits")(y)
-    return MoEModel((source, decoder_input), logits, name=name or ("seq2seq_moe" if use_moe else "seq2seq_dense"))
+    logits = keras.layers.Dense(vocab_size, dtype="float32", name="logits")
+    part_names = {
+        "encoder_output": "encoder_lstm_3_residual",  # the Add that `_residual` names
+        "embedding": embedding.name,
+        "decoder_lstm_1": bottom.name,
+        "attention": attention.name,
+        "decoder_middle": [layer.name for layer in decoder_middle],
+        "decoder_lstm_2": top.name,
+        "logits": logits.name,
+    }
+    return Seq2SeqModel(
+        (source, decoder_input),
+        logits(y),
+        part_names=part_names,
+        name=name or ("seq2seq_moe" if use_moe else "seq2seq_dense"),
+    )
 
 
 class Seq2SeqDecoder(tf.Module):
@@ -128,7 +239,8 @@ class Seq2SeqDecoder(tf.Module):
     start token; everything after a sequence's end token is padding (0).
 
     Args:
-        model: a model built by `seq2seq`.
+        model: a model built by `seq2seq` (its `Seq2SeqParts` are the
+            layers the decoder runs).
         start_id: int, id of the start token the decoder input begins with.
         end_id: int, id of the end token.
         max_length: int, most target tokens to generate.
@@ -148,19 +260,14 @@ class Seq2SeqDecoder(tf.Module):
         self.start_id = int(start_id)
         self.end_id = int(end_id)
         self.max_length = max_length
-        self._encoder = keras.Model(
-            model.get_layer("source").output, model.get_layer("encoder_lstm_3_residual").output
-        )
-        self._embedding = model.get_layer("embedding")
-        self._lstm_1 = model.get_layer("decoder_lstm_1").cell
-        self._lstm_2 = model.get_layer("decoder_lstm_2").cell
-        self._attention = model.get_layer("attention")
-        names = {layer.name for layer in model.layers}
-        if "decoder_moe" in names:
-            self._middle = [model.get_layer("decoder_moe")]
-        else:
-            self._middle = [model.get_layer("decoder_wide_hidden"), model.get_layer("decoder_wide_output")]
-        self._logits = model.get_layer("logits")
+        parts = Seq2SeqParts.of(model)
+        self._encoder = parts.encoder
+        self._embedding = parts.embedding
+        self._lstm_1 = parts.decoder_lstm_1.cell
+        self._lstm_2 = parts.decoder_lstm_2.cell
+        self._attention = parts.attention
+        self._middle = list(parts.decoder_middle)
+        self._logits = parts.logits
         self.units = self._lstm_1.units
 
     def _encode(self, source):

@@ -40,16 +40,64 @@ def token_choice_assignments(expert_index, expert_weight, valid=None, num_expert
     return token_id, expert_id, weight
 
 
-def static_capacity(capacity_factor, num_assignments, num_experts):
-    """`ceil(capacity_factor * A / n)` slots per expert.
+def capacity_fraction(capacity_factor):
+    """The capacity factor as the exact fraction of its shortest decimal.
 
-    A Python int when A is static. Otherwise an int32 tensor computed with
-    integer arithmetic only (the factor as a fraction p/q), which XLA can
-    still evaluate at compile time from the input shapes.
+    1.25 is 5/4 and 0.0015 is 3/2000, exactly what the user wrote (the binary
+    float 0.0015 is slightly above 3/2000, which would round some
+    capacities up by one slot).
     """
-    ratio = fractions.Fraction(capacity_factor).limit_denominator(1000)
+    return fractions.Fraction(repr(float(capacity_factor)))
+
+
+# Largest denominator `q * n` for which the tensor path's int64 maths cannot
+# overflow (see `_ceil_ratio`).
+_MAX_TENSOR_DENOMINATOR = 2**46
+
+
+def static_capacity(capacity_factor, num_assignments, num_experts):
+    """`ceil(capacity_factor * A / n)` slots per expert, computed exactly.
+
+    With the factor as the exact fraction p/q of its decimal, the result is
+    `ceil(p * A / (q * n))`: at least one slot whenever A > 0, 0 for an
+    empty batch. A Python int when A is a Python int. Otherwise an int32
+    tensor from integer-only ops (int64 inside, no floats), which XLA can
+    still evaluate at compile time from the input shapes.
+
+    Args:
+        capacity_factor: finite float > 0 (see `checks.check_capacity_factor`).
+        num_assignments: A, an int or an integer scalar tensor (< 2**31).
+        num_experts: n.
+
+    Returns:
+        int, or an int32 scalar tensor.
+    """
+    ratio = capacity_fraction(capacity_factor)
     numerator, denominator = ratio.numerator, ratio.denominator * num_experts
-    return (numerator * num_assignments + denominator - 1) // denominator
+    if isinstance(num_assignments, int):
+        return -(-numerator * num_assignments // denominator)
+    if denominator >= _MAX_TENSOR_DENOMINATOR:
+        raise ValueError(
+            f"`capacity_factor` ({capacity_factor!r}) has too many decimal digits for "
+            f"{num_experts} experts with a dynamic batch size; round it (e.g. to 6 digits)."
+        )
+    return tf.cast(_ceil_ratio(numerator, denominator, num_assignments), tf.int32)
+
+
+def _ceil_ratio(p, d, a):
+    """`ceil(p * a / d)` for Python ints p >= 0, 0 < d < 2**46 and a tensor 0 <= a < 2**32.
+
+    Long division of `r * a` (r = p mod d) in base 2**16 keeps every int64
+    product below `d * 2**17` < 2**63.
+    """
+    base = 2**16
+    a = tf.cast(a, tf.int64)
+    whole, r = divmod(p, d)
+    high, low = a // base, a % base
+    q1, r1 = (r * high) // d, (r * high) % d
+    rest = r1 * base + r * low
+    floor = whole * a + q1 * base + rest // d
+    return floor + tf.cast(rest % d > 0, tf.int64)
 
 
 def expert_positions(expert_id, num_experts):

@@ -1,7 +1,9 @@
-"""Gating maths of the sparsely-gated MoE (PAPER.md sections 1 and 3).
+"""Gating maths of the sparsely-gated MoE (Shazeer et al. 2017, sections 2.1 and 4, appendix A).
 
-Small pure functions on float32 tensors, composed by the gate layers and
-tested one by one against a numpy transcription of the paper's equations.
+Small pure functions on float32 tensors, composed by the routers and tested
+one by one against a numpy transcription of the paper's equations. Masked
+tokens are left out with `tf.where`, never by multiplying with the mask, so a
+NaN or inf at a masked position cannot reach a result or a gradient.
 """
 
 import tensorflow as tf
@@ -52,8 +54,8 @@ def top_k_gates(logits, k):
     return expert_index, tf.nn.softmax(top_logits, axis=-1), top_logits
 
 
-def smooth_load(clean_logits, noisy_logits, stddev, k, token_weight=None):
-    """The differentiable load estimator of section 3 (appendix A).
+def smooth_load(clean_logits, noisy_logits, stddev, k, valid=None):
+    """The differentiable load estimator of section 4 and appendix A.
 
     `P(x, i) = Phi((clean_i - kth_excluding(H(x), k, i)) / stddev_i)`, summed
     over tokens. The k-th highest of H(x) leaving out component i is the
@@ -67,8 +69,8 @@ def smooth_load(clean_logits, noisy_logits, stddev, k, token_weight=None):
         noisy_logits: [..., tokens, num_experts] `H(x)`.
         stddev: [..., tokens, num_experts] noise scale.
         k: experts per token; needs `k < num_experts`.
-        token_weight: optional [..., tokens] float 0/1 weights (masked
-            tokens 0).
+        valid: optional [..., tokens] bool; tokens that are False count
+            zero, whatever their logits hold.
 
     Returns:
         [..., num_experts] float32 expected number of tokens per expert.
@@ -81,8 +83,8 @@ def smooth_load(clean_logits, noisy_logits, stddev, k, token_weight=None):
     prob_if_in = 0.5 * tf.math.erfc(-(clean_logits - threshold_if_in) / (stddev * normal))
     prob_if_out = 0.5 * tf.math.erfc(-(clean_logits - threshold_if_out) / (stddev * normal))
     prob = tf.where(is_in, prob_if_in, prob_if_out)
-    if token_weight is not None:
-        prob = prob * token_weight[..., None]
+    if valid is not None:
+        prob = tf.where(valid[..., None], prob, 0.0)
     return tf.reduce_sum(prob, axis=-2)
 
 
@@ -90,19 +92,19 @@ def importance(expert_index, expert_weight, num_experts):
     """`Importance(X) = sum_x G(x)` from the sparse gates, in O(tokens*k).
 
     Args:
-        expert_index: [tokens, k] int32 expert ids; ids >= num_experts are
-            ignored (used for masked tokens).
-        expert_weight: [tokens, k] float gate values.
+        expert_index: int32 expert ids of any shape (e.g. [tokens, k] or
+            flat assignments); ids >= num_experts are ignored (masked or
+            unrouted), and so are their weights, even non-finite ones.
+        expert_weight: float gate values, the shape of `expert_index`.
         num_experts: number of experts.
 
     Returns:
         [num_experts] float32.
     """
-    return tf.math.unsorted_segment_sum(
-        tf.reshape(tf.cast(expert_weight, tf.float32), [-1]),
-        tf.reshape(expert_index, [-1]),
-        num_experts + 1,
-    )[:num_experts]
+    ids = tf.reshape(expert_index, [-1])
+    weight = tf.reshape(tf.cast(expert_weight, tf.float32), [-1])
+    weight = tf.where(ids < num_experts, weight, 0.0)
+    return tf.math.unsorted_segment_sum(weight, ids, num_experts + 1)[:num_experts]
 
 
 def hard_load(expert_index, num_experts):
@@ -111,3 +113,64 @@ def hard_load(expert_index, num_experts):
     return tf.math.unsorted_segment_sum(
         tf.ones_like(ids, tf.float32), ids, num_experts + 1
     )[:num_experts]
+
+
+def topk_agreement(noisy_index, clean_logits, valid=None):
+    """Mean share of each token's noisy top-k set that the noise-free one shares.
+
+    `|TopK(H(x)) & TopK(x W_g)| / k`, averaged over the valid tokens: how
+    often the routing seen while training with noise (section 2.1) is the
+    one used at inference. 1.0 when nothing was compared (no valid token).
+
+    Args:
+        noisy_index: [tokens, k] int32 experts picked from the noisy logits.
+        clean_logits: [tokens, n] float32 noise-free logits `x W_g`.
+        valid: optional [tokens] bool.
+
+    Returns:
+        A float32 scalar in [0, 1].
+    """
+    k = noisy_index.shape[-1]
+    _, clean_index = tf.math.top_k(clean_logits, k=k)
+    # Indices within a set are distinct, so matching pairs count the overlap.
+    shared = tf.reduce_sum(
+        tf.cast(tf.equal(noisy_index[:, :, None], clean_index[:, None, :]), tf.float32),
+        axis=[1, 2],
+    )
+    return _masked_mean(shared / k, valid, empty=1.0)
+
+
+def noise_to_signal(stddev, clean_logits, valid=None):
+    """Scale of the gating noise relative to the spread of the clean logits.
+
+    The mean over valid tokens of the noise stddev `Softplus(x W_noise) +
+    epsilon` (averaged over experts), divided by the mean over valid tokens
+    of the population standard deviation across experts of `x W_g`. Around 1
+    or above, the noise rather than the input decides the routing.
+
+    Clean logits without any spread (all zero, as with the zero-initialised
+    `W_g` of section 2.1 before its first update) give `inf` when there is
+    noise: the noise alone decides. No valid token, or no noise, gives 0.
+
+    Args:
+        stddev: [tokens, n] float32 noise scale.
+        clean_logits: [tokens, n] float32 `x W_g`.
+        valid: optional [tokens] bool.
+
+    Returns:
+        A float32 scalar >= 0, or inf.
+    """
+    noise = _masked_mean(tf.reduce_mean(stddev, axis=-1), valid, empty=0.0)
+    signal = _masked_mean(tf.math.reduce_std(clean_logits, axis=-1), valid, empty=0.0)
+    has_signal = signal > 0.0
+    ratio = noise / tf.where(has_signal, signal, 1.0)
+    return tf.where(has_signal, ratio, tf.where(noise > 0.0, float("inf"), 0.0))
+
+
+def _masked_mean(values, valid, empty):
+    """Mean of [tokens] `values` over the valid tokens; `empty` if there is none."""
+    if valid is None:
+        valid = tf.ones_like(values, tf.bool)
+    count = tf.reduce_sum(tf.cast(valid, tf.float32))
+    total = tf.reduce_sum(tf.where(valid, values, 0.0))
+    return tf.where(count > 0, total / tf.maximum(count, 1.0), empty)

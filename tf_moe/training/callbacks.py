@@ -6,23 +6,23 @@ import keras
 import tensorflow as tf
 from tensorflow.core.framework import summary_pb2
 
-from tf_moe.layers.moe import MoE, flatten_tokens
+from tf_moe.layers.moe_layer import MoELayer, flatten_tokens
 
 
 def moe_layers(model):
-    """The `MoE` layers of a functional model, in graph order."""
-    return [layer for layer in model.layers if isinstance(layer, MoE)]
+    """The `MoELayer` layers of a functional model, in graph order."""
+    return [layer for layer in model.layers if isinstance(layer, MoELayer)]
 
 
 def expert_loads(model, inputs):
     """Fraction of the routed tokens that each expert of each MoE layer gets.
 
     Runs `model` (a functional model) on `inputs` at inference and counts,
-    for every MoE layer, the tokens its gate sends to each expert (masked
-    tokens excluded).
+    for every MoE layer, the tokens its router sends to each expert (masked
+    tokens excluded): the `load` of the router's `Routing` at inference.
 
     Args:
-        model: a built functional Keras model with `MoE` layers.
+        model: a built functional Keras model with `MoELayer` layers.
         inputs: a batch of model inputs.
 
     Returns:
@@ -39,7 +39,7 @@ def expert_loads(model, inputs):
         layer_input = outputs[layer.name]
         x, mask = layer_input if isinstance(layer_input, (list, tuple)) else (layer_input, None)
         tokens, valid, _ = flatten_tokens(x, mask)
-        load = layer.gate(tokens, training=False, mask=valid)["load"]
+        load = layer.router(tokens, training=False, mask=valid).load
         loads[layer.name] = load / tf.maximum(tf.reduce_sum(load), 1.0)
     return loads
 

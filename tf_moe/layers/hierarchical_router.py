@@ -1,4 +1,4 @@
-"""Two-level noisy top-k gating of the hierarchical MoE (PAPER.md section 4)."""
+"""Two-level noisy top-k gating of the hierarchical MoE (Shazeer et al. 2017, appendix B)."""
 
 import keras
 import tensorflow as tf
@@ -9,9 +9,11 @@ from tf_moe.layers.checks import (
     check_not_above,
     check_positive_int,
 )
-from tf_moe.layers.noisy_top_k_gate import NoisyTopKGate, replica_normal
+from tf_moe.layers.noisy_top_k_router import NoisyTopKRouter
+from tf_moe.layers.router import Router, Routing
 from tf_moe.ops import dispatch as dispatch_ops
 from tf_moe.ops import gating
+from tf_moe.ops.replicas import replica_normal
 
 
 def check_hierarchy(num_groups, experts_per_group, k_primary, k_secondary):
@@ -45,22 +47,26 @@ def hierarchical_load(primary_load, secondary_load, group_size):
 
 
 @keras.saving.register_keras_serializable(package="tf_moe")
-class HierarchicalGate(keras.layers.Layer):
-    """Primary noisy top-k gate over groups, then one noisy top-k gate per group.
+class HierarchicalRouter(Router):
+    """Primary noisy top-k gate over groups, then one noisy top-k gate per group (appendix B).
 
-    Token x goes to the experts `E_{i,j}` with gate
-    `G_primary(x)_i * G_i(x)_j` (appendix B), k_primary * k_secondary of them.
-    The secondary gates are evaluated only for the groups a token was sent
-    to: the (token, group) pairs are packed into a [groups, capacity, d]
-    buffer with the core dispatch, and one batched matmul with the stacked
-    [groups, d, experts_per_group] gate weights gives their logits, so gating
-    costs O(tokens * (a + k_primary * b) * d) rather than O(tokens * a * b * d).
+    Token x goes to the experts `E_{i,j}` (expert `i * b + j` of the
+    `a * b`) with gate `G_primary(x)_i * G_i(x)_j`, `k_primary * k_secondary`
+    of them; both levels are the noisy top-k gates of section 2.1. The
+    secondary gates are evaluated only for the groups a token was sent to:
+    the (token, group) pairs are packed into a [groups, capacity, d] buffer
+    with the core dispatch, and one batched matmul with the stacked
+    [groups, d, experts_per_group] gate weights gives their logits, so
+    gating costs O(tokens * (a + k_primary * b) * d) rather than
+    O(tokens * a * b * d).
 
-    Importance and load follow appendix B: `Importance_H = sum_x G_primary(x)_i
-    G_i(x)_j` and `Load_H = Load_primary_i * Load_i(X^(i))_j / |X^(i)|`, with
-    each load the smooth estimator while training with noise (and k < number
-    of candidates), else hard token counts. All weights start at zero; the
-    gate computes in float32.
+    Importance and load follow appendix B: `Importance_H = sum_x
+    G_primary(x)_i G_i(x)_j` and `Load_H = Load_primary_i * Load_i(X^(i))_j
+    / |X^(i)|`, with each load the smooth estimator of appendix A while
+    training with noise (and k < number of candidates), else hard token
+    counts. Its metrics are those of the primary gate (`topk_agreement` and
+    `noise_to_signal`, see `NoisyTopKRouter`), which decides the group.
+    All weights start at zero; the router computes in float32.
 
     Args:
         num_groups: int, number of groups a.
@@ -68,12 +74,12 @@ class HierarchicalGate(keras.layers.Layer):
         k_primary: int, groups per token, <= num_groups.
         k_secondary: int, experts per group and token, <= experts_per_group.
         noisy: bool, add the tunable noise at both levels while training.
-        noise_epsilon: float >= 0 added to the noise scales.
+        noise_epsilon: finite float >= 0 added to the noise scales.
         capacity_factor: None (every (token, group) pair is gated; dynamic
-            shape) or a float > 0: each group's buffer holds
+            shape) or a finite float > 0: each group's buffer holds
             `ceil(capacity_factor * k_primary * tokens / num_groups)` pairs
-            (static shape); pairs beyond it get no experts and are reported in
-            `dropped`.
+            (static shape); pairs beyond it get no experts and are reported
+            in `Routing.dropped`. Independent of the MoE's own capacity.
         seed: optional int seed of the noise.
         **kwargs: base layer arguments (`name`, ...). `dtype` defaults to
             float32.
@@ -81,26 +87,25 @@ class HierarchicalGate(keras.layers.Layer):
     Call arguments:
         inputs: [tokens, d] float tensor.
         training: bool, adds noise and uses the smooth loads.
-        mask: optional [tokens] bool; masked tokens are not routed and count
-            in neither importance nor load.
+        mask: optional [tokens] bool; masked tokens are not routed.
         noise: optional pair `(primary [tokens, a], secondary [tokens, a, b])`
             of standard-normal draws to use instead of sampling (for
             reproducible tests); the secondary draws of (token, group) pairs
             that are not routed are unused.
 
     Returns:
-        A dict with `expert_index` [tokens, k_primary * k_secondary] int32
-        (expert `i * b + j`; `a * b` for no expert), `expert_weight` (the
-        product gates, primary choice major), `importance` [a * b], `load`
-        [a * b] and `dropped` (float32 number of (token, expert) assignments
-        lost to group capacity).
+        A `Routing` of `k_primary * k_secondary * tokens` assignments to the
+        `a * b` experts, ordered by (primary choice, secondary choice), then
+        token.
 
     Example:
 
-    >>> gate = HierarchicalGate(num_groups=4, experts_per_group=4)
-    >>> gate(keras.random.normal((16, 32)), training=True)["expert_index"].shape
-    TensorShape([16, 4])
+    >>> router = HierarchicalRouter(num_groups=4, experts_per_group=4, seed=0)
+    >>> router(keras.random.normal((16, 32)), training=True).expert_id.shape
+    TensorShape([64])
     """
+
+    metric_names = NoisyTopKRouter.metric_names
 
     def __init__(
         self,
@@ -114,9 +119,8 @@ class HierarchicalGate(keras.layers.Layer):
         seed=None,
         **kwargs,
     ):
-        kwargs.setdefault("dtype", "float32")
-        super().__init__(**kwargs)
         check_hierarchy(num_groups, experts_per_group, k_primary, k_secondary)
+        super().__init__(num_groups * experts_per_group, k_primary * k_secondary, **kwargs)
         check_non_negative("noise_epsilon", noise_epsilon)
         check_capacity_factor(capacity_factor)
         self.num_groups = num_groups
@@ -127,11 +131,7 @@ class HierarchicalGate(keras.layers.Layer):
         self.noise_epsilon = float(noise_epsilon)
         self.capacity_factor = None if capacity_factor is None else float(capacity_factor)
         self.seed = seed
-        # Experts and experts per token as the MoE sees them.
-        self.num_experts = num_groups * experts_per_group
-        self.k = k_primary * k_secondary
-        self.supports_masking = True
-        self.primary = NoisyTopKGate(
+        self.primary = NoisyTopKRouter(
             num_groups, k_primary, noisy=noisy, noise_epsilon=noise_epsilon, seed=seed,
             name="primary",
         )
@@ -139,27 +139,21 @@ class HierarchicalGate(keras.layers.Layer):
         self.seed_generator = keras.random.SeedGenerator(None if seed is None else seed + 1)
 
     def build(self, input_shape):
-        if len(input_shape) != 2 or input_shape[-1] is None:
-            raise ValueError(
-                f"`inputs` of HierarchicalGate must be [tokens, d] with known d, got {input_shape}."
-            )
+        self.check_input_shape(input_shape)
         self.primary.build(input_shape)
         shape = (self.num_groups, input_shape[-1], self.experts_per_group)
         self.w_gate = self.add_weight(name="w_gate", shape=shape, initializer="zeros")
         self.w_noise = self.add_weight(name="w_noise", shape=shape, initializer="zeros")
 
     def call(self, inputs, training=None, mask=None, noise=None):
-        x = tf.cast(inputs, tf.float32)
+        x, valid = self.masked_tokens(inputs, mask)
         a, b = self.num_groups, self.experts_per_group
         primary_noise, secondary_noise = (None, None) if noise is None else noise
-        valid = None if mask is None else tf.reshape(tf.cast(mask, tf.bool), [-1])
+        # One (token, group) pair per primary choice, choice-major.
         primary = self.primary(x, training=training, mask=valid, noise=primary_noise)
+        pair_token, pair_group, pair_gate = primary.token_id, primary.expert_id, primary.weight
         num_tokens = x.shape[0] if x.shape[0] is not None else tf.shape(x)[0]
 
-        # One (token, group) pair per primary choice, packed per group.
-        pair_token, pair_group, pair_gate = dispatch_ops.token_choice_assignments(
-            primary["expert_index"], primary["expert_weight"], valid, a
-        )
         capacity = None
         if self.capacity_factor is not None:
             capacity = dispatch_ops.static_capacity(
@@ -180,18 +174,10 @@ class HierarchicalGate(keras.layers.Layer):
             stddev = gating.noise_stddev(
                 tf.matmul(buffer, tf.cast(self.w_noise, tf.float32)), self.noise_epsilon
             )
-            if secondary_noise is None:
-                slot_noise = replica_normal(self.seed_generator, tf.shape(clean_logits))
-            else:
-                pair_noise = tf.gather_nd(
-                    tf.cast(secondary_noise, tf.float32),
-                    tf.stack([pair_token, tf.minimum(pair_group, a - 1)], axis=-1),
-                )
-                slot_noise = tf.reshape(
-                    tf.scatter_nd(slot[:, None], pair_noise, [a * capacity + 1, b])[:-1],
-                    tf.shape(clean_logits),
-                )
-            logits = clean_logits + slot_noise * stddev
+            draws = self._slot_noise(
+                secondary_noise, clean_logits, pair_token, pair_group, slot, capacity
+            )
+            logits = clean_logits + draws * stddev
         slot_index, slot_gate, _ = gating.top_k_gates(logits, self.k_secondary)
 
         # Back from slots to pairs; pairs without a slot get no experts.
@@ -206,42 +192,48 @@ class HierarchicalGate(keras.layers.Layer):
         expert_weight = tf.where(
             kept[:, None], tf.cast(pair_gate, tf.float32)[:, None] * pair_secondary_gate, 0.0
         )
-        # Pairs are primary-choice major: [k_primary * T, ks] -> [T, k_primary * ks].
-        expert_index, expert_weight = [
-            tf.reshape(
-                tf.transpose(tf.reshape(t, [self.k_primary, num_tokens, ks]), [1, 0, 2]),
-                [num_tokens, self.k],
-            )
-            for t in (expert_index, expert_weight)
-        ]
 
         if add_noise and ks < b:
-            secondary_load = gating.smooth_load(clean_logits, logits, stddev, ks, occupied)
+            secondary_load = gating.smooth_load(clean_logits, logits, stddev, ks, occupied > 0)
         else:
             secondary_load = tf.reshape(gating.hard_load(expert_index, a * b), [a, b])
         routed_pairs = tf.cast(pair_group < a, tf.float32)
-        return {
-            "expert_index": expert_index,
-            "expert_weight": expert_weight,
-            "importance": gating.importance(expert_index, expert_weight, a * b),
-            "load": hierarchical_load(
-                primary["load"], secondary_load, tf.reduce_sum(occupied, axis=1)
-            ),
-            "dropped": ks * tf.reduce_sum(routed_pairs - tf.cast(kept, tf.float32)),
-        }
+        # Pairs are [k_primary * T] (primary choice major) with ks choices
+        # each; assignments go (primary choice, secondary choice, token).
+        token_id, expert_id, weight = [
+            tf.reshape(tf.transpose(tf.reshape(t, [self.k_primary, num_tokens, ks]), [0, 2, 1]), [-1])
+            for t in (tf.tile(pair_token[:, None], [1, ks]), expert_index, expert_weight)
+        ]
+        return Routing(
+            token_id=token_id,
+            expert_id=expert_id,
+            weight=weight,
+            importance=gating.importance(expert_id, weight, a * b),
+            load=hierarchical_load(primary.load, secondary_load, tf.reduce_sum(occupied, axis=1)),
+            dropped=ks * tf.reduce_sum(routed_pairs - tf.cast(kept, tf.float32)),
+            losses={},
+            metrics=primary.metrics,
+        )
 
-    def compute_mask(self, inputs, mask=None):
-        return None
+    def _slot_noise(self, secondary_noise, clean_logits, pair_token, pair_group, slot, capacity):
+        """Standard-normal draws for the [a, C, b] secondary logits."""
+        if secondary_noise is None:
+            return replica_normal(self.seed_generator, tf.shape(clean_logits))
+        a, b = self.num_groups, self.experts_per_group
+        pair_noise = tf.gather_nd(
+            tf.cast(secondary_noise, tf.float32),
+            tf.stack([pair_token, tf.minimum(pair_group, a - 1)], axis=-1),
+        )
+        # Pairs without a slot (masked or over capacity) write to the row cut off.
+        return tf.reshape(
+            tf.scatter_nd(slot[:, None], pair_noise, [a * capacity + 1, b])[:-1],
+            tf.shape(clean_logits),
+        )
 
-    def compute_output_shape(self, input_shape):
-        tokens, n = input_shape[0], self.num_experts
-        return {
-            "expert_index": (tokens, self.k),
-            "expert_weight": (tokens, self.k),
-            "importance": (n,),
-            "load": (n,),
-            "dropped": (),
-        }
+    def ops_per_token(self, input_units):
+        # The primary gate on every token, then the gates of the k_primary
+        # groups it picks.
+        return input_units * (self.num_groups + self.k_primary * self.experts_per_group)
 
     def get_config(self):
         config = super().get_config()

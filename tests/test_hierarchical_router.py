@@ -1,4 +1,4 @@
-"""HierarchicalGate against a numpy transcription of appendix B."""
+"""HierarchicalRouter against a numpy transcription of appendix B."""
 
 import math
 
@@ -8,14 +8,14 @@ import tensorflow as tf
 
 import tf_moe
 from tests import numpy_reference as ref
-from tf_moe.layers.hierarchical_gate import hierarchical_load
+from tf_moe.layers.hierarchical_router import hierarchical_load
 from tf_moe.ops.gating import cv_squared
 
 EPS = 1e-2
 
 
 def _randomised_gate(a=3, b=4, kp=2, ks=2, d=5, seed=0, **kwargs):
-    gate = tf_moe.HierarchicalGate(a, b, kp, ks, noise_epsilon=EPS, **kwargs)
+    gate = tf_moe.HierarchicalRouter(a, b, kp, ks, noise_epsilon=EPS, seed=seed, **kwargs)
     gate.build((None, d))
     rng = np.random.default_rng(seed)
     for variable in gate.weights:
@@ -58,10 +58,18 @@ def _reference(gate, x, primary_noise, secondary_noise, train=True):
     return gates, gates.sum(axis=0), load
 
 
-def _dense(expert_index, expert_weight, n):
-    dense = np.zeros((expert_index.shape[0], n + 1))
-    np.add.at(dense, (np.arange(len(dense))[:, None], expert_index), expert_weight)
+def _dense(routing, num_tokens, n):
+    dense = np.zeros((num_tokens, n + 1))
+    np.add.at(dense, (np.asarray(routing.token_id), np.asarray(routing.expert_id)), np.asarray(routing.weight))
     return dense[:, :n]
+
+
+def _per_token(routing, gate, num_tokens):
+    """Assignments as [tokens, k_primary, k_secondary] (they come choice-major)."""
+    shape = (gate.k_primary, gate.k_secondary, num_tokens)
+    token_id = np.asarray(routing.token_id).reshape(shape)
+    assert np.all(token_id == np.arange(num_tokens))
+    return [np.asarray(t).reshape(shape).transpose(2, 0, 1) for t in (routing.expert_id, routing.weight)]
 
 
 def _draws(t, a, b, seed=1):
@@ -77,23 +85,24 @@ def test_matches_appendix_b(train, kp, ks):
     x, pn, sn = _draws(24, 3, 4)
     routing = gate(x, training=train, noise=(pn, sn))
     gates, importance, load = _reference(gate, x, pn, sn, train)
-    assert routing["expert_index"].shape == (24, kp * ks)
-    dense = _dense(routing["expert_index"].numpy(), routing["expert_weight"].numpy(), 12)
-    np.testing.assert_allclose(dense, gates, atol=1e-5)
-    np.testing.assert_allclose(routing["importance"], importance, rtol=1e-4, atol=1e-5)
-    np.testing.assert_allclose(routing["load"], load, rtol=1e-4, atol=1e-5)
-    assert float(routing["dropped"]) == 0.0
+    assert routing.expert_id.shape == (24 * kp * ks,)
+    np.testing.assert_allclose(_dense(routing, 24, 12), gates, atol=1e-5)
+    np.testing.assert_allclose(routing.importance, importance, rtol=1e-4, atol=1e-5)
+    np.testing.assert_allclose(routing.load, load, rtol=1e-4, atol=1e-5)
+    assert float(routing.dropped) == 0.0 and routing.losses == {}
 
 
 def test_routes_within_chosen_groups_best_first():
     gate = _randomised_gate()
     x, pn, sn = _draws(16, 3, 4)
     routing = gate(x, training=True, noise=(pn, sn))
-    index = routing["expert_index"].numpy().reshape(16, 2, 2)
+    index, weight = _per_token(routing, gate, 16)
     groups = index // 4
     assert np.all(groups[:, :, 0] == groups[:, :, 1])
     assert np.all(groups[:, 0, 0] != groups[:, 1, 0])
-    weight = routing["expert_weight"].numpy().reshape(16, 2, 2)
+    # Best group first, and within it the best expert first.
+    assert np.all(weight[:, 0].sum(axis=1) >= weight[:, 1].sum(axis=1))
+    assert np.all(weight[:, :, 0] >= weight[:, :, 1])
     np.testing.assert_allclose(weight.sum(axis=(1, 2)), 1.0, rtol=1e-5)
 
 
@@ -102,28 +111,28 @@ def test_unchosen_groups_are_never_evaluated():
     must not reach any output: secondary gates run on routed pairs only."""
     gate = _randomised_gate()
     x, pn, sn = _draws(16, 3, 4)
-    chosen = gate.primary(x, training=True, noise=pn)["expert_index"].numpy()
+    chosen = np.asarray(gate.primary(x, training=True, noise=pn).expert_id).reshape(2, 16).T
     poisoned = np.full_like(sn, np.nan)
     rows = np.arange(16)[:, None]
     poisoned[rows, chosen] = sn[rows, chosen]
     clean = gate(x, training=True, noise=(pn, sn))
     routing = gate(x, training=True, noise=(pn, poisoned))
-    for key in ("expert_weight", "importance", "load"):
-        np.testing.assert_array_equal(routing[key], clean[key])
+    for field in ("expert_id", "weight", "importance", "load"):
+        np.testing.assert_array_equal(getattr(routing, field), getattr(clean, field))
 
 
 def test_mask_excludes_tokens():
     gate = _randomised_gate()
     x, pn, sn = _draws(20, 3, 4)
     mask = np.arange(20) % 4 != 0
-    routing = gate(x, training=True, mask=mask, noise=(pn, sn))
     gates, importance, load = _reference(gate, x[mask], pn[mask], sn[mask])
-    index = routing["expert_index"].numpy()
+    x[~mask], pn[~mask], sn[~mask] = np.nan, np.nan, np.nan  # reach nothing
+    routing = gate(x, training=True, mask=mask, noise=(pn, sn))
+    index, _ = _per_token(routing, gate, 20)
     assert np.all(index[~mask] == 12)
-    dense = _dense(index, routing["expert_weight"].numpy(), 12)
-    np.testing.assert_allclose(dense[mask], gates, atol=1e-5)
-    np.testing.assert_allclose(routing["importance"], importance, rtol=1e-4, atol=1e-5)
-    np.testing.assert_allclose(routing["load"], load, rtol=1e-4, atol=1e-5)
+    np.testing.assert_allclose(_dense(routing, 20, 12)[mask], gates, atol=1e-5)
+    np.testing.assert_allclose(routing.importance, importance, rtol=1e-4, atol=1e-5)
+    np.testing.assert_allclose(routing.load, load, rtol=1e-4, atol=1e-5)
 
 
 def test_group_capacity_drops_late_pairs():
@@ -143,9 +152,8 @@ def test_group_capacity_drops_late_pairs():
             kept[token, group] = used[group] < capacity
             used[group] += 1
     expected = gates * np.repeat(kept, 4, axis=1)
-    dense = _dense(routing["expert_index"].numpy(), routing["expert_weight"].numpy(), 12)
-    np.testing.assert_allclose(dense, expected, atol=1e-5)
-    assert float(routing["dropped"]) == 2 * (48 - kept.sum())
+    np.testing.assert_allclose(_dense(routing, 24, 12), expected, atol=1e-5)
+    assert float(routing.dropped) == 2 * (48 - kept.sum())
     assert kept.sum() < 48
 
 
@@ -153,7 +161,7 @@ def test_load_is_differentiable_at_both_levels():
     gate = _randomised_gate()
     x, pn, sn = _draws(32, 3, 4)
     with tf.GradientTape() as tape:
-        loss = cv_squared(gate(x, training=True, noise=(pn, sn))["load"])
+        loss = cv_squared(gate(x, training=True, noise=(pn, sn)).load)
     grads = tape.gradient(loss, [gate.primary.w_noise, gate.w_gate, gate.w_noise])
     for grad in grads:
         assert grad is not None and np.any(np.asarray(grad) != 0)
@@ -173,14 +181,35 @@ def test_hierarchical_load_guards_empty_groups():
         (dict(num_groups=4, experts_per_group=2, k_secondary=3), "k_secondary"),
         (dict(num_groups=0, experts_per_group=2), "num_groups"),
         (dict(num_groups=2, experts_per_group=2, capacity_factor=0.0), "capacity_factor"),
+        (dict(num_groups=2, experts_per_group=2, capacity_factor=float("inf")), "capacity_factor"),
+        (dict(num_groups=2, experts_per_group=2, noise_epsilon=float("nan")), "noise_epsilon"),
     ],
 )
 def test_bad_configurations(kwargs, arg):
     with pytest.raises(ValueError, match=arg):
-        tf_moe.HierarchicalGate(**kwargs)
+        tf_moe.HierarchicalRouter(**kwargs)
 
 
-def test_config_round_trip():
-    gate = tf_moe.HierarchicalGate(4, 3, 2, 1, noisy=False, capacity_factor=1.5, seed=3)
-    clone = tf_moe.HierarchicalGate.from_config(gate.get_config())
+def test_config_round_trip_and_contract():
+    gate = tf_moe.HierarchicalRouter(4, 3, 2, 1, noisy=False, capacity_factor=1.5, seed=3)
+    clone = tf_moe.HierarchicalRouter.from_config(gate.get_config())
     assert clone.get_config() == gate.get_config()
+    assert (clone.num_experts, clone.k) == (12, 2)
+    # The primary gate on every token, then the gates of the 2 groups it picks.
+    assert clone.ops_per_token(10) == 10 * 4 + 2 * 10 * 3
+
+
+def test_metrics_are_the_primary_gates_diagnostics():
+    gate = _randomised_gate()
+    x, pn, sn = _draws(30, 3, 4)
+    pn = pn * 3.0
+    routing = gate(x, training=True, noise=(pn, sn))
+    wp, wnp = gate.primary.w_gate.numpy(), gate.primary.w_noise.numpy()
+    h, _, stddev = ref.noisy_top_k(x, wp, wnp, pn, 2, EPS)
+    valid = np.ones(30, bool)
+    agreement = ref.topk_agreement(h, x @ wp, 2, valid)
+    assert 0.0 < agreement < 1.0
+    np.testing.assert_allclose(float(routing.metrics["topk_agreement"]), agreement, rtol=1e-6)
+    np.testing.assert_allclose(
+        float(routing.metrics["noise_to_signal"]), ref.noise_to_signal(stddev, x @ wp, valid), rtol=1e-5
+    )

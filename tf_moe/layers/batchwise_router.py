@@ -1,10 +1,10 @@
-"""Strictly balanced gating (PAPER.md section 5, the paper's appendix F)."""
+"""Strictly balanced gating (Shazeer et al. 2017, appendix F)."""
 
 import keras
 import tensorflow as tf
 
 from tf_moe.layers.checks import check_not_above, check_positive_int
-from tf_moe.layers.replica_losses import use_thread_local_losses
+from tf_moe.layers.router import Router, Routing
 from tf_moe.ops import gating
 from tf_moe.ops.dispatch import token_choice_assignments
 
@@ -35,7 +35,7 @@ def tokens_per_expert(k, num_tokens, num_experts):
     return m
 
 
-def batchwise_threshold_loss(gates, thresholds, threshold_mask, batch_mask, token_weight):
+def batchwise_threshold_loss(gates, thresholds, threshold_mask, batch_mask, valid):
     """`L_batchwise(X, T, m)` of appendix F, averaged over the tokens.
 
     `sum_j sum_i (M_threshold(x_j, T)_i - M_batchwise(X, m)_{j,i}) * (X_{j,i} - T_i)`
@@ -49,28 +49,30 @@ def batchwise_threshold_loss(gates, thresholds, threshold_mask, batch_mask, toke
         gates: [tokens, n] softmax gates `G_sigma(x)`.
         thresholds: [n] per-expert thresholds T.
         threshold_mask, batch_mask: [tokens, n] 0/1 masks.
-        token_weight: [tokens] 0/1 (masked tokens 0).
+        valid: [tokens] bool; tokens that are False count zero.
 
     Returns:
         A float32 scalar.
     """
-    disagreement = tf.stop_gradient(threshold_mask - batch_mask) * token_weight[:, None]
-    margin = tf.stop_gradient(gates) - thresholds
-    return tf.reduce_sum(disagreement * margin) / tf.maximum(tf.reduce_sum(token_weight), 1.0)
+    disagreement = tf.stop_gradient(threshold_mask - batch_mask)
+    terms = tf.where(valid[:, None], disagreement * (tf.stop_gradient(gates) - thresholds), 0.0)
+    tokens = tf.reduce_sum(tf.cast(valid, tf.float32))
+    return tf.reduce_sum(terms) / tf.maximum(tokens, 1.0)
 
 
 @keras.saving.register_keras_serializable(package="tf_moe")
-class BatchwiseGate(keras.layers.Layer):
-    """Strictly balanced gating: every expert takes the same batch size.
+class BatchwiseRouter(Router):
+    """Strictly balanced gating: every expert takes the same batch size (appendix F).
 
     `G(x)_i = G_sigma(x)_i M_i / sum_j G_sigma(x)_j M_j` with
-    `G_sigma(x) = Softmax(x W_g)` (appendix F). While training, M is the
-    batchwise mask: each expert keeps its top `m = k * T // n` tokens of the
-    batch of T tokens (expert-choice routing), so every expert receives
-    exactly m tokens and nothing is ever dropped for capacity. A token that
-    no expert picked gets all-zero gates (the MoE gives it a zero output and
-    counts it as unrouted). While training the gate also adds `L_batchwise`
-    with `add_loss`, which learns a per-expert threshold vector T.
+    `G_sigma(x) = Softmax(x W_g)`. While training, M is the batchwise mask:
+    each expert keeps its top `m = k * T // n` tokens of the batch of T
+    tokens (expert-choice routing), so every expert receives exactly m
+    tokens and nothing is ever dropped for capacity. A token that no expert
+    picked gets no assignment (the MoE gives it a zero output and counts it
+    as unrouted). While training the router also returns the loss
+    `L_batchwise` (`Routing.losses["batchwise_threshold"]`, 0 at
+    inference), which learns a per-expert threshold vector T.
 
     At inference the batch cannot be relied on, so M is the threshold mask
     `G_sigma(x)_i > T_i`, decided per token. The number of experts a token
@@ -81,7 +83,7 @@ class BatchwiseGate(keras.layers.Layer):
 
     `W_g` and T start at zero. With all gates tied at the start, every
     expert picks the same first m tokens of the first batch; the first
-    gradient step on `W_g` breaks the tie. The gate computes in float32.
+    gradient step on `W_g` breaks the tie. The router computes in float32.
 
     Args:
         num_experts: int, number of experts n.
@@ -101,41 +103,27 @@ class BatchwiseGate(keras.layers.Layer):
             do not count in importance, load or the threshold loss.
 
     Returns:
-        A dict with `assignments`, the triple `(token_id, expert_id,
-        weight)` of flat routing assignments (expert id n means "not
-        routed"; n*m of them, expert-major, while training, `tokens *
-        max_experts_per_token` at inference), `importance` [n] (sum of gates),
-        `load` [n] (tokens per expert) and `logits` [tokens, n] (`x W_g`).
+        A `Routing` of `n * m` assignments, expert-major, while training and
+        `tokens * max_experts_per_token` at inference.
 
     Example:
 
-    >>> gate = BatchwiseGate(num_experts=4, k=2)
-    >>> routing = gate(keras.random.normal((16, 32)), training=True)
-    >>> routing["load"].numpy()  # every expert gets m = 2 * 16 // 4 tokens
+    >>> router = BatchwiseRouter(num_experts=4, k=2)
+    >>> routing = router(keras.random.normal((16, 32)), training=True)
+    >>> routing.load.numpy()  # every expert gets m = 2 * 16 // 4 tokens
     array([8., 8., 8., 8.], dtype=float32)
     """
 
     def __init__(self, num_experts, k, max_experts_per_token=None, **kwargs):
-        kwargs.setdefault("dtype", "float32")
-        super().__init__(**kwargs)
-        use_thread_local_losses(self)
-        check_positive_int("num_experts", num_experts)
-        check_positive_int("k", k)
-        check_not_above("k", k, "num_experts", num_experts)
+        super().__init__(num_experts, k, **kwargs)
         if max_experts_per_token is not None:
             check_positive_int("max_experts_per_token", max_experts_per_token)
             check_not_above("max_experts_per_token", max_experts_per_token, "num_experts", num_experts)
-        self.num_experts = num_experts
-        self.k = k
         self.max_experts_per_token = max_experts_per_token
         self.candidates = max_experts_per_token or min(2 * k, num_experts)
-        self.supports_masking = True
 
     def build(self, input_shape):
-        if len(input_shape) != 2 or input_shape[-1] is None:
-            raise ValueError(
-                f"`inputs` of BatchwiseGate must be [tokens, d] with known d, got {input_shape}."
-            )
+        self.check_input_shape(input_shape)
         if input_shape[0] is not None:
             tokens_per_expert(self.k, input_shape[0], self.num_experts)
         self.w_gate = self.add_weight(
@@ -146,27 +134,28 @@ class BatchwiseGate(keras.layers.Layer):
         )
 
     def call(self, inputs, training=None, mask=None):
-        logits = tf.matmul(tf.cast(inputs, tf.float32), tf.cast(self.w_gate, tf.float32))
-        gates = tf.nn.softmax(logits, axis=-1)
+        x, valid = self.masked_tokens(inputs, mask)
+        gates = tf.nn.softmax(tf.matmul(x, tf.cast(self.w_gate, tf.float32)), axis=-1)
         thresholds = tf.cast(self.thresholds, tf.float32)
-        if mask is None:
-            valid = tf.ones_like(logits[:, 0], tf.bool)
-        else:
-            valid = tf.reshape(tf.cast(mask, tf.bool), [-1])
-        token_weight = tf.cast(valid, tf.float32)
-        threshold_mask = tf.cast(gates > thresholds, tf.float32)
+        if valid is None:
+            valid = tf.ones_like(gates[:, 0], tf.bool)
         if training:
-            routing = self._batchwise_routing(gates, valid)
-            batch_mask = routing.pop("batch_mask")
-            self.add_loss(
-                batchwise_threshold_loss(
-                    gates, thresholds, threshold_mask, batch_mask, token_weight
-                )
-            )
+            (token_id, expert_id, weight), importance, batch_mask = self._batchwise_routing(gates, valid)
+            threshold_mask = tf.cast(gates > thresholds, tf.float32)
+            loss = batchwise_threshold_loss(gates, thresholds, threshold_mask, batch_mask, valid)
         else:
-            routing = self._threshold_routing(gates, thresholds, valid)
-        routing["logits"] = logits
-        return routing
+            (token_id, expert_id, weight), importance = self._threshold_routing(gates, thresholds, valid)
+            loss = tf.zeros(())
+        return Routing(
+            token_id=token_id,
+            expert_id=expert_id,
+            weight=weight,
+            importance=importance,
+            load=gating.hard_load(expert_id, self.num_experts),
+            dropped=tf.zeros(()),
+            losses={"batchwise_threshold": loss},
+            metrics={},
+        )
 
     def _batchwise_routing(self, gates, valid):
         num_tokens = gates.shape[0]
@@ -180,19 +169,15 @@ class BatchwiseGate(keras.layers.Layer):
         expert_id = tf.broadcast_to(tf.range(self.num_experts)[:, None], tf.shape(token_id))
         pairs = tf.stack([token_id, expert_id], axis=-1)
         batch_mask = tf.scatter_nd(pairs, tf.cast(picked, tf.float32), tf.shape(gates))
-        kept = gates * batch_mask
+        kept = tf.where(batch_mask > 0, gates, 0.0)
         kept = kept / tf.maximum(tf.reduce_sum(kept, axis=-1, keepdims=True), _EPSILON)
         expert_id = tf.where(picked, expert_id, self.num_experts)
-        return {
-            "assignments": (
-                tf.reshape(token_id, [-1]),
-                tf.reshape(expert_id, [-1]),
-                tf.reshape(tf.gather_nd(kept, pairs), [-1]),
-            ),
-            "importance": tf.reduce_sum(kept, axis=0),
-            "load": gating.hard_load(expert_id, self.num_experts),
-            "batch_mask": batch_mask,
-        }
+        assignments = (
+            tf.reshape(token_id, [-1]),
+            tf.reshape(expert_id, [-1]),
+            tf.reshape(tf.gather_nd(kept, pairs), [-1]),
+        )
+        return assignments, tf.reduce_sum(kept, axis=0), batch_mask
 
     def _threshold_routing(self, gates, thresholds, valid):
         top_gates, expert_index = tf.math.top_k(gates, k=self.candidates)
@@ -200,14 +185,13 @@ class BatchwiseGate(keras.layers.Layer):
         kept = tf.where(keep, top_gates, 0.0)
         weight = kept / tf.maximum(tf.reduce_sum(kept, axis=-1, keepdims=True), _EPSILON)
         expert_index = tf.where(keep, expert_index, self.num_experts)
-        return {
-            "assignments": token_choice_assignments(expert_index, weight),
-            "importance": gating.importance(expert_index, weight, self.num_experts),
-            "load": gating.hard_load(expert_index, self.num_experts),
-        }
+        return (
+            token_choice_assignments(expert_index, weight),
+            gating.importance(expert_index, weight, self.num_experts),
+        )
 
-    def compute_mask(self, inputs, mask=None):
-        return None
+    def ops_per_token(self, input_units):
+        return input_units * self.num_experts
 
     def get_config(self):
         config = super().get_config()

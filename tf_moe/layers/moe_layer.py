@@ -1,0 +1,341 @@
+"""The sparsely-gated Mixture-of-Experts layer (Shazeer et al. 2017)."""
+
+import keras
+import numpy as np
+import tensorflow as tf
+
+from tf_moe import routers
+from tf_moe.layers.checks import check_capacity_factor, check_non_negative, check_positive_int
+from tf_moe.layers.feed_forward_experts import FeedForwardExperts
+from tf_moe.layers.replica_losses import use_thread_local_losses
+from tf_moe.metrics import LoadBalanceMetrics
+from tf_moe.ops import dispatch as dispatch_ops
+from tf_moe.ops.gating import cv_squared
+from tf_moe.ops.replicas import cross_replica_sum
+
+_MASK_SHAPE_MESSAGE = "`mask` must have the shape of `inputs` without its last axis"
+# The gate arguments of tf_moe 0.1's MoE, now a router's.
+_LEGACY_GATE_ARGUMENTS = ("gate", "noisy_gating", "noise_epsilon", "seed")
+
+
+def flatten_tokens(inputs, mask):
+    """Flattens [..., d] inputs (and [...] mask) into one batch of tokens.
+
+    The mask's shape is checked against `inputs.shape[:-1]`: statically
+    where both are known (a ValueError), else when the graph runs (an
+    InvalidArgumentError with the same message).
+
+    Returns `(tokens [T, d], valid [T] bool or None, num_tokens)`, with
+    `num_tokens` a Python int when the leading shape is static.
+    """
+    leading = inputs.shape[:-1]
+    if mask is not None:
+        mask = tf.convert_to_tensor(mask)
+        if mask.shape.rank != len(leading) or not mask.shape.is_compatible_with(leading):
+            raise ValueError(
+                f"{_MASK_SHAPE_MESSAGE}; got mask shape {mask.shape} for inputs shape "
+                f"{inputs.shape}."
+            )
+        if not (mask.shape.is_fully_defined() and leading.is_fully_defined()):
+            check = tf.debugging.assert_equal(
+                tf.shape(mask), tf.shape(inputs)[:-1], message=_MASK_SHAPE_MESSAGE
+            )
+            with tf.control_dependencies([check]):
+                mask = tf.identity(mask)
+    tokens = tf.reshape(inputs, [-1, inputs.shape[-1]])
+    if leading.is_fully_defined():
+        num_tokens = int(np.prod(leading, dtype=np.int64))
+    else:
+        num_tokens = tf.shape(tokens)[0]
+    valid = None if mask is None else tf.reshape(tf.cast(mask, tf.bool), [-1])
+    return tokens, valid, num_tokens
+
+
+def _flatten_per_token(value, leading_rank):
+    """[*leading, ...] -> [T, ...]: a per-token router input, flattened like the tokens."""
+    value = tf.convert_to_tensor(value)
+    rest = [
+        d if d is not None else tf.shape(value)[leading_rank + i]
+        for i, d in enumerate(value.shape[leading_rank:])
+    ]
+    return tf.reshape(value, [-1] + rest)
+
+
+@keras.saving.register_keras_serializable(package="tf_moe")
+class MoELayer(keras.layers.Layer):
+    """Sparsely-gated Mixture-of-Experts layer (Shazeer et al. 2017).
+
+    `y = sum_i G(x)_i E_i(x)` (section 2): a router sends each token to a
+    few of `num_experts` feed-forward experts, and only those experts run
+    on it. All leading axes of the input are flattened into one batch of
+    tokens (the paper's "convolutionality", section 3.1), so an MoE after an
+    LSTM runs on every time step at once. The router is pluggable (see
+    `tf_moe.routers`):
+
+    * `"noisy_top_k"` (default): noisy top-k gating, section 2.1;
+    * `"softmax"`: the dense softmax baseline, every expert on every token;
+    * `"batchwise"`: strictly balanced gating, appendix F;
+    * `HierarchicalRouter(...)`: the two-level hierarchical MoE, appendix B;
+    * any `tf_moe.routers.Router` subclass.
+
+    While training it adds `importance_weight * CV(Importance)^2 +
+    load_weight * CV(Load)^2` (section 4; Importance and Load summed over
+    replicas under data parallelism) plus the router's own losses with
+    `add_loss`. It reports in the `fit` logs (and, through `evaluate` and
+    `fit` validation, for the noise-free inference routing under `val_`)
+    `<name>_cv_importance`, `<name>_cv_load`, `<name>_max_over_mean_load`,
+    `<name>_aux_loss`, `<name>_dropped_fraction`, `<name>_unrouted_fraction`
+    (tokens that got no expert at all) and each router metric as
+    `<name>_<metric>` (the noisy top-k router's `topk_agreement` and
+    `noise_to_signal`).
+
+    Args:
+        num_experts: int, number of experts n (None: the router's).
+        k: int, experts per token (None: the router's).
+        hidden_units: int, hidden width of each expert.
+        output_units: int or None, output width (None: the input width).
+        activation: activation of the experts' hidden layer.
+        router: a router name (`"noisy_top_k"`, `"softmax"`,
+            `"batchwise"`), a `Router` instance (e.g. `NoisyTopKRouter(n,
+            k, seed=0)` or `HierarchicalRouter(...)`) or its serialized
+            config. A name needs `num_experts` and `k`.
+        importance_weight: finite float >= 0, w_importance.
+        load_weight: finite float >= 0, w_load.
+        capacity_factor: None for exact, dropless dispatch (each expert's
+            buffer grows to its token count: a dynamic shape). A finite
+            float > 0 gives every expert a static capacity of
+            `ceil(capacity_factor * k * tokens / num_experts)` slots
+            (computed exactly, at least one for a non-empty batch), the
+            path that compiles with XLA and runs on TPUs; assignments over
+            capacity contribute zero and are counted as dropped.
+        use_bias: whether the experts' layers have biases.
+        kernel_initializer, bias_initializer, kernel_regularizer,
+            bias_regularizer: for the experts' weights.
+        **kwargs: base layer arguments (`name`, `dtype`, ...).
+
+    Call arguments:
+        inputs: [..., d] tensor of rank >= 2.
+        training: bool, enables the router's training behaviour (noise, the
+            smooth load) and the losses.
+        mask: optional bool tensor of shape `inputs.shape[:-1]` (Keras masks
+            are used automatically): masked tokens are not routed, their
+            output is zero, they count in neither importance nor load, and
+            what they hold (even NaN) reaches no output, loss or gradient.
+        **router_inputs: per-token inputs of the router, of shape
+            `inputs.shape[:-1] + ...`, flattened like the tokens (e.g.
+            `noise` draws for the noisy top-k router).
+
+    Returns:
+        [..., output_units or d].
+
+    Example:
+
+    >>> inputs = keras.Input((None, 64))
+    >>> outputs = MoELayer(num_experts=8, k=2, hidden_units=128)(inputs)
+    >>> model = keras.Model(inputs, outputs)
+    >>> model(np.zeros((2, 5, 64), "float32")).shape
+    TensorShape([2, 5, 64])
+    >>> hierarchical = MoELayer(
+    ...     hidden_units=128, router=HierarchicalRouter(num_groups=4, experts_per_group=4))
+    """
+
+    # Layer class of the expert bank; the expert-parallel subclass shards it.
+    experts_class = FeedForwardExperts
+    # Prefix of unnamed layers' names (Keras would derive "mo_e_layer" from the class).
+    default_name = "moe"
+
+    def __init__(
+        self,
+        num_experts=None,
+        k=None,
+        hidden_units=None,
+        output_units=None,
+        activation="relu",
+        router="noisy_top_k",
+        importance_weight=0.1,
+        load_weight=0.1,
+        capacity_factor=None,
+        use_bias=True,
+        kernel_initializer=None,
+        bias_initializer="zeros",
+        kernel_regularizer=None,
+        bias_regularizer=None,
+        **kwargs,
+    ):
+        if "name" not in kwargs:
+            uid = keras.backend.get_uid(self.default_name)
+            kwargs["name"] = self.default_name if uid == 1 else f"{self.default_name}_{uid - 1}"
+        super().__init__(**kwargs)
+        if hidden_units is None:
+            raise ValueError("`hidden_units` (the experts' hidden width) is required.")
+        check_positive_int("hidden_units", hidden_units)
+        if output_units is not None:
+            check_positive_int("output_units", output_units)
+        check_non_negative("importance_weight", importance_weight)
+        check_non_negative("load_weight", load_weight)
+        check_capacity_factor(capacity_factor)
+        self.router = routers.get(router, num_experts, k)
+        for arg, value, routers_value in (
+            ("num_experts", num_experts, self.router.num_experts),
+            ("k", k, self.router.k),
+        ):
+            if value is not None and value != routers_value:
+                raise ValueError(
+                    f"`{arg}` ({value!r}) differs from the router's ({routers_value}); "
+                    "pass None to use the router's."
+                )
+        self.num_experts = self.router.num_experts
+        self.k = self.router.k
+        self.hidden_units = hidden_units
+        self.output_units = output_units
+        self.activation = keras.activations.get(activation)
+        self.importance_weight = float(importance_weight)
+        self.load_weight = float(load_weight)
+        self.capacity_factor = None if capacity_factor is None else float(capacity_factor)
+        self.use_bias = use_bias
+        self.kernel_initializer = kernel_initializer
+        self.bias_initializer = bias_initializer
+        self.kernel_regularizer = kernel_regularizer
+        self.bias_regularizer = bias_regularizer
+        self.supports_masking = True
+        use_thread_local_losses(self)
+        self.balance = LoadBalanceMetrics(name=self.name, router_metrics=self.router.metric_names)
+
+    @property
+    def gate(self):
+        """The router, under the name tf_moe 0.1 gave it.
+
+        Its weights are saved under this name too (Keras saves a sublayer
+        under the first attribute, alphabetically, that holds it), so
+        `.keras` and `.weights.h5` files of either version load.
+        """
+        return self.router
+
+    def build(self, input_shape):
+        if len(input_shape) < 2:
+            raise ValueError(
+                f"`inputs` of {type(self).__name__} must have rank >= 2 ([..., d]), got shape "
+                f"{input_shape}."
+            )
+        input_units = input_shape[-1]
+        if input_units is None:
+            raise ValueError(f"The last axis of `inputs` must be known, got shape {input_shape}.")
+        self.input_spec = keras.layers.InputSpec(min_ndim=2, axes={-1: input_units})
+        if not self.router.built:
+            self.router.build((None, input_units))
+        self.experts = self._build_experts(self.num_experts, input_units)
+
+    def _build_experts(self, num_experts, input_units):
+        """Creates and builds the expert bank (subclasses may shard it)."""
+        experts = self.experts_class(
+            num_experts,
+            self.hidden_units,
+            self.output_units or input_units,
+            activation=self.activation,
+            use_bias=self.use_bias,
+            kernel_initializer=self.kernel_initializer,
+            bias_initializer=self.bias_initializer,
+            kernel_regularizer=self.kernel_regularizer,
+            bias_regularizer=self.bias_regularizer,
+            dtype=self.dtype_policy,
+            name="experts",
+        )
+        experts.build((num_experts, None, input_units))
+        return experts
+
+    def call(self, inputs, training=None, mask=None, **router_inputs):
+        tokens, valid, num_tokens = flatten_tokens(inputs, mask)
+        leading_rank = len(inputs.shape) - 1
+        router_inputs = tf.nest.map_structure(
+            lambda value: _flatten_per_token(value, leading_rank), router_inputs
+        )
+        routing = self.router(tokens, training=training, mask=valid, **router_inputs)
+        if set(routing.metrics) != set(self.router.metric_names):
+            raise ValueError(
+                f"{type(self.router).__name__} returned the metrics {sorted(routing.metrics)}, "
+                f"not its `metric_names` {sorted(self.router.metric_names)}."
+            )
+        capacity = None
+        if self.capacity_factor is not None:
+            capacity = dispatch_ops.static_capacity(
+                self.capacity_factor, self.k * num_tokens, self.num_experts
+            )
+        buffer, slot, kept, _ = dispatch_ops.dispatch(
+            tokens, routing.token_id, routing.expert_id, self.num_experts, capacity
+        )
+        outputs = dispatch_ops.combine(
+            self.experts(buffer), slot, kept, routing.token_id, routing.weight, num_tokens
+        )
+        self._add_losses_and_track(routing, kept, valid, num_tokens, training)
+        return tf.reshape(outputs, tf.concat([tf.shape(inputs)[:-1], [outputs.shape[-1]]], 0))
+
+    def _add_losses_and_track(self, routing, kept, valid, num_tokens, training):
+        importance, load = cross_replica_sum([routing.importance, routing.load])
+        losses = list(routing.losses.values())
+        if self.router.uses_balancing_loss:
+            balancing = self.importance_weight * cv_squared(importance) + self.load_weight * cv_squared(load)
+            losses.insert(0, balancing)
+        aux_loss = tf.add_n(losses) if losses else tf.zeros(())
+        if training:
+            self.add_loss(aux_loss)
+        routed = tf.reduce_sum(tf.cast(routing.expert_id < self.num_experts, tf.float32)) + routing.dropped
+        dropped = routed - tf.reduce_sum(tf.cast(kept, tf.float32))
+        reached = tf.math.unsorted_segment_sum(tf.cast(kept, tf.float32), routing.token_id, num_tokens)
+        if valid is None:
+            tokens = tf.cast(num_tokens, tf.float32)
+        else:
+            tokens = tf.reduce_sum(tf.cast(valid, tf.float32))
+        unrouted = tokens - tf.reduce_sum(tf.cast(reached > 0, tf.float32))
+        self.balance.update_state(
+            importance, load, dropped, routed, aux_loss, unrouted, tokens, routing.metrics
+        )
+
+    def ops_per_token(self):
+        """Multiply-adds one token costs at inference: the router and its `k` experts.
+
+        Counted as the paper's Table 1 counts ops/timestep. Needs the layer
+        built.
+        """
+        if not self.built:
+            raise ValueError(f"{self.name} must be built before counting its ops.")
+        input_units = self.input_spec.axes[-1]
+        return self.router.ops_per_token(input_units) + self.k * self.experts.ops_per_token()
+
+    def compute_output_shape(self, input_shape):
+        return tuple(input_shape[:-1]) + (self.output_units or input_shape[-1],)
+
+    def get_config(self):
+        config = super().get_config()
+        config.update(
+            {
+                "num_experts": self.num_experts,
+                "k": self.k,
+                "hidden_units": self.hidden_units,
+                "output_units": self.output_units,
+                "activation": keras.activations.serialize(self.activation),
+                "router": keras.layers.serialize(self.router),
+                "importance_weight": self.importance_weight,
+                "load_weight": self.load_weight,
+                "capacity_factor": self.capacity_factor,
+                "use_bias": self.use_bias,
+                "kernel_initializer": _serialize(keras.initializers, self.kernel_initializer),
+                "bias_initializer": _serialize(keras.initializers, self.bias_initializer),
+                "kernel_regularizer": _serialize(keras.regularizers, self.kernel_regularizer),
+                "bias_regularizer": _serialize(keras.regularizers, self.bias_regularizer),
+            }
+        )
+        return config
+
+    @classmethod
+    def from_config(cls, config):
+        config = dict(config)
+        # tf_moe 0.1 configs (e.g. of ExpertParallelMoE) name a gate instead of a router.
+        legacy = {key: config.pop(key) for key in _LEGACY_GATE_ARGUMENTS if key in config}
+        if legacy:
+            config["router"] = routers.from_gate_arguments(config["num_experts"], config["k"], **legacy)
+            config["k"] = None  # the softmax gate ignored `k`
+        return super().from_config(config)
+
+
+def _serialize(module, value):
+    return None if value is None else module.serialize(module.get(value))

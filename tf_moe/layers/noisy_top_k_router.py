@@ -1,0 +1,153 @@
+"""Noisy top-k gating (Shazeer et al. 2017, section 2.1), the default router."""
+
+import keras
+import tensorflow as tf
+
+from tf_moe.layers.checks import check_non_negative
+from tf_moe.layers.router import Router, Routing
+from tf_moe.ops import gating
+from tf_moe.ops.dispatch import token_choice_assignments
+from tf_moe.ops.replicas import replica_normal
+
+
+@keras.saving.register_keras_serializable(package="tf_moe")
+class NoisyTopKRouter(Router):
+    """Noisy top-k gating of the sparsely-gated MoE (section 2.1).
+
+    `H(x) = x W_g + StandardNormal() * (Softplus(x W_noise) + noise_epsilon)`
+    while training (noise only when `noisy` and training), then
+    `G(x) = Softmax(KeepTopK(H(x), k))`: each token goes to its k best
+    experts, best first. Both weight matrices start at zero, so every expert
+    starts with equal load. Importance is the sum of the gates; load is the
+    smooth estimator of section 4 and appendix A while training with noise
+    (and k < n), else the count of tokens per expert. The router computes in
+    float32 whatever the dtype policy.
+
+    Metrics (`Routing.metrics`), logged by `MoELayer` per layer:
+
+    * `topk_agreement`: the mean over unmasked tokens of
+      `|noisy top-k set & noise-free top-k set| / k`, how often the routing
+      that trains the experts is the one used at inference. 1.0 when no
+      noise is added (inference, or `noisy=False`).
+    * `noise_to_signal`: the mean over unmasked tokens of the noise scale
+      `Softplus(x W_noise) + noise_epsilon` (averaged over experts), over
+      the mean of the standard deviation across experts of the clean logits
+      `x W_g`; reported at inference too (the noise training would add on
+      these tokens). 0 with `noisy=False`; inf while `x W_g` has no spread
+      at all (the zero-initialised gate before its first update), and
+      `MoELayer` leaves such batches out of its logged average.
+
+    Args:
+        num_experts: int, number of experts n.
+        k: int, experts per token, 1 <= k <= num_experts.
+        noisy: bool, add the tunable Gaussian noise while training.
+        noise_epsilon: finite float >= 0 added to the noise scale.
+        seed: optional int seed of the noise.
+        **kwargs: base layer arguments (`name`, ...). `dtype` defaults to
+            float32.
+
+    Call arguments:
+        inputs: [tokens, d] float tensor.
+        training: bool, adds noise and uses the smooth load estimate.
+        mask: optional [tokens] bool; masked tokens are not routed.
+        noise: optional [tokens, num_experts] standard-normal draws to use
+            instead of sampling (for reproducible tests).
+
+    Returns:
+        A `Routing` of `k * tokens` assignments, all first choices first.
+
+    Example:
+
+    >>> router = NoisyTopKRouter(num_experts=8, k=2, seed=0)
+    >>> routing = router(keras.random.normal((16, 32)), training=True)
+    >>> routing.expert_id.shape
+    TensorShape([32])
+    """
+
+    metric_names = ("topk_agreement", "noise_to_signal")
+
+    def __init__(self, num_experts, k, noisy=True, noise_epsilon=1e-2, seed=None, **kwargs):
+        super().__init__(num_experts, k, **kwargs)
+        check_non_negative("noise_epsilon", noise_epsilon)
+        self.noisy = bool(noisy)
+        self.noise_epsilon = float(noise_epsilon)
+        self.seed = seed
+        self.seed_generator = keras.random.SeedGenerator(seed)
+
+    def build(self, input_shape):
+        self.check_input_shape(input_shape)
+        shape = (input_shape[-1], self.num_experts)
+        self.w_gate = self.add_weight(name="w_gate", shape=shape, initializer="zeros")
+        self.w_noise = self.add_weight(name="w_noise", shape=shape, initializer="zeros")
+
+    def call(self, inputs, training=None, mask=None, noise=None):
+        x, valid = self.masked_tokens(inputs, mask)
+        clean_logits = tf.matmul(x, tf.cast(self.w_gate, tf.float32))
+        stddev = self._noise_stddev(x) if self.noisy else None
+        add_noise = self.noisy and bool(training)
+        logits = clean_logits
+        if add_noise:
+            logits = clean_logits + self._standard_normal(noise, clean_logits, valid) * stddev
+        expert_index, expert_weight, _ = gating.top_k_gates(logits, self.k)
+        metrics = self._diagnostics(expert_index, clean_logits, stddev, valid, add_noise)
+
+        if valid is not None:
+            expert_index = tf.where(valid[:, None], expert_index, self.num_experts)
+            expert_weight = tf.where(valid[:, None], expert_weight, 0.0)
+        if add_noise and self.k < self.num_experts:
+            load = gating.smooth_load(clean_logits, logits, stddev, self.k, valid)
+        else:
+            load = gating.hard_load(expert_index, self.num_experts)
+        token_id, expert_id, weight = token_choice_assignments(expert_index, expert_weight)
+        return Routing(
+            token_id=token_id,
+            expert_id=expert_id,
+            weight=weight,
+            importance=gating.importance(expert_index, expert_weight, self.num_experts),
+            load=load,
+            dropped=tf.zeros(()),
+            losses={},
+            metrics=metrics,
+        )
+
+    def _noise_stddev(self, x):
+        """`Softplus(x W_noise) + noise_epsilon` (kept away from 0)."""
+        return gating.noise_stddev(tf.matmul(x, tf.cast(self.w_noise, tf.float32)), self.noise_epsilon)
+
+    def _standard_normal(self, noise, logits, valid):
+        if noise is None:
+            return replica_normal(self.seed_generator, tf.shape(logits))
+        noise = tf.cast(noise, tf.float32)
+        # Given draws may hold anything at masked positions.
+        return noise if valid is None else tf.where(valid[:, None], noise, 0.0)
+
+    def _diagnostics(self, noisy_index, clean_logits, stddev, valid, add_noise):
+        if add_noise:
+            agreement = gating.topk_agreement(noisy_index, clean_logits, valid)
+        else:
+            agreement = tf.ones(())
+        if stddev is None:
+            ratio = tf.zeros(())
+        else:
+            ratio = gating.noise_to_signal(stddev, clean_logits, valid)
+        return {
+            "topk_agreement": tf.stop_gradient(agreement),
+            "noise_to_signal": tf.stop_gradient(ratio),
+        }
+
+    def ops_per_token(self, input_units):
+        # `x W_g`; the noise scale is not needed for the output at inference.
+        return input_units * self.num_experts
+
+    def get_config(self):
+        config = super().get_config()
+        config.update(
+            {
+                "num_experts": self.num_experts,
+                "k": self.k,
+                "noisy": self.noisy,
+                "noise_epsilon": self.noise_epsilon,
+                "seed": self.seed,
+            }
+        )
+        return config

@@ -1,0 +1,137 @@
+"""The router contract of `MoELayer`: the `Router` base layer and its `Routing`."""
+
+from typing import NamedTuple
+
+import keras
+import tensorflow as tf
+
+from tf_moe.layers.checks import check_not_above, check_positive_int
+
+
+class Routing(NamedTuple):
+    """One batch's routing, as every `Router` returns it.
+
+    A flat list of A assignments `(token_id, expert_id, weight)` plus the
+    per-expert totals that the balancing loss of Shazeer et al. 2017
+    (section 4) needs, and the router's own losses and metrics. A NamedTuple
+    of tensors and dicts, so `tf.nest` and `keras.tree` walk it like any
+    nested structure (it can cross `tf.function` and `strategy.run`).
+
+    Assignments earlier in the list win the slots when an expert's capacity
+    runs out, so a token-choice router lists all first choices before all
+    second choices.
+
+    Fields:
+        token_id: [A] int32, the token (row of the router's [T, d] input)
+            of each assignment.
+        expert_id: [A] int32, its expert; `num_experts` means not routed
+            (a masked token, a choice below a threshold, ...).
+        weight: [A] float32, its gate value: the expert's output is
+            multiplied by it. 0 where not routed.
+        importance: [num_experts] float32, `Importance(X)`: the sum of each
+            expert's gate values over the batch.
+        load: [num_experts] float32, `Load(X)`: tokens per expert, or a
+            smooth estimate of it (appendix A) where the router has one.
+        dropped: float32 scalar, assignments the router dropped itself
+            (e.g. for a capacity of its own); the MoE counts its own
+            capacity drops and reports both as `<layer>_dropped_fraction`.
+        losses: dict name -> float32 scalar, the router's own auxiliary
+            losses; the MoE adds their sum while training. Same keys on
+            every call (0 where a loss is only defined while training).
+        metrics: dict name -> float32 scalar, the router's diagnostics; its
+            keys are `router.metric_names` on every call. The MoE logs their
+            batch averages as `<layer>_<name>`.
+    """
+
+    token_id: tf.Tensor
+    expert_id: tf.Tensor
+    weight: tf.Tensor
+    importance: tf.Tensor
+    load: tf.Tensor
+    dropped: tf.Tensor
+    losses: dict
+    metrics: dict
+
+
+class Router(keras.layers.Layer):
+    """Base layer of the routers (gating networks) of `MoELayer`.
+
+    A router decides which experts process which tokens. The contract every
+    router implements:
+
+    * `num_experts` and `k` attributes: the number of experts it routes to
+      and the assignments per token that size the MoE's static capacity
+      `ceil(capacity_factor * k * tokens / num_experts)`.
+    * `call(inputs, training=None, mask=None, **kwargs)` maps a [T, d]
+      batch of tokens to one `Routing`. Masked tokens get no assignment
+      (expert id `num_experts`), count in neither importance nor load, and
+      whatever they hold (NaN from a padded attention row) must reach no
+      output, loss or gradient: `masked_tokens` zeroes them first. Extra
+      keyword arguments are per-token router inputs (e.g. token ids for a
+      router that hashes them), which `MoELayer` forwards flattened to
+      [T, ...] like the tokens.
+    * `metric_names`: the keys of `Routing.metrics`, fixed per router.
+    * `uses_balancing_loss`: whether `MoELayer` adds the paper's
+      `w_importance * CV(Importance)^2 + w_load * CV(Load)^2` (section 4)
+      for this router; a router with a loss of its own may turn it off and
+      return its loss in `Routing.losses`.
+    * `ops_per_token(input_units)`: multiply-adds per token at inference,
+      as the paper's Table 1 counts them.
+
+    A router may keep state outside the gradient (e.g. per-expert biases)
+    in non-trainable variables updated in `call` while training; under data
+    parallelism it should update them from totals summed over replicas
+    (`tf_moe.ops.replicas.cross_replica_sum`). Routers compute in float32
+    whatever the dtype policy (`dtype` defaults to float32).
+
+    Args:
+        num_experts: int, number of experts n.
+        k: int, assignments per token, 1 <= k <= num_experts.
+        **kwargs: base layer arguments (`name`, ...).
+    """
+
+    # Whether MoELayer adds the importance and load CV^2 losses of section 4.
+    uses_balancing_loss = True
+    # Keys of `Routing.metrics`.
+    metric_names = ()
+
+    def __init__(self, num_experts, k, **kwargs):
+        kwargs.setdefault("dtype", "float32")
+        super().__init__(**kwargs)
+        check_positive_int("num_experts", num_experts)
+        check_positive_int("k", k)
+        check_not_above("k", k, "num_experts", num_experts)
+        self.num_experts = num_experts
+        self.k = k
+        # Takes a token mask as an argument; its Routing output carries none.
+        self.supports_masking = True
+
+    def check_input_shape(self, input_shape):
+        """Raises a ValueError unless `input_shape` is [tokens, d] with known d."""
+        if len(input_shape) != 2 or input_shape[-1] is None:
+            raise ValueError(
+                f"`inputs` of {type(self).__name__} must be [tokens, d] with known d, "
+                f"got {input_shape}."
+            )
+
+    def masked_tokens(self, inputs, mask=None):
+        """`(tokens, valid)`: float32 [T, d] tokens with masked rows zeroed, [T] bool mask or None.
+
+        Zeroing (with `tf.where`) before any maths keeps a NaN or inf at a
+        masked position out of every value and every gradient.
+        """
+        x = tf.cast(inputs, tf.float32)
+        if mask is None:
+            return x, None
+        valid = tf.reshape(tf.cast(mask, tf.bool), [-1])
+        return tf.where(valid[:, None], x, 0.0), valid
+
+    def call(self, inputs, training=None, mask=None):
+        raise NotImplementedError(f"{type(self).__name__} must implement `call` returning a Routing.")
+
+    def ops_per_token(self, input_units):
+        """Multiply-adds the router spends on one token of width `input_units` at inference."""
+        raise NotImplementedError(f"{type(self).__name__} must implement `ops_per_token`.")
+
+    def compute_mask(self, inputs, mask=None):
+        return None
