@@ -213,3 +213,21 @@ def test_metrics_are_the_primary_gates_diagnostics():
     np.testing.assert_allclose(
         float(routing.metrics["noise_to_signal"]), ref.noise_to_signal(stddev, x @ wp, valid), rtol=1e-5
     )
+
+
+def test_learning_rate_multiplier_scales_both_levels_and_keeps_the_function():
+    plain = _randomised_gate()
+    fast = _randomised_gate(learning_rate_multiplier=8.0)
+    assert fast.primary.learning_rate_multiplier == 8.0
+    assert fast.get_config()["learning_rate_multiplier"] == 8.0
+    for mine, theirs in zip(
+        (fast.primary.w_gate, fast.primary.w_noise, fast.w_gate, fast.w_noise),
+        (plain.primary.w_gate, plain.primary.w_noise, plain.w_gate, plain.w_noise),
+    ):
+        mine.assign(theirs.numpy() / 8.0)
+    x, pn, sn = _draws(30, 3, 4)
+    fast_routing, plain_routing = (r(x, training=True, noise=(pn, sn)) for r in (fast, plain))
+    for field in ("expert_id", "weight", "importance", "load"):
+        np.testing.assert_allclose(getattr(fast_routing, field), getattr(plain_routing, field), rtol=1e-5, atol=1e-6)
+    with pytest.raises(ValueError, match="learning_rate_multiplier"):
+        tf_moe.HierarchicalRouter(2, 2, learning_rate_multiplier=-1.0)

@@ -119,3 +119,9 @@ def test_stateful_model_carries_state_through_a_stream(kind):
 def test_stateful_model_needs_a_batch_size():
     with pytest.raises(ValueError, match="batch_size"):
         lstm_lm(stateful=True, **SMALL)
+
+
+@pytest.mark.parametrize("num_groups", [None, 2])
+def test_gate_learning_rate_multiplier_reaches_the_router(num_groups):
+    model = lstm_lm(**SMALL, num_groups=num_groups, gate_learning_rate_multiplier=5.0)
+    assert model.get_layer("moe").router.learning_rate_multiplier == 5.0

@@ -170,6 +170,8 @@ def test_ops_per_token_is_the_gate_matmul():
         (dict(num_experts=0, k=1), "`num_experts`"),
         (dict(num_experts=4, k=2, noise_epsilon=-1.0), "`noise_epsilon`"),
         (dict(num_experts=4, k=2, noise_epsilon=float("inf")), "`noise_epsilon`"),
+        (dict(num_experts=4, k=2, learning_rate_multiplier=0.0), "`learning_rate_multiplier`"),
+        (dict(num_experts=4, k=2, learning_rate_multiplier=float("nan")), "`learning_rate_multiplier`"),
     ],
 )
 def test_bad_configurations(kwargs, arg):
@@ -178,7 +180,41 @@ def test_bad_configurations(kwargs, arg):
 
 
 def test_config_round_trip():
-    router = tf_moe.NoisyTopKRouter(6, 3, noisy=False, noise_epsilon=0.2, seed=7, name="r")
+    router = tf_moe.NoisyTopKRouter(
+        6, 3, noisy=False, noise_epsilon=0.2, seed=7, learning_rate_multiplier=4.0, name="r"
+    )
     clone = tf_moe.NoisyTopKRouter.from_config(router.get_config())
     assert (clone.num_experts, clone.k, clone.noisy, clone.noise_epsilon, clone.seed) == (6, 3, False, 0.2, 7)
+    assert clone.learning_rate_multiplier == 4.0
     assert clone.get_config() == router.get_config()
+
+
+@pytest.mark.parametrize("multiplier", [0.5, 10.0])
+def test_learning_rate_multiplier_keeps_the_function_and_scales_adam_steps(multiplier):
+    x, noise = _draws()
+    plain = _randomised()
+    fast = _randomised(learning_rate_multiplier=multiplier)
+    # Stored weights W / m give the same function as W at multiplier 1.
+    fast.w_gate.assign(plain.w_gate.numpy() / multiplier)
+    fast.w_noise.assign(plain.w_noise.numpy() / multiplier)
+    fast_routing, plain_routing = (router(x, training=True, noise=noise) for router in (fast, plain))
+    for field in ("expert_id", "weight", "importance", "load"):
+        np.testing.assert_allclose(getattr(fast_routing, field), getattr(plain_routing, field), rtol=1e-5, atol=1e-6)
+
+    # One Adam step on the balancing loss moves the effective W m times as far.
+    moved = {}
+    for router in (plain, fast):
+        before = [router.w_gate.numpy() * router.learning_rate_multiplier,
+                  router.w_noise.numpy() * router.learning_rate_multiplier]
+        optimizer = tf.keras.optimizers.Adam(1e-3, epsilon=1e-12)
+        with tf.GradientTape() as tape:
+            routing = router(x, training=True, noise=noise)
+            loss = tf_moe.cv_squared(routing.importance) + tf_moe.cv_squared(routing.load)
+        variables = [router.w_gate, router.w_noise]
+        optimizer.apply_gradients(zip(tape.gradient(loss, variables), variables))
+        after = [router.w_gate.numpy() * router.learning_rate_multiplier,
+                 router.w_noise.numpy() * router.learning_rate_multiplier]
+        moved[router.learning_rate_multiplier] = [a - b for a, b in zip(after, before)]
+    for fast_step, plain_step in zip(moved[multiplier], moved[1.0]):
+        assert np.abs(plain_step).max() > 1e-4
+        np.testing.assert_allclose(fast_step, multiplier * plain_step, rtol=1e-3, atol=1e-9)

@@ -212,6 +212,8 @@ def _add_training_flags(sub):
     add("--importance-weight", type=non_negative_float,
         help=f"weight of the importance loss (default {defaults.importance_weight})")
     add("--load-weight", type=non_negative_float, help=f"weight of the load loss (default {defaults.load_weight})")
+    add("--gate-lr-multiplier", type=positive_float,
+        help=f"how much faster the MoE gates learn than the rest of the model (default {defaults.gate_lr_multiplier})")
     add("--train-size", type=positive_int, help="use only the first N training texts")
     add("--valid-size", type=positive_int, help="use only the first N validation texts")
     add("--beam-size", type=positive_int, help=f"mt: beam width for BLEU (default {defaults.beam_size})")

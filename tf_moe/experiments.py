@@ -49,6 +49,7 @@ class Config:
     dropout: float = 0.1
     importance_weight: float = 0.1
     load_weight: float = 0.1
+    gate_lr_multiplier: float = 1.0
     train_size: int | None = None
     valid_size: int | None = None
     beam_size: int = 4
@@ -172,6 +173,7 @@ def _model_settings(config):
         dropout=config.dropout,
         importance_weight=config.importance_weight,
         load_weight=config.load_weight,
+        gate_learning_rate_multiplier=config.gate_lr_multiplier,
         seed=config.seed,
     )
 

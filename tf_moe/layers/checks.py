@@ -25,6 +25,12 @@ def check_non_negative(name, value):
         raise ValueError(f"`{name}` must be a finite number >= 0, got {value!r}.")
 
 
+def check_positive(name, value):
+    """A finite real number > 0."""
+    if not (_is_real(value) and math.isfinite(value) and value > 0):
+        raise ValueError(f"`{name}` must be a finite number > 0, got {value!r}.")
+
+
 def check_capacity_factor(capacity_factor):
     if capacity_factor is not None and not (
         _is_real(capacity_factor) and math.isfinite(capacity_factor) and capacity_factor > 0

@@ -4,12 +4,13 @@ import keras
 import tensorflow as tf
 
 from tf_moe.layers.checks import (
+    check_positive,
     check_capacity_factor,
     check_non_negative,
     check_not_above,
     check_positive_int,
 )
-from tf_moe.layers.noisy_top_k_router import NoisyTopKRouter
+from tf_moe.layers.noisy_top_k_router import NoisyTopKRouter, scaled_gate_weight
 from tf_moe.layers.router import Router, Routing
 from tf_moe.ops import dispatch as dispatch_ops
 from tf_moe.ops import gating
@@ -81,6 +82,8 @@ class HierarchicalRouter(Router):
             (static shape); pairs beyond it get no experts and are reported
             in `Routing.dropped`. Independent of the MoE's own capacity.
         seed: optional int seed of the noise.
+        learning_rate_multiplier: finite float > 0 for the gates of both
+            levels, as `NoisyTopKRouter`'s.
         **kwargs: base layer arguments (`name`, ...). `dtype` defaults to
             float32.
 
@@ -117,6 +120,7 @@ class HierarchicalRouter(Router):
         noise_epsilon=1e-2,
         capacity_factor=None,
         seed=None,
+        learning_rate_multiplier=1.0,
         **kwargs,
     ):
         check_hierarchy(num_groups, experts_per_group, k_primary, k_secondary)
@@ -131,9 +135,11 @@ class HierarchicalRouter(Router):
         self.noise_epsilon = float(noise_epsilon)
         self.capacity_factor = None if capacity_factor is None else float(capacity_factor)
         self.seed = seed
+        check_positive("learning_rate_multiplier", learning_rate_multiplier)
+        self.learning_rate_multiplier = float(learning_rate_multiplier)
         self.primary = NoisyTopKRouter(
             num_groups, k_primary, noisy=noisy, noise_epsilon=noise_epsilon, seed=seed,
-            name="primary",
+            learning_rate_multiplier=learning_rate_multiplier, name="primary",
         )
         # A different stream from the primary gate's when a seed is given.
         self.seed_generator = keras.random.SeedGenerator(None if seed is None else seed + 1)
@@ -167,12 +173,12 @@ class HierarchicalRouter(Router):
             [a, capacity],
         )
 
-        clean_logits = tf.matmul(buffer, tf.cast(self.w_gate, tf.float32))  # [a, C, b]
+        clean_logits = tf.matmul(buffer, scaled_gate_weight(self.w_gate, self.learning_rate_multiplier))  # [a, C, b]
         add_noise = self.noisy and bool(training)
         logits = clean_logits
         if add_noise:
             stddev = gating.noise_stddev(
-                tf.matmul(buffer, tf.cast(self.w_noise, tf.float32)), self.noise_epsilon
+                tf.matmul(buffer, scaled_gate_weight(self.w_noise, self.learning_rate_multiplier)), self.noise_epsilon
             )
             draws = self._slot_noise(
                 secondary_noise, clean_logits, pair_token, pair_group, slot, capacity
@@ -247,6 +253,7 @@ class HierarchicalRouter(Router):
                 "noise_epsilon": self.noise_epsilon,
                 "capacity_factor": self.capacity_factor,
                 "seed": self.seed,
+                "learning_rate_multiplier": self.learning_rate_multiplier,
             }
         )
         return config

@@ -3,11 +3,22 @@
 import keras
 import tensorflow as tf
 
-from tf_moe.layers.checks import check_non_negative
+from tf_moe.layers.checks import check_non_negative, check_positive
 from tf_moe.layers.router import Router, Routing
 from tf_moe.ops import gating
 from tf_moe.ops.dispatch import token_choice_assignments
 from tf_moe.ops.replicas import replica_normal
+
+
+def scaled_gate_weight(weight, learning_rate_multiplier):
+    """A stored gate matrix as the gate uses it: times `learning_rate_multiplier`, in float32.
+
+    Storing `W / m` and using `m * (W / m)` leaves the function alone but
+    makes Adam-type optimizers, whose steps do not depend on the gradient's
+    scale, move `W` m times faster.
+    """
+    weight = tf.cast(weight, tf.float32)
+    return weight if learning_rate_multiplier == 1.0 else weight * learning_rate_multiplier
 
 
 @keras.saving.register_keras_serializable(package="tf_moe")
@@ -43,6 +54,15 @@ class NoisyTopKRouter(Router):
         noisy: bool, add the tunable Gaussian noise while training.
         noise_epsilon: finite float >= 0 added to the noise scale.
         seed: optional int seed of the noise.
+        learning_rate_multiplier: finite float > 0, how much faster than
+            the rest of the model the gate learns. The router stores
+            `W / learning_rate_multiplier` and multiplies it back, so the
+            function is unchanged while Adam-type optimizers (whose steps do
+            not depend on the gradient's scale) move `W_g` and `W_noise`
+            `learning_rate_multiplier` times faster; under plain SGD the
+            factor is its square. 1 is the paper's training. Both
+            matrices still start at zero. See "Gate learning rate" in
+            docs/results.md for the measured effect.
         **kwargs: base layer arguments (`name`, ...). `dtype` defaults to
             float32.
 
@@ -66,9 +86,14 @@ class NoisyTopKRouter(Router):
 
     metric_names = ("topk_agreement", "noise_to_signal")
 
-    def __init__(self, num_experts, k, noisy=True, noise_epsilon=1e-2, seed=None, **kwargs):
+    def __init__(
+        self, num_experts, k, noisy=True, noise_epsilon=1e-2, seed=None,
+        learning_rate_multiplier=1.0, **kwargs,
+    ):
         super().__init__(num_experts, k, **kwargs)
         check_non_negative("noise_epsilon", noise_epsilon)
+        check_positive("learning_rate_multiplier", learning_rate_multiplier)
+        self.learning_rate_multiplier = float(learning_rate_multiplier)
         self.noisy = bool(noisy)
         self.noise_epsilon = float(noise_epsilon)
         self.seed = seed
@@ -82,7 +107,7 @@ class NoisyTopKRouter(Router):
 
     def call(self, inputs, training=None, mask=None, noise=None):
         x, valid = self.masked_tokens(inputs, mask)
-        clean_logits = tf.matmul(x, tf.cast(self.w_gate, tf.float32))
+        clean_logits = tf.matmul(x, self._scaled(self.w_gate))
         stddev = self._noise_stddev(x) if self.noisy else None
         add_noise = self.noisy and bool(training)
         logits = clean_logits
@@ -112,7 +137,10 @@ class NoisyTopKRouter(Router):
 
     def _noise_stddev(self, x):
         """`Softplus(x W_noise) + noise_epsilon` (kept away from 0)."""
-        return gating.noise_stddev(tf.matmul(x, tf.cast(self.w_noise, tf.float32)), self.noise_epsilon)
+        return gating.noise_stddev(tf.matmul(x, self._scaled(self.w_noise)), self.noise_epsilon)
+
+    def _scaled(self, weight):
+        return scaled_gate_weight(weight, self.learning_rate_multiplier)
 
     def _standard_normal(self, noise, logits, valid):
         if noise is None:
@@ -148,6 +176,7 @@ class NoisyTopKRouter(Router):
                 "noisy": self.noisy,
                 "noise_epsilon": self.noise_epsilon,
                 "seed": self.seed,
+                "learning_rate_multiplier": self.learning_rate_multiplier,
             }
         )
         return config

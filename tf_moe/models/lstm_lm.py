@@ -20,6 +20,7 @@ def moe_layer(
     load_weight=0.1,
     capacity_factor=None,
     seed=None,
+    gate_learning_rate_multiplier=1.0,
     name="moe",
 ):
     """An `MoELayer` with the noisy top-k router, or the hierarchical one when `num_groups` is given.
@@ -27,9 +28,11 @@ def moe_layer(
     The hierarchical router (appendix B) splits `num_experts` into
     `num_groups` groups and uses `k` at both levels, as the paper's
     MoE-256-h does with k=2; its groups get the layer's capacity factor.
+    `gate_learning_rate_multiplier` is the routers' `learning_rate_multiplier`.
     """
+    multiplier = gate_learning_rate_multiplier
     if num_groups is None:
-        router = NoisyTopKRouter(num_experts, k, seed=seed)
+        router = NoisyTopKRouter(num_experts, k, seed=seed, learning_rate_multiplier=multiplier)
     else:
         check_positive_int("num_groups", num_groups)
         if num_experts % num_groups:
@@ -37,7 +40,8 @@ def moe_layer(
                 f"`num_experts` ({num_experts}) must be a multiple of `num_groups` ({num_groups})."
             )
         router = HierarchicalRouter(
-            num_groups, num_experts // num_groups, k, k, capacity_factor=capacity_factor, seed=seed
+            num_groups, num_experts // num_groups, k, k, capacity_factor=capacity_factor, seed=seed,
+            learning_rate_multiplier=multiplier,
         )
     return MoELayer(
         hidden_units=hidden_units,
@@ -92,6 +96,7 @@ def lstm_lm(
     capacity_factor=None,
     model="moe",
     seed=None,
+    gate_learning_rate_multiplier=1.0,
     stateful=False,
     batch_size=None,
     name=None,
@@ -127,6 +132,9 @@ def lstm_lm(
         capacity_factor: None (dropless) or the MoE's static capacity factor.
         model: "moe" or one of "moe-1-wide", "moe-1-deep", "4xlstm".
         seed: optional seed of the gating noise.
+        gate_learning_rate_multiplier: float > 0, how much faster the MoE's
+            gate learns than the rest (see `NoisyTopKRouter`); 1 is the
+            paper's training.
         stateful: carry the LSTMs' state from one batch to the next, for
             training and evaluating on a token stream cut into consecutive
             segments (`tf_moe.data.lm_stream_dataset`); needs `batch_size`.
@@ -161,6 +169,7 @@ def lstm_lm(
         load_weight=load_weight,
         capacity_factor=capacity_factor,
         seed=seed,
+        gate_learning_rate_multiplier=gate_learning_rate_multiplier,
     )
     batch_shape = (batch_size if stateful else None, None)
     tokens = keras.Input(batch_shape=batch_shape, dtype="int32", name="tokens")

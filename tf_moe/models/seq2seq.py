@@ -112,6 +112,7 @@ def seq2seq(
     capacity_factor=None,
     use_moe=True,
     seed=None,
+    gate_learning_rate_multiplier=1.0,
     name=None,
 ):
     """Encoder-decoder LSTMs with attention and two MoE layers (appendix E).
@@ -141,6 +142,7 @@ def seq2seq(
         capacity_factor: None (dropless) or the MoEs' static capacity factor.
         use_moe: bool, False for the dense baseline.
         seed: optional seed of the gating noise.
+        gate_learning_rate_multiplier: float > 0, as in `lstm_lm`.
         name: model name.
 
     Returns:
@@ -176,6 +178,7 @@ def seq2seq(
                 load_weight=load_weight,
                 capacity_factor=capacity_factor,
                 seed=seed,
+                gate_learning_rate_multiplier=gate_learning_rate_multiplier,
                 name=f"{prefix}_moe",
             )]
         else:
