@@ -9,6 +9,7 @@ line (`tf_moe.cli`) prints their tables; docs/results.md reports them.
 """
 
 import dataclasses
+import functools
 import json
 import math
 import os
@@ -21,7 +22,7 @@ import tensorflow as tf
 from tf_moe import data
 from tf_moe.layers.moe import MoE
 from tf_moe.models import Seq2SeqDecoder, lstm_lm, ops_per_timestep, seq2seq
-from tf_moe.training import WarmupInverseSqrtDecay, default_callbacks
+from tf_moe.training import WarmupInverseSqrtDecay, default_callbacks, delete_backup, epoch_stream
 
 _BALANCE = ("cv_importance", "cv_load", "max_over_mean_load")
 
@@ -86,17 +87,28 @@ def _params(model):
     )
 
 
-def _fit(model, config, train, valid, run_dir):
+def _fit(model, config, make_train, valid, run_dir):
+    """Trains `model` on `make_train()`, resuming from `run_dir`'s backup; returns its row.
+
+    The backup is kept after training (the caller deletes it once the
+    command's results are saved), so a rerun after a later crash restores
+    this model instead of training it again. `make_train` builds the data
+    afresh, so that a resumed run reads the same batches as an
+    uninterrupted one (`epoch_stream`).
+    """
     model.compile(optimizer=_optimizer(config))
     probe = next(iter(valid))[0]
-    steps = config.steps
+    callbacks = default_callbacks(run_dir, probe, keep_backup=True)
+    backup = callbacks[0]
+    # Full passes (`steps` None): one epoch is the batches of one pass.
+    steps = config.steps or int(make_train().reduce(0, lambda count, _: count + 1))
     start = time.time()
-    history = model.fit(
-        train.repeat() if steps else train,
+    model.fit(
+        epoch_stream(make_train(), steps, backup.initial_epoch),
         epochs=config.epochs,
         steps_per_epoch=steps,
         validation_data=valid,
-        callbacks=default_callbacks(run_dir, probe),
+        callbacks=callbacks,
         verbose=config.verbose,
     )
     seconds = time.time() - start
@@ -112,7 +124,7 @@ def _fit(model, config, train, valid, run_dir):
     # The paper's balance figures are of training batches (noisy gates);
     # the validation ones are of the deterministic inference routing.
     for key in _BALANCE:
-        train_values = [history.history[f"{name}_{key}"][-1] for name in moe_names]
+        train_values = [backup.epoch_logs[-1][f"{name}_{key}"] for name in moe_names]
         valid_values = [float(logs[f"{name}_{key}"]) for name in moe_names]
         row[key] = float(np.mean(train_values)) if moe_names else None
         row[f"valid_{key}"] = float(np.mean(valid_values)) if moe_names else None
@@ -144,9 +156,11 @@ def _lm_data(config):
     train_texts = _subset(data.load_lm_corpus(config.corpus, "train"), config.train_size)
     valid_texts = _subset(data.load_lm_corpus(config.corpus, "valid"), config.valid_size)
     tokenizer = data.WordpieceTokenizer.from_texts(train_texts, config.vocab_size)
-    train = data.lm_dataset(train_texts, tokenizer, config.seq_len, config.batch_size, seed=config.seed, fixed_length=True)
+    make_train = functools.partial(
+        data.lm_dataset, train_texts, tokenizer, config.seq_len, config.batch_size, seed=config.seed, fixed_length=True
+    )
     valid = data.lm_dataset(valid_texts, tokenizer, config.seq_len, config.batch_size, shuffle=False, fixed_length=True)
-    return tokenizer, train, valid
+    return tokenizer, make_train, valid
 
 
 def train_lm(config, models=None, save=True):
@@ -166,34 +180,40 @@ def train_lm(config, models=None, save=True):
         epoch's training batches and, under `valid_`, on the validation set.
     """
     keras.utils.set_random_seed(config.seed)
-    tokenizer, train, valid = _lm_data(config)
-    rows = []
+    tokenizer, make_train, valid = _lm_data(config)
+    rows, run_dirs = [], []
     for kind in models or ["moe", config.baseline]:
+        # Each model's start is the same whether or not the ones before it
+        # trained in this process or were restored from their backups.
+        keras.utils.set_random_seed(config.seed)
         model = _lm_model(config, kind, tokenizer.vocabulary_size)
         name = kind.replace("-", "_")
-        rows.append(_fit(model, config, train, valid, os.path.join(config.output, "runs", f"lm_{name}")))
+        run_dirs.append(os.path.join(config.output, "runs", f"lm_{name}"))
+        rows.append(_fit(model, config, make_train, valid, run_dirs[-1]))
         if save:
             model.save(os.path.join(config.output, f"lm_{name}.keras"))
     if save:
         tokenizer.save_vocabulary(os.path.join(config.output, "lm_vocab.txt"))
         _write_json(os.path.join(config.output, "lm_results.json"), config, rows)
+    _delete_backups(run_dirs)
     return rows
 
 
 def table6(config, settings=((0.0, 0.0), (0.2, 0.0), (0.0, 0.2), (0.1, 0.1), (0.01, 0.01), (1.0, 1.0))):
     """The MoE LM at each (w_importance, w_load) of the paper's Table 6."""
     keras.utils.set_random_seed(config.seed)
-    tokenizer, train, valid = _lm_data(config)
-    rows = []
+    tokenizer, make_train, valid = _lm_data(config)
+    rows, run_dirs = [], []
     for w_importance, w_load in settings:
         keras.utils.set_random_seed(config.seed)
         model = _lm_model(config, "moe", tokenizer.vocabulary_size,
                           importance_weight=w_importance, load_weight=w_load)
-        run_dir = os.path.join(config.output, "runs", f"table6_{w_importance}_{w_load}")
-        row = _fit(model, config, train, valid, run_dir)
+        run_dirs.append(os.path.join(config.output, "runs", f"table6_{w_importance}_{w_load}"))
+        row = _fit(model, config, make_train, valid, run_dirs[-1])
         row.update(w_importance=w_importance, w_load=w_load)
         rows.append(row)
     _write_json(os.path.join(config.output, "table6_results.json"), config, rows)
+    _delete_backups(run_dirs)
     return rows
 
 
@@ -206,7 +226,7 @@ def expert_sweep(config, experts=(4, 32, 256), hierarchical=(16, 16)):
     baselines are matched to them.
     """
     keras.utils.set_random_seed(config.seed)
-    tokenizer, train, valid = _lm_data(config)
+    tokenizer, make_train, valid = _lm_data(config)
     variants = [(f"moe-{n}", dict(num_experts=n)) for n in experts]
     groups, per_group = hierarchical
     level_k = int(round(math.sqrt(config.k)))
@@ -214,14 +234,16 @@ def expert_sweep(config, experts=(4, 32, 256), hierarchical=(16, 16)):
         (f"moe-{groups * per_group}-h", dict(num_experts=groups * per_group, num_groups=groups, k=level_k))
     )
     variants += [(kind, dict(model=kind)) for kind in ("moe-1-wide", "moe-1-deep", "4xlstm")]
-    rows = []
+    rows, run_dirs = [], []
     for label, overrides in variants:
         keras.utils.set_random_seed(config.seed)
         model = _lm_model(config, overrides.pop("model", "moe"), tokenizer.vocabulary_size, **overrides)
-        row = _fit(model, config, train, valid, os.path.join(config.output, "runs", f"sweep_{label}"))
+        run_dirs.append(os.path.join(config.output, "runs", f"sweep_{label}"))
+        row = _fit(model, config, make_train, valid, run_dirs[-1])
         row["model"] = label
         rows.append(row)
     _write_json(os.path.join(config.output, "sweep_results.json"), config, rows)
+    _delete_backups(run_dirs)
     return rows
 
 
@@ -230,9 +252,12 @@ def _mt_data(config):
     valid_pairs = _subset(data.load_translation_pairs(config.corpus, "valid"), config.valid_size)
     test_pairs = _subset(data.load_translation_pairs(config.corpus, "test"), config.bleu_sentences)
     tokenizer = data.WordpieceTokenizer.from_translation_pairs(train_pairs, config.vocab_size)
-    train = data.translation_dataset(train_pairs, tokenizer, config.seq_len, config.batch_size, seed=config.seed, fixed_length=True)
+    make_train = functools.partial(
+        data.translation_dataset, train_pairs, tokenizer, config.seq_len, config.batch_size, seed=config.seed,
+        fixed_length=True,
+    )
     valid = data.translation_dataset(valid_pairs, tokenizer, config.seq_len, config.batch_size, shuffle=False, fixed_length=True)
-    return tokenizer, train, valid, test_pairs
+    return tokenizer, make_train, valid, test_pairs
 
 
 def translate(decoder, tokenizer, sources, batch_size=64, beam_size=4):
@@ -261,10 +286,10 @@ def bleu(hypotheses, references, tokenizer):
 def train_mt(config, save=True):
     """Trains the MoE seq2seq model and its dense baseline on En->Es; returns rows with BLEU."""
     keras.utils.set_random_seed(config.seed)
-    tokenizer, train, valid, test_pairs = _mt_data(config)
+    tokenizer, make_train, valid, test_pairs = _mt_data(config)
     sources = [source for source, _ in test_pairs]
     references = [target for _, target in test_pairs]
-    rows = []
+    rows, run_dirs = [], []
     for use_moe in (True, False):
         keras.utils.set_random_seed(config.seed)
         model = seq2seq(
@@ -273,7 +298,8 @@ def train_mt(config, save=True):
             name="mt_moe" if use_moe else "mt_dense",
             **_model_settings(config),
         )
-        row = _fit(model, config, train, valid, os.path.join(config.output, "runs", model.name))
+        run_dirs.append(os.path.join(config.output, "runs", model.name))
+        row = _fit(model, config, make_train, valid, run_dirs[-1])
         decoder = Seq2SeqDecoder(model, data.START_ID, data.END_ID, max_length=config.seq_len)
         hypotheses = translate(decoder, tokenizer, sources, beam_size=config.beam_size)
         row["test_bleu"] = bleu(hypotheses, references, tokenizer)
@@ -284,7 +310,14 @@ def train_mt(config, save=True):
     if save:
         tokenizer.save_vocabulary(os.path.join(config.output, "mt_vocab.txt"))
         _write_json(os.path.join(config.output, "mt_results.json"), config, rows)
+    _delete_backups(run_dirs)
     return rows
+
+
+def _delete_backups(run_dirs):
+    # Only now that the command's models and results are saved.
+    for run_dir in run_dirs:
+        delete_backup(run_dir)
 
 
 def _write_json(path, config, rows):
