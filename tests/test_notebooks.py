@@ -43,6 +43,7 @@ def test_the_four_notebooks_exist_and_are_stored_without_outputs():
         assert "%pip install" in code[0].source and "import tf_moe" not in code[0].source, name
 
 
+@pytest.mark.timeout(1800)  # a whole notebook; nbclient limits each cell to 600 s
 @pytest.mark.parametrize(
     "name",
     [
