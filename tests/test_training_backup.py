@@ -157,22 +157,25 @@ class _FailingRename:
 
 
 def test_a_write_cut_short_leaves_the_previous_checkpoint(tmp_path, monkeypatch):
+    model = _model(0)
     monkeypatch.setattr("tf_moe.training.backup.os.rename", _FailingRename(epoch=3))
     with pytest.raises(KeyboardInterrupt):
-        _fit(_model(0), [CrashSafeBackup(tmp_path)], epochs=EPOCHS)
+        _fit(model, [CrashSafeBackup(tmp_path)], epochs=EPOCHS)
     monkeypatch.undo()
     assert sorted(os.listdir(tmp_path))[-2:] == ["epoch-000001", "epoch-000002"]
     assert len(glob.glob(os.path.join(tmp_path, ".partial-*"))) == 1  # the cut-short write
     backup = CrashSafeBackup(tmp_path, delete_on_end=False)
     assert backup.initial_epoch == 2
-    _fit(_model(1), [backup], epochs=EPOCHS + 1, initial_epoch=2)
+    # The same model object, to save a trace: the restore replaces its state.
+    _fit(model, [backup], epochs=EPOCHS + 1, initial_epoch=2)
     # Pruned to the newest `keep`, leftovers of the cut write removed.
     assert sorted(os.listdir(tmp_path)) == ["epoch-000003", "epoch-000004"]
 
 
 def test_a_damaged_latest_checkpoint_falls_back_to_the_previous(tmp_path, uninterrupted):
+    model = _model(0)
     with pytest.raises(RuntimeError, match="simulated crash"):
-        _fit(_model(0), [CrashSafeBackup(tmp_path, keep=3), _Crash()], epochs=EPOCHS)
+        _fit(model, [CrashSafeBackup(tmp_path, keep=3), _Crash()], epochs=EPOCHS)
     # A truncated newest weights file, as a disk fault would leave it.
     weights = os.path.join(tmp_path, "epoch-000002", "model.weights.h5")
     with open(weights, "r+b") as f:
@@ -181,7 +184,7 @@ def test_a_damaged_latest_checkpoint_falls_back_to_the_previous(tmp_path, uninte
     with pytest.warns(UserWarning, match="epoch-000002"):
         assert backup.initial_epoch == 1
     with pytest.warns(UserWarning, match="epoch-000002"):
-        resumed = _fit(_model(1), [backup], epochs=EPOCHS, initial_epoch=1)
+        resumed = _fit(model, [backup], epochs=EPOCHS, initial_epoch=1)
     _assert_same(resumed, uninterrupted)
 
 
@@ -257,7 +260,12 @@ class _Attempt:
         with open(self.log_path) as f:
             return f.read()
 
-    def run(self, kill_after=None, pattern=None, delay=0.0, timeout=900):
+    def stop(self):
+        if self.process.poll() is None:
+            self.process.kill()
+        self.process.wait(timeout=60)
+
+    def run(self, kill_after=None, pattern=None, delay=0.0, timeout=600):
         """Waits for the end, or SIGKILLs `delay` s after the `kill_after`-th match of `pattern`.
 
         Returns whether the process was killed (it may finish first).
@@ -275,9 +283,7 @@ class _Attempt:
                     return True
             self.process.wait(timeout=max(1.0, deadline - time.monotonic()))
         finally:
-            if self.process.poll() is None:
-                self.process.kill()
-                self.process.wait(timeout=60)
+            self.stop()
         assert self.process.returncode == 0, self.log()[-3000:]
         return False
 
@@ -326,6 +332,13 @@ def _library_kill_test(tmp_path, kills, epochs, seed):
                                   str(tmp_path / f"{name}-{i}.log"))
 
     reference = start("reference")(0)  # alongside the killed runs
+    try:
+        return _kill_cycles(tmp_path, start, reference, kills, epochs, seed)
+    finally:
+        reference.stop()
+
+
+def _kill_cycles(tmp_path, start, reference, kills, epochs, seed):
     rng = random.Random(seed)
     done = cycle = 0
     while done < kills:
