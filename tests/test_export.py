@@ -124,6 +124,10 @@ def exports(tmp_path_factory, tokenizer):
     requests["lm_no_time_steps"] = (lm_dir, "next_token_ids", {"token_ids": ([], "int32", [2, 0])})
     requests["lm_no_texts"] = (lm_dir, "serving_default", {"text": ([], "string")})
     requests["lm_no_rows"] = (lm_dir, "next_token_ids", {"token_ids": ([], "int32", [0, 4])})
+    # The same model as a numeric export: its own logits for a row of padding.
+    lm_numeric_dir = export.export_keras_model(lm, export.version_dir(base, "lm_numeric"))
+    cases["lm_numeric"] = np.asarray(lm(np.array(odd_ids, "int32"), training=False))
+    requests["lm_numeric"] = (lm_numeric_dir, "serving_default", {"tokens": (odd_ids, "int32")})
     for key, signature, inputs in (
         ("lm_text_matrix", "serving_default", {"text": ([TEXTS[:2]], "string")}),
         ("lm_text_scalar", "serving_default", {"text": (TEXTS[0], "string")}),
@@ -217,6 +221,7 @@ def test_fresh_process_serves_without_tf_moe(served, exports):
         os.path.join("lm", "1"): ["next_token_ids", "serving_default"],
         os.path.join("mt", "1"): ["beam_search", "serving_default"],
         os.path.join("numeric", "1"): ["serve", "serving_default"],
+        os.path.join("lm_numeric", "1"): ["serve", "serving_default"],
         os.path.join("moe", "1"): ["serve", "serving_default"],
     }
 
@@ -276,6 +281,12 @@ def test_translation_decodes_raw_strings_like_the_decoder(key, served, exports):
     np.testing.assert_array_equal(out["token_ids"]["value"], ids)
     assert out["translation"]["value"] == texts.tolist()
     assert np.asarray(out["token_ids"]["value"]).shape == (len(TEXTS), MAX_LENGTH)
+
+
+def test_numeric_signature_answers_rows_of_padding_like_the_model(served, exports):
+    (out,) = served["calls"]["lm_numeric"].values()
+    np.testing.assert_allclose(out["value"], exports[1]["lm_numeric"], rtol=1e-5, atol=1e-6)
+    assert np.isfinite(out["value"]).all()
 
 
 def test_numeric_signature_takes_named_inputs(served, exports):
