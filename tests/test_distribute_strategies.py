@@ -6,6 +6,7 @@ import socket
 import subprocess
 import sys
 import textwrap
+import time
 
 import keras
 import numpy as np
@@ -96,30 +97,50 @@ def _free_ports(count):
     return ports
 
 
-def test_multiworker_two_processes_match_one_device(tmp_path):
-    """Two worker processes on 127.0.0.1 = one device on the global batch."""
-    script = tmp_path / "worker.py"
-    script.write_text(_WORKER)
+# What a worker prints when another process took its port in the meantime.
+_PORT_TAKEN = ("Address already in use", "Could not start gRPC server", "Failed to add port")
+
+
+def _run_workers(script, tmp_path, timeout=240):
+    """Runs the two workers; returns their outputs and exit codes.
+
+    When one fails the other is stopped: it would wait for its peer.
+    """
     workers = [f"127.0.0.1:{port}" for port in _free_ports(2)]
-    processes = []
+    processes, logs = [], [tmp_path / f"worker{index}.log" for index in range(2)]
     try:
         for index in range(2):
             env = dict(os.environ, TF_CPP_MIN_LOG_LEVEL="2", CUDA_VISIBLE_DEVICES="")
             env["TF_CONFIG"] = json.dumps({"cluster": {"worker": workers}, "task": {"type": "worker", "index": index}})
-            processes.append(
-                subprocess.Popen(
+            with open(logs[index], "w") as log:
+                processes.append(subprocess.Popen(
                     [sys.executable, str(script), ROOT, str(tmp_path / f"worker{index}.npz")],
-                    env=env, cwd=ROOT, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True,
-                )
-            )
-        for process in processes:
-            output, _ = process.communicate(timeout=240)
-            assert process.returncode == 0, output[-6000:]
+                    env=env, cwd=ROOT, stdout=log, stderr=subprocess.STDOUT,
+                ))
+        deadline = time.monotonic() + timeout
+        while any(p.poll() is None for p in processes) and not any(p.poll() for p in processes):
+            assert time.monotonic() < deadline, "the workers did not finish in time"
+            time.sleep(0.2)
     finally:
         for process in processes:
             if process.poll() is None:
                 process.kill()
-                process.wait()
+            process.wait(timeout=60)
+    return [(log.read_text(), process.returncode) for log, process in zip(logs, processes)]
+
+
+def test_multiworker_two_processes_match_one_device(tmp_path):
+    """Two worker processes on 127.0.0.1 = one device on the global batch."""
+    script = tmp_path / "worker.py"
+    script.write_text(_WORKER)
+    # The ports are free when chosen but may be taken before the workers
+    # bind them: then try other ones.
+    for _ in range(3):
+        results = _run_workers(script, tmp_path)
+        if not any(code and any(taken in output for taken in _PORT_TAKEN) for output, code in results):
+            break
+    for output, code in results:
+        assert code == 0, output[-6000:]
     reference = build_model()
     history = reference.fit(data(), epochs=2, verbose=0).history
     for index in range(2):

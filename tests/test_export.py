@@ -43,16 +43,26 @@ _SERVE_SCRIPT = textwrap.dedent(
 
     requests = json.load(open(sys.argv[1]))
     results = {"tf_moe_imported": any(m.split(".")[0] == "tf_moe" for m in sys.modules), "calls": {}}
+    loaded = {}
     for key, (path, signature, inputs) in requests.items():
-        served = tf.saved_model.load(path)
+        if path not in loaded:
+            loaded[path] = tf.saved_model.load(path)
+        served = loaded[path]
         results.setdefault("signatures", {})[path] = sorted(served.signatures)
         fn = served.signatures[signature]
-        args = {name: tf.constant(value, dtype) for name, (value, dtype) in inputs.items()}
-        first, second = fn(**args), fn(**args)
+        # Each input: [value, dtype] or [value, dtype, shape].
+        args = {name: tf.reshape(tf.constant(value, spec[0]), spec[1]) if len(spec) > 1 else
+                tf.constant(value, spec[0]) for name, (value, *spec) in inputs.items()}
+        try:
+            first, second = fn(**args), fn(**args)
+        except Exception as error:  # the contract's refusals
+            results["calls"][key] = {"error": type(error).__name__ + ": " + str(error)}
+            continue
         out = {}
         for name, tensor in first.items():
             value = tensor.numpy()
             out[name] = {"value": value.astype(str).tolist() if value.dtype == object else value.tolist(),
+                         "shape": list(value.shape),
                          "repeatable": bool((value == second[name].numpy()).all())}
         results["calls"][key] = out
     results["tf_moe_imported"] |= any(m.split(".")[0] == "tf_moe" for m in sys.modules)
@@ -103,6 +113,30 @@ def exports(tmp_path_factory, tokenizer):
     requests["lm_text"] = (lm_dir, "serving_default", {"text": (TEXTS, "string")})
     cases["lm_ids"] = _top_k_next(lm, [[i for i in row if i] for row in IDS])
     requests["lm_ids"] = (lm_dir, "next_token_ids", {"token_ids": (IDS.tolist(), "int32")})
+    # The contract of docs/serving.md: an empty text is `[START]` alone...
+    cases["lm_empty_texts"] = _top_k_next(lm, [[START_ID], [START_ID], text_rows[1]])
+    requests["lm_empty_texts"] = (lm_dir, "serving_default", {"text": (["", " \t ", TEXTS[1]], "string")})
+    # ...so is a row of padding; zeros inside a row are skipped.
+    odd_ids = [[0, 0, 0, 0], [START_ID, 4, 0, 5], [START_ID, 7, 0, 0]]
+    cases["lm_padding_rows"] = _top_k_next(lm, [[START_ID], [START_ID, 4, 5], [START_ID, 7]])
+    requests["lm_padding_rows"] = (lm_dir, "next_token_ids", {"token_ids": (odd_ids, "int32")})
+    cases["lm_no_time_steps"] = _top_k_next(lm, [[START_ID], [START_ID]])
+    requests["lm_no_time_steps"] = (lm_dir, "next_token_ids", {"token_ids": ([], "int32", [2, 0])})
+    requests["lm_no_texts"] = (lm_dir, "serving_default", {"text": ([], "string")})
+    requests["lm_no_rows"] = (lm_dir, "next_token_ids", {"token_ids": ([], "int32", [0, 4])})
+    # The same model as a numeric export: its own logits for a row of padding.
+    lm_numeric_dir = export.export_keras_model(lm, export.version_dir(base, "lm_numeric"))
+    cases["lm_numeric"] = np.asarray(lm(np.array(odd_ids, "int32"), training=False))
+    requests["lm_numeric"] = (lm_numeric_dir, "serving_default", {"tokens": (odd_ids, "int32")})
+    for key, signature, inputs in (
+        ("lm_text_matrix", "serving_default", {"text": ([TEXTS[:2]], "string")}),
+        ("lm_text_scalar", "serving_default", {"text": (TEXTS[0], "string")}),
+        ("lm_ids_vector", "next_token_ids", {"token_ids": ([START_ID, 4], "int32")}),
+        ("lm_ids_negative", "next_token_ids", {"token_ids": ([[START_ID, -1]], "int32")}),
+        ("lm_ids_too_large", "next_token_ids", {"token_ids": ([[START_ID, len(VOCAB)]], "int32")}),
+        ("lm_ids_int64", "next_token_ids", {"token_ids": ([[START_ID, 4]], "int64")}),
+    ):
+        requests[key] = (lm_dir, signature, inputs)
 
     # Translation model, greedy and beam.
     mt = seq2seq(len(VOCAB), units=16, num_experts=4, k=2, expert_hidden_units=16, attention_heads=2)
@@ -118,6 +152,19 @@ def exports(tmp_path_factory, tokenizer):
         cases[key] = (np.asarray(ids), tokenizer.detokenize(ids).numpy().astype(str))
     requests["mt_greedy"] = (mt_dir, "serving_default", {"text": (TEXTS, "string")})
     requests["mt_beam"] = (mt_dir, "beam_search", {"text": (TEXTS, "string")})
+    # Empty texts are not translated: "" and no ids, whatever the model
+    # makes of `[START] [END]`.
+    mixed = ["", TEXTS[1], "   "]
+    source = np.zeros((3, 1 + len(text_rows[1])), "int32")
+    source[:, :2] = [START_ID, END_ID]
+    source[1] = [START_ID, *text_rows[1][1:], END_ID]
+    for signature, ids in (("serving_default", decoder.greedy(source)),
+                           ("beam_search", decoder.beam_search(source, beam_size=2, length_penalty=0.6))):
+        ids = np.asarray(ids) * np.array([[0], [1], [0]])
+        cases[f"mt_{signature}_empty_texts"] = (ids, tokenizer.detokenize(ids).numpy().astype(str))
+        requests[f"mt_{signature}_empty_texts"] = (mt_dir, signature, {"text": (mixed, "string")})
+        requests[f"mt_{signature}_no_texts"] = (mt_dir, signature, {"text": ([], "string")})
+        requests[f"mt_{signature}_text_matrix"] = (mt_dir, signature, {"text": ([TEXTS[:2]], "string")})
 
     # A two-input functional model with a noisy-gated MoE, through `tf-moe export`.
     a, b = keras.Input((6,), name="features"), keras.Input((6,), name="context")
@@ -127,8 +174,15 @@ def exports(tmp_path_factory, tokenizer):
     cli.main(["export", "keras", os.path.join(base, "numeric.keras"), "--name", "numeric", "--output", base])
     x = np.random.default_rng(1).normal(size=(2, 5, 6)).astype("float32")
     cases["numeric"] = np.asarray(numeric([x[0], x[1]], training=False))
-    requests["numeric"] = (os.path.join(base, "numeric", "1"), "serving_default",
+    numeric_dir = os.path.join(base, "numeric", "1")
+    requests["numeric"] = (numeric_dir, "serving_default",
                            {"features": (x[0].tolist(), "float32"), "context": (x[1].tolist(), "float32")})
+    requests["numeric_no_rows"] = (numeric_dir, "serving_default",
+                                   {"features": ([], "float32", [0, 6]), "context": ([], "float32", [0, 6])})
+    requests["numeric_wrong_width"] = (numeric_dir, "serving_default",
+                                       {"features": (x[0, :, :5].tolist(), "float32"), "context": (x[1].tolist(), "float32")})
+    requests["numeric_float64"] = (numeric_dir, "serving_default",
+                                   {"features": (x[0].tolist(), "float64"), "context": (x[1].tolist(), "float32")})
 
     # A bare batchwise-gated MoE layer with learned (here: set) thresholds.
     moe = MoE(4, 2, 8, gate="batchwise", name="batchwise_moe")
@@ -141,6 +195,7 @@ def exports(tmp_path_factory, tokenizer):
     moe.gate.thresholds.assign(tf.zeros(4))
     cases["moe_without_thresholds"] = np.asarray(moe(tokens, training=False))
     requests["moe"] = (os.path.join(base, "moe", "1"), "serving_default", {"x": (tokens.tolist(), "float32")})
+    requests["moe_no_tokens"] = (os.path.join(base, "moe", "1"), "serving_default", {"x": ([], "float32", [0, 6])})
     return base, cases, requests
 
 
@@ -166,6 +221,7 @@ def test_fresh_process_serves_without_tf_moe(served, exports):
         os.path.join("lm", "1"): ["next_token_ids", "serving_default"],
         os.path.join("mt", "1"): ["beam_search", "serving_default"],
         os.path.join("numeric", "1"): ["serve", "serving_default"],
+        os.path.join("lm_numeric", "1"): ["serve", "serving_default"],
         os.path.join("moe", "1"): ["serve", "serving_default"],
     }
 
@@ -174,10 +230,12 @@ def test_inference_is_deterministic(served):
     # No gating noise or dropout: the same request gives the same answer.
     for key, outputs in served["calls"].items():
         for name, output in outputs.items():
-            assert output["repeatable"], (key, name)
+            assert name == "error" or output["repeatable"], (key, name)
 
 
-@pytest.mark.parametrize("key", ("lm_text", "lm_ids"))
+@pytest.mark.parametrize(
+    "key", ("lm_text", "lm_ids", "lm_empty_texts", "lm_padding_rows", "lm_no_time_steps")
+)
 def test_language_model_returns_the_models_top_k_next_tokens(key, served, exports):
     ids, probabilities = exports[1][key]
     out = served["calls"][key]
@@ -186,13 +244,49 @@ def test_language_model_returns_the_models_top_k_next_tokens(key, served, export
     assert out["tokens"]["value"] == [[VOCAB[i] for i in row] for row in ids]
 
 
-@pytest.mark.parametrize("key", ("mt_greedy", "mt_beam"))
+@pytest.mark.parametrize(
+    ("key", "message"),
+    (
+        ("lm_text_matrix", "Shape of tensor text [1,2] is not compatible with expected shape [?]"),
+        ("lm_text_scalar", "Shape of tensor text [] is not compatible"),
+        ("lm_ids_vector", "Shape of tensor token_ids [2] is not compatible with expected shape [?,?]"),
+        ("lm_ids_negative", f"`token_ids` must be ids in [0, {len(VOCAB)})"),
+        ("lm_ids_too_large", f"`token_ids` must be ids in [0, {len(VOCAB)})"),
+        ("lm_ids_int64", "expected to be a int32 tensor but is a int64 tensor"),
+        ("mt_serving_default_text_matrix", "Shape of tensor text [1,2]"),
+        ("mt_beam_search_text_matrix", "Shape of tensor text [1,2]"),
+        ("numeric_wrong_width", "Shape of tensor features [5,5] is not compatible with expected shape [?,6]"),
+        ("numeric_float64", "expected to be a float tensor but is a double tensor"),
+    ),
+)
+def test_bad_requests_are_refused_with_a_clear_error(key, message, served):
+    assert message in served["calls"][key]["error"]
+
+
+def test_empty_batches_give_empty_answers(served):
+    calls = served["calls"]
+    for key in ("lm_no_texts", "lm_no_rows"):
+        assert [calls[key][name]["shape"] for name in ("token_ids", "tokens", "probabilities")] == [[0, TOP_K]] * 3
+    for signature in ("serving_default", "beam_search"):
+        out = calls[f"mt_{signature}_no_texts"]
+        assert out["translation"]["shape"] == [0] and out["token_ids"]["shape"] == [0, MAX_LENGTH]
+    assert calls["numeric_no_rows"]["scores"]["shape"] == [0, 3]
+    assert calls["moe_no_tokens"]["output_0"]["shape"] == [0, 6]  # as wide as its input
+
+
+@pytest.mark.parametrize("key", ("mt_greedy", "mt_beam", "mt_serving_default_empty_texts", "mt_beam_search_empty_texts"))
 def test_translation_decodes_raw_strings_like_the_decoder(key, served, exports):
     ids, texts = exports[1][key]
     out = served["calls"][key]
     np.testing.assert_array_equal(out["token_ids"]["value"], ids)
     assert out["translation"]["value"] == texts.tolist()
     assert np.asarray(out["token_ids"]["value"]).shape == (len(TEXTS), MAX_LENGTH)
+
+
+def test_numeric_signature_answers_rows_of_padding_like_the_model(served, exports):
+    (out,) = served["calls"]["lm_numeric"].values()
+    np.testing.assert_allclose(out["value"], exports[1]["lm_numeric"], rtol=1e-5, atol=1e-6)
+    assert np.isfinite(out["value"]).all()
 
 
 def test_numeric_signature_takes_named_inputs(served, exports):
@@ -265,6 +359,51 @@ def test_bad_arguments_are_named(tokenizer, tmp_path):
     with pytest.raises(SystemExit) as exit_info:
         export.main(["lm", "model.keras"])
     assert exit_info.value.code == 2
+
+
+def test_framing_gives_every_row_its_start_and_end():
+    ragged = tf.ragged.constant([[5, 6, 7], [], [8]], dtype=tf.int32)
+    np.testing.assert_array_equal(export.frame_token_ids(ragged), [[2, 5, 6, 7], [2, 0, 0, 0], [2, 8, 0, 0]])
+    np.testing.assert_array_equal(
+        export.frame_token_ids(ragged, max_tokens=1, end=True), [[2, 5, 3], [2, 3, 0], [2, 8, 3]]
+    )
+    np.testing.assert_array_equal(export.frame_token_ids(ragged, max_tokens=0, end=True), [[2, 3]] * 3)
+    empty = tf.ragged.constant([], dtype=tf.int32, ragged_rank=1)
+    assert export.frame_token_ids(empty, end=True).shape == (0, 1)
+
+
+def test_translation_export_needs_room_for_a_source(tokenizer, tmp_path):
+    mt = seq2seq(len(VOCAB), units=8, num_experts=2, k=1, expert_hidden_units=8, attention_heads=2)
+    for max_length in (0, 1, 2):
+        with pytest.raises(ValueError, match="`max_length` must be an int >= 3"):
+            export.export_translation_model(mt, tokenizer, str(tmp_path / "mt"), max_length=max_length)
+
+
+def test_an_export_never_overwrites_silently(tmp_path):
+    layer = MoE(2, 1, 4)
+    layer.build((None, 3))
+    spec = [tf.TensorSpec([None, 3], tf.float32, name="x")]
+    target = tmp_path / "moe" / "1"
+    target.mkdir(parents=True)
+    (target / "notes.txt").write_text("mine")
+    with pytest.raises(FileExistsError, match="overwrite=True"):
+        export.export_keras_model(layer, str(target), spec)
+    assert os.listdir(target) == ["notes.txt"]
+    export.export_keras_model(layer, str(target), spec, overwrite=True)
+    assert "saved_model.pb" in os.listdir(target) and "notes.txt" not in os.listdir(target)
+    # Written beside the target and renamed into place: nothing left over.
+    assert os.listdir(tmp_path / "moe") == ["1"]
+
+
+def test_a_damaged_keras_file_is_named(tmp_path):
+    model = keras.Sequential([keras.Input((2,)), keras.layers.Dense(1)])
+    model.save(tmp_path / "model.keras")
+    data = (tmp_path / "model.keras").read_bytes()
+    (tmp_path / "cut.keras").write_bytes(data[: len(data) // 2])
+    with pytest.raises(ValueError, match=r"cut\.keras is not a \.keras model .*cut short"):
+        export._load_keras(str(tmp_path / "cut.keras"))
+    with pytest.raises(FileNotFoundError, match="missing.keras"):
+        export._load_keras(str(tmp_path / "missing.keras"))
 
 
 def test_keras_files_load_in_safe_mode(tmp_path):

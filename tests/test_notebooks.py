@@ -86,6 +86,7 @@ def test_setup_cell_installs_from_the_repository_or_a_wheel_or_says_how(tmp_path
     assert Shell.magics == [("pip", "install -q {TF_MOE_SOURCE}")] * 2
 
 
+@pytest.mark.timeout(1800)  # a whole notebook; nbclient limits each cell to 600 s
 @pytest.mark.parametrize(
     "name",
     [

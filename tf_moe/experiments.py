@@ -9,6 +9,7 @@ line (`tf_moe.cli`) prints their tables; docs/results.md reports them.
 """
 
 import dataclasses
+import functools
 import json
 import math
 import os
@@ -22,7 +23,13 @@ import tensorflow as tf
 from tf_moe import data
 from tf_moe.layers.moe_layer import MoELayer
 from tf_moe.models import BASELINES, Seq2SeqDecoder, lstm_lm, ops_per_timestep, seq2seq
-from tf_moe.training import ResetRecurrentState, WarmupInverseSqrtDecay, default_callbacks
+from tf_moe.training import (
+    ResetRecurrentState,
+    WarmupInverseSqrtDecay,
+    default_callbacks,
+    delete_backup,
+    epoch_stream,
+)
 
 _BALANCE = ("cv_importance", "cv_load", "max_over_mean_load")
 
@@ -95,37 +102,44 @@ def _params(model):
     )
 
 
-def _fit(model, config, train, valid, run_dir, test=None, callbacks=()):
-    """Trains `model`; returns its row: sizes, perplexities, balance, curve.
+def _fit(model, config, make_train, valid, run_dir, test=None, callbacks=()):
+    """Trains `model` on `make_train()`, resuming from `run_dir`'s backup; returns its row.
 
-    The row's `curve` is the validation perplexity after every epoch against
-    the number of training tokens (targets) seen so far.
+    The row: sizes, validation (and test) perplexity, the MoE layers'
+    balance, and the `curve` of validation perplexity after every epoch
+    against the training tokens (targets) seen so far. The backup is kept
+    after training (the caller deletes it once the command's results are
+    saved), so a rerun after a later crash restores this model instead of
+    training it again. `make_train` builds the data afresh, so that a
+    resumed run reads the same batches as an uninterrupted one
+    (`epoch_stream`). `callbacks` are used in training and evaluation.
     """
     model.compile(optimizer=_optimizer(config))
     probe = next(iter(valid))[0]
-    steps = config.steps
-    tokens = TokenCounter()
+    backup, *summaries = default_callbacks(run_dir, probe, keep_backup=True)
+    # Full passes (`steps` None): one epoch is the batches of one pass.
+    steps = config.steps or int(make_train().reduce(0, lambda count, _: count + 1))
     start = time.time()
-    history = model.fit(
-        train.repeat() if steps else train,
+    model.fit(
+        epoch_stream(make_train(), steps, backup.initial_epoch),
         epochs=config.epochs,
         steps_per_epoch=steps,
         validation_data=valid,
-        callbacks=[*callbacks, tokens, *default_callbacks(run_dir, probe)],
+        # The token counter writes into the epoch's logs before the backup keeps them.
+        callbacks=[*callbacks, TokenCounter(), backup, *summaries],
         verbose=config.verbose,
     )
     seconds = time.time() - start
     logs = model.evaluate(valid, verbose=0, return_dict=True, callbacks=list(callbacks))
+    seen = np.cumsum([epoch["train_tokens"] for epoch in backup.epoch_logs]).tolist()
     row = {
         "model": model.name,
         "params": _params(model),
         "ops_per_timestep": ops_per_timestep(model),
         "valid_perplexity": float(logs["perplexity"]),
         "train_seconds": round(seconds, 1),
-        "train_tokens": tokens.total,
-        "curve": [
-            [count, float(ppl)] for count, ppl in zip(tokens.per_epoch, history.history["val_perplexity"])
-        ],
+        "train_tokens": int(seen[-1]),
+        "curve": [[int(count), epoch["val_perplexity"]] for count, epoch in zip(seen, backup.epoch_logs)],
     }
     if test is not None:
         test_logs = model.evaluate(test, verbose=0, return_dict=True, callbacks=list(callbacks))
@@ -134,7 +148,7 @@ def _fit(model, config, train, valid, run_dir, test=None, callbacks=()):
     # The paper's balance figures are of training batches (noisy gates);
     # the validation ones are of the deterministic inference routing.
     for key in _BALANCE:
-        train_values = [history.history[f"{name}_{key}"][-1] for name in moe_names]
+        train_values = [backup.epoch_logs[-1][f"{name}_{key}"] for name in moe_names]
         valid_values = [float(logs[f"{name}_{key}"]) for name in moe_names]
         row[key] = float(np.mean(train_values)) if moe_names else None
         row[f"valid_{key}"] = float(np.mean(valid_values)) if moe_names else None
@@ -142,24 +156,23 @@ def _fit(model, config, train, valid, run_dir, test=None, callbacks=()):
 
 
 class TokenCounter(keras.callbacks.Callback):
-    """Counts the training targets (non-padding tokens) seen, epoch by epoch."""
+    """Adds `train_tokens`, the epoch's training targets (non-padding), to the epoch's logs.
 
-    def __init__(self):
-        super().__init__()
-        self.total = 0
-        self.per_epoch = []
+    Kept in the logs, the count survives in `CrashSafeBackup.epoch_logs`
+    when a run resumes.
+    """
 
     def on_train_batch_end(self, batch, logs=None):
-        # `fit` logs running means; the task-loss tracker's total weight is
-        # the number of targets of the epoch so far.
-        self._epoch_tokens = int(self.model.task_loss_tracker.count.numpy())
+        # The task-loss tracker's total weight is the number of targets of
+        # the epoch so far (`fit` resets it every epoch).
+        self._tokens = int(self.model.task_loss_tracker.count.numpy())
 
     def on_epoch_begin(self, epoch, logs=None):
-        self._epoch_tokens = 0
+        self._tokens = 0
 
     def on_epoch_end(self, epoch, logs=None):
-        self.total += self._epoch_tokens
-        self.per_epoch.append(self.total)
+        if logs is not None:
+            logs["train_tokens"] = self._tokens
 
 
 def _model_settings(config):
@@ -182,7 +195,7 @@ class LMData(typing.NamedTuple):
     """The data of one language-modelling protocol, and how models must use it."""
 
     vocabulary: typing.Any  # WordpieceTokenizer or WordVocabulary
-    train: tf.data.Dataset
+    make_train: typing.Callable[[], tf.data.Dataset]  # the training data, built afresh
     valid: tf.data.Dataset
     test: tf.data.Dataset | None
     stateful: bool  # stream segments: the models carry LSTM state across batches
@@ -206,16 +219,18 @@ def _lm_data(config):
     }
     if config.level == "word":
         vocab = data.WordVocabulary.from_texts(texts["train"], max_size=config.vocab_size)
-        streams = [data.lm_stream_dataset(vocab.encode(texts[split]), config.batch_size, config.seq_len)
-                   for split in data.SPLITS]
-        return LMData(vocab, *streams, stateful=True)
+        make_train, valid, test = (
+            functools.partial(data.lm_stream_dataset, vocab.encode(texts[split]), config.batch_size, config.seq_len)
+            for split in data.SPLITS
+        )
+        return LMData(vocab, make_train, valid(), test(), stateful=True)
     tokenizer = data.WordpieceTokenizer.from_texts(texts["train"], config.vocab_size)
-    train, valid, test = (
-        data.lm_dataset(texts[split], tokenizer, config.seq_len, config.batch_size,
-                        shuffle=split == "train", seed=config.seed, fixed_length=True)
+    make_train, valid, test = (
+        functools.partial(data.lm_dataset, texts[split], tokenizer, config.seq_len, config.batch_size,
+                          shuffle=split == "train", seed=config.seed, fixed_length=True)
         for split in data.SPLITS
     )
-    return LMData(tokenizer, train, valid, test, stateful=False)
+    return LMData(tokenizer, make_train, valid(), test(), stateful=False)
 
 
 def variant_arguments(label, config):
@@ -244,7 +259,11 @@ def variant_arguments(label, config):
 
 
 def _train_lm_variant(config, lm_data, label, run_name, **overrides):
-    """Builds the model `label`, trains it on `lm_data`; returns `(model, row)`."""
+    """Builds the model `label`, trains it on `lm_data`; returns `(model, row)`.
+
+    Every model starts from `config.seed`, whether or not the ones before it
+    trained in this process or were restored from their backups.
+    """
     keras.utils.set_random_seed(config.seed)
     settings = dict(_model_settings(config), vocab_size=lm_data.vocabulary.vocabulary_size,
                     name=label.replace("-", "_"))
@@ -252,9 +271,8 @@ def _train_lm_variant(config, lm_data, label, run_name, **overrides):
     if lm_data.stateful:
         settings.update(stateful=True, batch_size=config.batch_size)
     model = lstm_lm(**settings)
-    run_dir = os.path.join(config.output, "runs", run_name)
     callbacks = [ResetRecurrentState()] if lm_data.stateful else []
-    row = _fit(model, config, lm_data.train, lm_data.valid, run_dir, lm_data.test, callbacks)
+    row = _fit(model, config, lm_data.make_train, lm_data.valid, _run_dir(config, run_name), lm_data.test, callbacks)
     row["model"] = label
     return model, row
 
@@ -277,29 +295,33 @@ def train_lm(config, models=None, save=True):
         `valid_`, on the validation set.
     """
     lm_data = _lm_data(config)
-    rows = []
+    rows, run_names = [], []
     for label in models or ["moe", config.baseline]:
         name = label.replace("-", "_")
-        model, row = _train_lm_variant(config, lm_data, label, f"lm_{name}")
+        run_names.append(f"lm_{name}")
+        model, row = _train_lm_variant(config, lm_data, label, run_names[-1])
         rows.append(row)
         if save:
             model.save(os.path.join(config.output, f"lm_{name}.keras"))
     if save:
         lm_data.vocabulary.save_vocabulary(os.path.join(config.output, "lm_vocab.txt"))
         _write_json(os.path.join(config.output, "lm_results.json"), config, rows)
+    _delete_backups(config, run_names)
     return rows
 
 
 def table6(config, settings=((0.0, 0.0), (0.2, 0.0), (0.0, 0.2), (0.1, 0.1), (0.01, 0.01), (1.0, 1.0))):
     """The MoE LM at each (w_importance, w_load) of the paper's Table 6."""
     lm_data = _lm_data(config)
-    rows = []
+    rows, run_names = [], []
     for w_importance, w_load in settings:
-        _, row = _train_lm_variant(config, lm_data, "moe", f"table6_{w_importance}_{w_load}",
+        run_names.append(f"table6_{w_importance}_{w_load}")
+        _, row = _train_lm_variant(config, lm_data, "moe", run_names[-1],
                                    importance_weight=w_importance, load_weight=w_load)
         row.update(w_importance=w_importance, w_load=w_load)
         rows.append(row)
     _write_json(os.path.join(config.output, f"table6_{config.corpus}_results.json"), config, rows)
+    _delete_backups(config, run_names)
     return rows
 
 
@@ -316,8 +338,10 @@ def expert_sweep(config, models=SWEEP_MODELS):
     gates; the dense baselines are matched to them.
     """
     lm_data = _lm_data(config)
-    rows = [_train_lm_variant(config, lm_data, label, f"sweep_{label}")[1] for label in models]
+    run_names = [f"sweep_{label}" for label in models]
+    rows = [_train_lm_variant(config, lm_data, label, run_name)[1] for label, run_name in zip(models, run_names)]
     _write_json(os.path.join(config.output, f"sweep_{config.corpus}_results.json"), config, rows)
+    _delete_backups(config, run_names)
     return rows
 
 
@@ -326,9 +350,12 @@ def _mt_data(config):
     valid_pairs = _subset(data.load_translation_pairs(config.corpus, "valid"), config.valid_size)
     test_pairs = _subset(data.load_translation_pairs(config.corpus, "test"), config.bleu_sentences)
     tokenizer = data.WordpieceTokenizer.from_translation_pairs(train_pairs, config.vocab_size)
-    train = data.translation_dataset(train_pairs, tokenizer, config.seq_len, config.batch_size, seed=config.seed, fixed_length=True)
+    make_train = functools.partial(
+        data.translation_dataset, train_pairs, tokenizer, config.seq_len, config.batch_size, seed=config.seed,
+        fixed_length=True,
+    )
     valid = data.translation_dataset(valid_pairs, tokenizer, config.seq_len, config.batch_size, shuffle=False, fixed_length=True)
-    return tokenizer, train, valid, test_pairs
+    return tokenizer, make_train, valid, test_pairs
 
 
 def translate(decoder, tokenizer, sources, batch_size=64, beam_size=4):
@@ -357,10 +384,10 @@ def bleu(hypotheses, references, tokenizer):
 def train_mt(config, save=True):
     """Trains the MoE seq2seq model and its dense baseline on En->Es; returns rows with BLEU."""
     keras.utils.set_random_seed(config.seed)
-    tokenizer, train, valid, test_pairs = _mt_data(config)
+    tokenizer, make_train, valid, test_pairs = _mt_data(config)
     sources = [source for source, _ in test_pairs]
     references = [target for _, target in test_pairs]
-    rows = []
+    rows, run_names = [], []
     for use_moe in (True, False):
         keras.utils.set_random_seed(config.seed)
         model = seq2seq(
@@ -369,7 +396,8 @@ def train_mt(config, save=True):
             name="mt_moe" if use_moe else "mt_dense",
             **_model_settings(config),
         )
-        row = _fit(model, config, train, valid, os.path.join(config.output, "runs", model.name))
+        run_names.append(model.name)
+        row = _fit(model, config, make_train, valid, _run_dir(config, model.name))
         decoder = Seq2SeqDecoder(model, data.START_ID, data.END_ID, max_length=config.seq_len)
         hypotheses = translate(decoder, tokenizer, sources, beam_size=config.beam_size)
         row["test_bleu"] = bleu(hypotheses, references, tokenizer)
@@ -380,7 +408,19 @@ def train_mt(config, save=True):
     if save:
         tokenizer.save_vocabulary(os.path.join(config.output, "mt_vocab.txt"))
         _write_json(os.path.join(config.output, "mt_results.json"), config, rows)
+    _delete_backups(config, run_names)
     return rows
+
+
+def _run_dir(config, run_name):
+    return os.path.join(config.output, "runs", run_name)
+
+
+def _delete_backups(config, run_names):
+    # Only once the command's models and results are saved: a rerun after a
+    # crash before that restores the finished models instead of retraining.
+    for run_name in run_names:
+        delete_backup(_run_dir(config, run_name))
 
 
 def _write_json(path, config, rows):

@@ -17,6 +17,9 @@ Every signature runs the model with `training=False`: no dropout, no gating
 noise, and `MoE(gate="batchwise")` routes with its learned thresholds.
 The MoE layers still update their load-balance metric variables when
 called, so served requests change those counters, never the outputs.
+Empty texts, empty batches and rows of padding get the answers that
+docs/serving.md lists; inputs of the wrong shape and out-of-range token ids
+are refused with an error naming the input.
 
 Command line (`tf_moe.cli`; `python -m tf_moe.export ...` is the same):
 
@@ -30,7 +33,10 @@ See docs/serving.md for serving the result and the REST request bodies.
 """
 
 import os
+import shutil
 import sys
+import tempfile
+import zipfile
 
 import keras
 import tensorflow as tf
@@ -78,6 +84,35 @@ def _listdir(path):
     return os.listdir(path) if os.path.isdir(path) else []
 
 
+def _write_out(archive, export_dir, overwrite, verbose):
+    """Writes the SavedModel beside `export_dir`, then renames it into place.
+
+    TF Serving loads a version directory as soon as it appears, so it must
+    appear whole; and an existing export is replaced only when asked.
+    """
+    export_dir = os.path.abspath(os.fspath(export_dir))
+    if _listdir(export_dir) and not overwrite:
+        raise FileExistsError(
+            f"{export_dir} already exists and is not empty: pass `overwrite=True` to replace it, "
+            "or export to a new directory (e.g. `version_dir(...)`)."
+        )
+    parent = os.path.dirname(export_dir)
+    os.makedirs(parent, exist_ok=True)
+    # Names starting with "." are not versions, so TF Serving ignores them.
+    partial = tempfile.mkdtemp(prefix=".partial-", dir=parent)
+    try:
+        archive.write_out(partial, verbose=verbose)
+        if os.path.exists(export_dir):
+            old = tempfile.mkdtemp(prefix=".replaced-", dir=parent)
+            os.rename(export_dir, os.path.join(old, "export"))
+            os.rename(partial, export_dir)
+            shutil.rmtree(old)
+        else:
+            os.rename(partial, export_dir)
+    finally:
+        shutil.rmtree(partial, ignore_errors=True)
+
+
 def _archive(*resources):
     archive = keras.export.ExportArchive()
     for resource in resources:
@@ -111,38 +146,83 @@ def next_token_distribution(logits, token_ids):
 
     Args:
         logits: [batch, time, vocab] language-model logits.
-        token_ids: [batch, time] int ids, right-padded with `PAD_ID` (0).
+        token_ids: [batch, time] int ids; `PAD_ID` (0) is padding, which a
+            masked model skips wherever it is.
 
     Returns:
-        [batch, vocab] float32 probabilities. Padding is never predicted (its
-        probability is 0), as in `Seq2SeqDecoder`. A row of padding only
-        gets the distribution at position 0.
+        [batch, vocab] float32 probabilities at each row's last non-padding
+        position. Padding is never predicted (its probability is 0), as in
+        `Seq2SeqDecoder`. A row of padding only gets the distribution at
+        position 0.
     """
-    lengths = tf.reduce_sum(tf.cast(tf.not_equal(token_ids, PAD_ID), tf.int32), axis=1)
-    last = tf.gather(tf.cast(logits, tf.float32), tf.maximum(lengths - 1, 0), batch_dims=1)
-    not_pad = tf.not_equal(tf.range(tf.shape(last)[-1]), PAD_ID)
-    return tf.nn.softmax(tf.where(not_pad, last, float("-inf")))
+    positions = tf.range(tf.shape(token_ids)[1])
+    last = tf.reduce_max(tf.where(tf.not_equal(token_ids, PAD_ID), positions, 0), axis=1)
+    last_logits = tf.gather(tf.cast(logits, tf.float32), last, batch_dims=1)
+    not_pad = tf.not_equal(tf.range(tf.shape(last_logits)[-1]), PAD_ID)
+    return tf.nn.softmax(tf.where(not_pad, last_logits, float("-inf")))
 
 
-def _with_start_and_end(ragged_ids, max_tokens=None, end=False):
-    """`[START] ids [END]?` per row, as the training pipelines build them, padded with 0."""
+def frame_token_ids(ragged_ids, max_tokens=None, end=False):
+    """`[START] ids [END]?` per row, as the training pipelines build them, padded with 0.
+
+    Every row gets its `[START]` (and `[END]`), an empty one too, and the
+    result has at least one column, an empty batch too.
+
+    Args:
+        ragged_ids: int32 `RaggedTensor` [batch, (tokens)], e.g. from
+            `WordpieceTokenizer.tokenize`.
+        max_tokens: optional int >= 0, most tokens kept per row.
+        end: append `[END]`.
+
+    Returns:
+        int32 [batch, length] ids.
+    """
     if max_tokens is not None:
         ragged_ids = ragged_ids[:, :max_tokens]
-    column = tf.ones_like(ragged_ids[:, :1])
-    parts = [column * START_ID, ragged_ids] + ([column * END_ID] if end else [])
-    return tf.concat(parts, axis=1).to_tensor(PAD_ID)
+    rows = ragged_ids.nrows(out_type=tf.int32)
+
+    def column(token):
+        return tf.fill([rows, 1], tf.constant(token, ragged_ids.dtype))
+
+    parts = [column(START_ID), ragged_ids] + ([column(END_ID)] if end else [])
+    return _at_least_one_column(tf.concat(parts, axis=1).to_tensor(PAD_ID))
 
 
-def export_language_model(model, tokenizer, export_dir, top_k=5, verbose=False):
+def _at_least_one_column(ids):
+    # An empty batch or a zero-length one; the models need a time step.
+    return tf.pad(ids, [[0, 0], [0, tf.maximum(1 - tf.shape(ids)[1], 0)]])
+
+
+def _checked_text(text):
+    """`text` if it is 1-D: a signature does not check the shape it is given."""
+    return tf.ensure_shape(text, [None])
+
+
+def _checked_ids(token_ids, vocabulary_size):
+    """`token_ids` if it is [batch, time] with ids in the vocabulary."""
+    token_ids = tf.ensure_shape(token_ids, [None, None])
+    message = f"`token_ids` must be ids in [0, {vocabulary_size}) (0 is padding)"
+    checks = [
+        tf.debugging.assert_non_negative(token_ids, message=message),
+        tf.debugging.assert_less(token_ids, tf.constant(vocabulary_size, token_ids.dtype), message=message),
+    ]
+    with tf.control_dependencies(checks):
+        return tf.identity(token_ids)
+
+
+def export_language_model(model, tokenizer, export_dir, top_k=5, overwrite=False, verbose=False):
     """Exports a language model (e.g. `lstm_lm`) with in-graph tokenisation.
 
     Signatures:
 
     * `serving_default(text: string [batch])`: each text is tokenised as in
       training (`[START]` then its wordpieces; no `[END]`) and the model
-      predicts the token that follows it;
+      predicts the token that follows it; an empty or whitespace-only text
+      is predicted from `[START]` alone (the likely first tokens of a text);
     * `next_token_ids(token_ids: int32 [batch, time])`: the same from token
-      ids right-padded with 0 (include the `[START]` id 2 yourself).
+      ids right-padded with 0 (include the `[START]` id 2 yourself); a row
+      of padding only is an empty text, predicted from `[START]` alone.
+      Ids outside `[0, vocabulary size)` are an error.
 
     Both return `token_ids` (int32 [batch, top_k]), `tokens` (string
     [batch, top_k], wordpieces as in the vocabulary, `##` marking a suffix)
@@ -154,6 +234,7 @@ def export_language_model(model, tokenizer, export_dir, top_k=5, verbose=False):
         tokenizer: the `WordpieceTokenizer` the model was trained with.
         export_dir: directory to write (e.g. `version_dir(...)`).
         top_k: int, how many next tokens to return.
+        overwrite: replace `export_dir` if it holds anything (else an error).
         verbose: print the signatures.
 
     Returns:
@@ -168,28 +249,37 @@ def export_language_model(model, tokenizer, export_dir, top_k=5, verbose=False):
     _check_top_k(top_k, tokenizer.vocabulary_size)
     archive = _archive(model, tokenizer)
 
-    def next_tokens(token_ids):
-        token_ids = tf.cast(token_ids, tf.int32)
+    def predict(token_ids):
         probabilities = next_token_distribution(model(token_ids, training=False), token_ids)
         probabilities, ids = tf.math.top_k(probabilities, top_k)
         return {"token_ids": ids, "tokens": tf.gather(tokenizer.vocab, ids), "probabilities": probabilities}
 
+    def next_tokens(token_ids):
+        token_ids = _at_least_one_column(_checked_ids(token_ids, tokenizer.vocabulary_size))
+        # A row of padding only is an empty text: `[START]` alone.
+        empty = tf.reduce_all(tf.equal(token_ids, PAD_ID), axis=1, keepdims=True)
+        first = tf.equal(tf.range(tf.shape(token_ids)[1]), 0)
+        return predict(tf.where(empty & first, START_ID, token_ids))
+
     def from_text(text):
-        return next_tokens(_with_start_and_end(tokenizer.tokenize(text)))
+        return predict(frame_token_ids(tokenizer.tokenize(_checked_text(text))))
 
     archive.add_endpoint("serving_default", from_text, [tf.TensorSpec([None], tf.string, name="text")])
     archive.add_endpoint("next_token_ids", next_tokens, [tf.TensorSpec([None, None], tf.int32, name="token_ids")])
-    archive.write_out(export_dir, verbose=verbose)
+    _write_out(archive, export_dir, overwrite, verbose)
     return export_dir
 
 
 def export_translation_model(
-    model, tokenizer, export_dir, max_length=64, beam_size=4, length_penalty=0.6, verbose=False
+    model, tokenizer, export_dir, max_length=64, beam_size=4, length_penalty=0.6, overwrite=False,
+    verbose=False,
 ):
     """Exports a `seq2seq` model that translates raw strings in-graph.
 
     Sources are tokenised as in training (`[START] pieces [END]`, cut to
-    `max_length` ids) and decoded by `Seq2SeqDecoder` inside the graph.
+    `max_length` ids) and decoded by `Seq2SeqDecoder` inside the graph. An
+    empty or whitespace-only text is not translated: its `translation` is
+    `""` and its `token_ids` are all 0.
 
     Signatures (input `text`: string [batch]):
 
@@ -205,9 +295,11 @@ def export_translation_model(
         model: a model built by `tf_moe.models.seq2seq`.
         tokenizer: the shared `WordpieceTokenizer` it was trained with.
         export_dir: directory to write.
-        max_length: int, most source ids read and target ids generated.
+        max_length: int >= 3, most source ids read (`[START]`, at least one
+            piece, `[END]`) and target ids generated.
         beam_size: int, beam width of the `beam_search` signature (1: none).
         length_penalty: float, GNMT's length-penalty exponent for beams.
+        overwrite: replace `export_dir` if it holds anything (else an error).
         verbose: print the signatures.
 
     Returns:
@@ -216,30 +308,35 @@ def export_translation_model(
     _check_tokenizer(tokenizer, model)
     if isinstance(beam_size, bool) or not isinstance(beam_size, int) or beam_size < 1:
         raise ValueError(f"`beam_size` must be a positive int, got {beam_size!r}.")
+    if isinstance(max_length, bool) or not isinstance(max_length, int) or max_length < 3:
+        raise ValueError(
+            "`max_length` must be an int >= 3 (a source is `[START]`, at least one piece and "
+            f"`[END]`), got {max_length!r}."
+        )
     decoder = Seq2SeqDecoder(model, START_ID, END_ID, max_length=max_length)
     archive = _archive(model, tokenizer)
 
-    def encode(text):
-        return _with_start_and_end(tokenizer.tokenize(text), max_length - 2, end=True)
-
-    def outputs(ids):
+    def translate(text, decode):
+        pieces = tokenizer.tokenize(_checked_text(text))
+        ids = decode(frame_token_ids(pieces, max_length - 2, end=True))
+        ids = tf.where(pieces.row_lengths()[:, None] > 0, ids, PAD_ID)
         return {"translation": tokenizer.detokenize(ids), "token_ids": ids}
 
     def greedy(text):
-        return outputs(decoder.greedy(encode(text)))
+        return translate(text, decoder.greedy)
 
     def beam(text):
-        return outputs(decoder.beam_search(encode(text), beam_size=beam_size, length_penalty=length_penalty))
+        return translate(text, lambda source: decoder.beam_search(source, beam_size, length_penalty))
 
     text_spec = [tf.TensorSpec([None], tf.string, name="text")]
     archive.add_endpoint("serving_default", greedy, text_spec)
     if beam_size > 1:
         archive.add_endpoint("beam_search", beam, text_spec)
-    archive.write_out(export_dir, verbose=verbose)
+    _write_out(archive, export_dir, overwrite, verbose)
     return export_dir
 
 
-def export_keras_model(model, export_dir, input_signature=None, verbose=False):
+def export_keras_model(model, export_dir, input_signature=None, overwrite=False, verbose=False):
     """Exports any Keras model or layer with one numeric signature.
 
     Like `model.export(path)`: the signature is `serve`, also registered as
@@ -247,6 +344,7 @@ def export_keras_model(model, export_dir, input_signature=None, verbose=False):
     model input is a named argument of the signature (the `keras.Input`
     names), so TF Serving accepts `{"inputs": {"<name>": ...}}`; a model's
     outputs are named after their layers (a layer's output is `output_0`).
+    An input whose shape does not fit its `TensorSpec` is an error naming it.
 
     Args:
         model: a built Keras model with known `inputs`, or a built layer (for
@@ -254,6 +352,7 @@ def export_keras_model(model, export_dir, input_signature=None, verbose=False):
         export_dir: directory to write.
         input_signature: list of `tf.TensorSpec`, one per input; by default
             taken from `model.inputs`.
+        overwrite: replace `export_dir` if it holds anything (else an error).
         verbose: print the signature.
 
     Returns:
@@ -284,15 +383,17 @@ def export_keras_model(model, export_dir, input_signature=None, verbose=False):
     output_names = getattr(model, "output_names", None) if isinstance(model, keras.Model) else None
 
     def serve(*args):
-        outputs = model(list(args) if multiple else args[0], training=False)
+        args = [tf.ensure_shape(arg, spec.shape) for arg, spec in zip(args, input_signature)]
+        outputs = model(args if multiple else args[0], training=False)
         if not output_names:
             return outputs
         # Outputs named after their layers, not `output_0`, `output_1`, ...
         return dict(zip(output_names, tf.nest.flatten(outputs)))
 
+    input_signature = list(input_signature)
     archive = _archive(model)
-    archive.add_endpoint("serve", serve, list(input_signature))
-    archive.write_out(export_dir, verbose=verbose)
+    archive.add_endpoint("serve", serve, input_signature)
+    _write_out(archive, export_dir, overwrite, verbose)
     return export_dir
 
 
@@ -301,6 +402,14 @@ def _load_keras(path):
     import tf_moe.distribute  # noqa: F401
     import tf_moe.models  # noqa: F401
 
+    if not os.path.isfile(path):
+        raise FileNotFoundError(f"No model file {path}: pass the .keras file that training saved.")
+    if str(path).endswith(".keras") and not zipfile.is_zipfile(path):
+        # Keras would report "File not found" for it.
+        raise ValueError(
+            f"{path} is not a .keras model (a zip archive): it is damaged, e.g. cut short by an "
+            "interrupted save. Save or train the model again."
+        )
     return keras.models.load_model(path)
 
 

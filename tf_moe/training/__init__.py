@@ -2,9 +2,11 @@
 
 from tf_moe.training.model import MoEModel, Perplexity, masked_token_cross_entropy
 from tf_moe.training.schedules import WarmupInverseSqrtDecay
+from tf_moe.training.backup import CrashSafeBackup, epoch_stream, seed_states
 from tf_moe.training.callbacks import (
     ResetRecurrentState,
     TrainingSummaries,
     default_callbacks,
+    delete_backup,
     expert_loads,
 )

@@ -1,12 +1,14 @@
 """Callbacks: TensorBoard summaries with per-expert load histograms, crash-safe backups."""
 
 import os
+import shutil
 
 import keras
 import tensorflow as tf
 from tensorflow.core.framework import summary_pb2
 
 from tf_moe.layers.moe_layer import MoELayer, flatten_tokens
+from tf_moe.training.backup import CrashSafeBackup
 
 
 def moe_layers(model):
@@ -120,26 +122,39 @@ class TrainingSummaries(keras.callbacks.Callback):
         self._writers = {}
 
 
-def default_callbacks(output_dir, probe_inputs=None):
+def default_callbacks(output_dir, probe_inputs=None, keep_backup=False):
     """TensorBoard logs with expert-load histograms, and crash-safe backups.
 
-    `BackupAndRestore` saves the model and optimizer state at the end of
-    every epoch under `<output_dir>/backup` and restores it when `fit` is
-    called again after a crash, so a killed run loses at most one epoch; it
-    deletes the backup when training completes. `TrainingSummaries` writes
-    the logs under `<output_dir>/logs`.
+    `CrashSafeBackup` saves the whole training state (weights, optimizer,
+    the gates' and dropout's random seeds) at the end of every epoch under
+    `<output_dir>/backup` and restores it when `fit` is called again after a
+    crash, so a killed run loses at most the epoch it was in, and resumes
+    exactly (feed `fit` with `epoch_stream` for the same data order).
+    `TrainingSummaries` writes the logs under `<output_dir>/logs`.
 
     Args:
         output_dir: directory for `logs/` and `backup/`.
         probe_inputs: optional batch for the expert-load histograms.
+        keep_backup: keep the backup when `fit` completes (delete it with
+            `delete_backup(output_dir)` once the trained model is saved);
+            by default `fit` deletes it when it completes.
 
     Returns:
-        A list of callbacks for `fit`.
+        A list of callbacks for `fit`, the `CrashSafeBackup` first.
     """
     return [
-        keras.callbacks.BackupAndRestore(os.path.join(output_dir, "backup")),
+        CrashSafeBackup(_backup_dir(output_dir), delete_on_end=not keep_backup),
         TrainingSummaries(os.path.join(output_dir, "logs"), probe_inputs),
     ]
+
+
+def delete_backup(output_dir):
+    """Deletes the backup that `default_callbacks(output_dir, keep_backup=True)` kept."""
+    shutil.rmtree(_backup_dir(output_dir), ignore_errors=True)
+
+
+def _backup_dir(output_dir):
+    return os.path.join(output_dir, "backup")
 
 
 class ResetRecurrentState(keras.callbacks.Callback):
