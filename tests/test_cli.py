@@ -182,7 +182,8 @@ def test_quick_lm_run_is_quiet_prints_its_plan_results_and_logs_and_saves_the_mo
     # progress bars of slow steps and the corpus source of a new cache.
     assert not CPP_LOG_LINE.search(result.stdout + result.stderr), result.stderr
     other = [line for line in re.split(r"[\r\n]+", result.stderr)
-             if line.strip() and not line.startswith(("Counting words", "Learning a vocabulary", "Reading "))]
+             if line.strip() and not line.startswith(("Counting words", "Learning a vocabulary", "Reading "))
+             and not re.fullmatch(r"[\w-]+: valid perplexity [\d.]+, test [\d.]+ \(\d+ training tokens, \d+ s\)", line)]
     assert not other, result.stderr
     lines = result.stdout.splitlines()
     config = Config.quick(output=str(out), verbose=0)
