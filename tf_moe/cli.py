@@ -131,7 +131,7 @@ _EXPERIMENTS = {
                 "MoE language models of more and more experts and dense baselines at fixed ops (Figure 2)",
                 "Figure 2: experts at fixed ops per timestep"),
     "ptb": (experiments.expert_sweep,
-            "word-level MoE language models and dense baselines at fixed ops on the Penn Treebank",
+            "word-level MoE language models and dense baselines at fixed ops (Figure 2)",
             "Penn Treebank, word level: MoEs vs computationally matched dense baselines"),
 }
 # Experiments that set their own numbers of experts and groups (`--models`).
@@ -285,15 +285,20 @@ def check_config(args, config):
             raise UsageError(f"{flag} {size} is smaller than --batch-size {config.batch_size}: no full batch")
 
 
-def describe_run(what, config):
+def describe_run(what, config, models=None):
     """The one line printed before training: what runs, on what, for how long, and where results go."""
     moe = f"{config.experts} experts" + (f" in {config.groups} groups" if config.groups else "")
+    if models:
+        moe = f"the models {', '.join(models)}"
+    elif what == _EXPERIMENTS["experts"][1] or what == _EXPERIMENTS["ptb"][1]:
+        moe = f"the models {', '.join(experiments.SWEEP_MODELS)}"
     texts = f" (first {config.train_size} texts)" if config.train_size else ""
     steps = f"{config.steps} steps" if config.steps else "a full pass"
     vocabulary = f"{config.vocab_size}-{'word' if config.level == 'word' else 'wordpiece'} vocabulary"
     return (
-        f"Training {what} on {config.corpus}{texts}: MoE of {moe}, k={config.k}, expert hidden "
-        f"{config.expert_hidden}; {config.units}-unit LSTMs; {vocabulary}; "
+        f"Training {what} on {config.corpus}{texts}: {'' if moe.startswith('the') else 'MoE of '}{moe}, "
+        f"k={config.k}, expert hidden {config.expert_hidden}; {config.units}-unit LSTMs; {vocabulary}; "
+        f"gates learning {config.gate_lr_multiplier:g}x faster; "
         f"{config.epochs} epoch{'s' * (config.epochs != 1)} of {steps}, batches of {config.batch_size} x "
         f"{config.seq_len} tokens. Results go to {os.path.join(config.output, '')}"
     )
@@ -330,7 +335,7 @@ def _run_training(args, function, what, title, save_note):
             experiments.variant_arguments(label, config)
         except ValueError as error:
             raise UsageError(f"--models: {error}") from error
-    print(describe_run(what, config), flush=True)
+    print(describe_run(what, config, models), flush=True)
     try:
         rows = function(config, models) if models else function(config)
     except (data.CorpusError, ImportError, OSError) as error:
