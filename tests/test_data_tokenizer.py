@@ -141,3 +141,14 @@ def test_bad_arguments_are_rejected():
         data.learn_vocabulary(["some text"], vocab_size=4)
     with pytest.raises(ValueError, match="`texts` is empty"):
         data.learn_vocabulary([], vocab_size=100)
+
+
+def test_normalize_words_case_folds_and_splits_punctuation():
+    from tf_moe.data import normalize_words
+
+    texts = ["In the beginning, God created.", "Él dijo: «¡Hola!»", ""]
+    expected = ["in the beginning , god created .", "él dijo : « ¡ hola ! »", ""]
+    assert normalize_words(texts) == expected
+    tensor = normalize_words(tf.constant(texts))
+    assert [t.decode("utf-8") for t in tensor.numpy()] == expected
+    assert normalize_words([]) == []

@@ -214,7 +214,9 @@ def _lm_data(config):
     "wordpiece": every text (verse) on its own, `[START]` ... `[END]`,
     WordPieces learned from the training texts, cut at `seq_len`. "word":
     the word-level protocol of the Penn Treebank benchmark (Mikolov et al.
-    2010): words split on whitespace, `<eos>` after each sentence, the
+    2010): words split on whitespace (raw text, e.g. the Bibles, first
+    case-folded with punctuation split off, `data.normalize_words`; PTB comes
+    tokenised), `<eos>` after each sentence, the
     `vocab_size` most frequent training words, and each split one stream
     cut into consecutive segments of `seq_len` for truncated
     backpropagation through stateful LSTMs.
@@ -225,6 +227,8 @@ def _lm_data(config):
         for split in data.SPLITS
     }
     if config.level == "word":
+        if config.corpus not in data.WORD_TOKENIZED_CORPORA:
+            texts = {split: data.normalize_words(split_texts) for split, split_texts in texts.items()}
         vocab = data.WordVocabulary.from_texts(texts["train"], max_size=config.vocab_size)
         make_train, valid, test = (
             functools.partial(data.lm_stream_dataset, vocab.encode(texts[split]), config.batch_size, config.seq_len)

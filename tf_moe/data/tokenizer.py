@@ -19,6 +19,35 @@ RESERVED_TOKENS = (PAD_TOKEN, UNK_TOKEN, START_TOKEN, END_TOKEN)
 PAD_ID, UNK_ID, START_ID, END_ID = range(len(RESERVED_TOKENS))
 
 
+def normalize_words(strings):
+    """Case-folds text and separates its words and punctuation by single spaces.
+
+    The word split of `WordpieceTokenizer` (`tf_text.case_fold_utf8`, then
+    BERT's whitespace-and-punctuation split), for word-level language
+    modelling of raw text: "In the beginning, God" -> "in the beginning , god".
+
+    Args:
+        strings: a 1-D string tensor, or a list of strings.
+
+    Returns:
+        A 1-D string tensor, or a list of str for a list.
+    """
+    if isinstance(strings, (list, tuple)):
+        if not strings:
+            return []
+        texts = []
+        for start in range(0, len(strings), _NORMALIZE_BATCH):
+            batch = normalize_words(tf.constant(list(strings[start : start + _NORMALIZE_BATCH])))
+            texts += [text.decode("utf-8") for text in batch.numpy()]
+        return texts
+    words = BasicTokenizer(lower_case=False).tokenize(tf_text.case_fold_utf8(strings))
+    return tf.strings.reduce_join(words, axis=-1, separator=" ")
+
+
+# Texts normalised per call of the TensorFlow ops.
+_NORMALIZE_BATCH = 4096
+
+
 def learn_vocabulary(texts, vocab_size=8000, batch_size=1024):
     """Learns a WordPiece vocabulary from training text.
 
@@ -118,7 +147,6 @@ class WordpieceTokenizer(tf.Module):
         self._bert = tf_text.BertTokenizer(
             self._table, lower_case=False, unknown_token=UNK_TOKEN
         )
-        self._words = BasicTokenizer(lower_case=False)
 
     @classmethod
     def from_texts(cls, texts, vocab_size=8000, name=None):
@@ -207,8 +235,7 @@ class WordpieceTokenizer(tf.Module):
             A 1-D string tensor: case-folded, with words and punctuation
             separated by single spaces.
         """
-        words = self._words.tokenize(tf_text.case_fold_utf8(strings))
-        return tf.strings.reduce_join(words, axis=-1, separator=" ")
+        return normalize_words(strings)
 
     def id_to_token(self, ids):
         """Maps token ids to their vocabulary strings (suffix pieces keep `##`)."""
