@@ -2,8 +2,9 @@
 
 import numpy as np
 import pytest
+import tensorflow as tf
 
-from tf_moe.data import PAD_ID, WordVocabulary
+from tf_moe.data import PAD_ID, WordVocabulary, load_vocabulary
 
 
 def test_words_ranked_by_frequency_with_eos_after_every_sentence():
@@ -32,13 +33,40 @@ def test_ptb_style_text_keeps_its_own_unk():
     ]
 
 
-def test_save_and_load_round_trip(tmp_path):
-    vocab = WordVocabulary.from_texts(["x y z", "y"])
-    path = tmp_path / "vocab.txt"
+@pytest.mark.parametrize("normalize", [False, True])
+def test_save_and_load_round_trip(tmp_path, normalize):
+    vocab = WordVocabulary.from_texts(["x y z", "y"], normalize=normalize)
+    path = tmp_path / "vocab.json"
     vocab.save_vocabulary(str(path))
-    loaded = WordVocabulary.load(str(path))
-    assert loaded.get_vocabulary() == vocab.get_vocabulary()
-    np.testing.assert_array_equal(loaded.encode(["z y q"]), vocab.encode(["z y q"]))
+    for loaded in (WordVocabulary.load(str(path)), load_vocabulary(str(path))):
+        assert isinstance(loaded, WordVocabulary) and loaded.normalize == normalize
+        assert loaded.get_vocabulary() == vocab.get_vocabulary()
+        np.testing.assert_array_equal(loaded.encode(["z y q"]), vocab.encode(["z y q"]))
+
+
+def test_normalized_vocabulary_case_folds_and_splits_punctuation():
+    vocab = WordVocabulary.from_texts(["In the beginning, God", "God said."], normalize=True)
+    assert "god" in vocab.get_vocabulary() and "God" not in vocab.get_vocabulary()
+    assert vocab.decode(vocab.encode(["GOD said, Amen."])) == "god said , <unk> . <eos>"
+
+
+@pytest.mark.parametrize("normalize", [False, True])
+def test_in_graph_tokenize_matches_encode(normalize):
+    vocab = WordVocabulary.from_texts(["the cat sat .", "a dog , the end"], normalize=normalize)
+    texts = ["the cat , sat", "", "  ", "zebra the"]
+    ragged = tf.function(vocab.tokenize)(tf.constant(texts))
+    assert ragged.dtype == tf.int32
+    for row, text in zip(ragged.to_list(), texts):
+        assert row == vocab.encode([text]).tolist()[:-1]  # encode ends with <eos>
+    assert vocab.start_id == vocab.eos_id == vocab.get_vocabulary().index("<eos>")
+
+
+def test_load_vocabulary_reads_a_wordpiece_vocabulary_too(tmp_path):
+    from tf_moe.data import RESERVED_TOKENS, WordpieceTokenizer
+
+    path = tmp_path / "vocab.txt"
+    path.write_text("\n".join(list(RESERVED_TOKENS) + ["a", "b"]) + "\n")
+    assert isinstance(load_vocabulary(str(path)), WordpieceTokenizer)
 
 
 def test_bad_arguments_are_named(tmp_path):
@@ -48,7 +76,8 @@ def test_bad_arguments_are_named(tmp_path):
         WordVocabulary.from_texts(["a"], max_size=1)
     with pytest.raises(ValueError, match="<eos>"):
         WordVocabulary(["a", "<unk>"])
-    bad = tmp_path / "bad.txt"
-    bad.write_text("a\nb\n")
-    with pytest.raises(ValueError, match="bad.txt"):
-        WordVocabulary.load(str(bad))
+    for content in ("a\nb\n", '{"format": "other"}', "{"):
+        bad = tmp_path / "bad.json"
+        bad.write_text(content)
+        with pytest.raises(ValueError, match="bad.json is not a WordVocabulary file"):
+            WordVocabulary.load(str(bad))

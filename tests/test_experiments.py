@@ -62,3 +62,24 @@ def test_bad_model_labels_are_named():
     assert experiments.variant_arguments("moe-16", config) == dict(num_experts=16, num_groups=None)
     assert experiments.variant_arguments("moe", config) == {}
     assert experiments.variant_arguments("4xlstm", config) == dict(model="4xlstm")
+
+
+def test_word_level_main_job_saves_a_stateless_model_and_its_word_vocabulary(tmp_path):
+    import keras
+
+    from tf_moe.data import WordVocabulary, load_vocabulary
+
+    config = experiments.Config(**{
+        **experiments.Config.WORD_LEVEL, **experiments.Config.QUICK,
+        "corpus": "web", "epochs": 1, "output": str(tmp_path), "verbose": 0,
+    })
+    rows = experiments.train_lm(config, models=["moe"])
+    vocab = load_vocabulary(str(tmp_path / "lm_vocab.json"))
+    assert isinstance(vocab, WordVocabulary) and vocab.normalize  # raw Bible text
+    assert vocab.vocabulary_size == config.vocab_size + 1
+    model = keras.models.load_model(str(tmp_path / "lm_moe.keras"))
+    assert all(not getattr(layer, "stateful", False) for layer in model.layers)
+    ids = vocab.encode(["in the beginning god created", "and"])[None]
+    # Any batch size: trained with batches of 16, served one text at a time.
+    assert model(ids).shape == (1, ids.shape[1], vocab.vocabulary_size)
+    assert rows[0]["train_tokens"] > 0

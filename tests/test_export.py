@@ -22,7 +22,7 @@ import tensorflow as tf
 
 from tf_moe import MoE
 from tf_moe import cli, export
-from tf_moe.data import END_ID, RESERVED_TOKENS, START_ID, WordpieceTokenizer
+from tf_moe.data import END_ID, RESERVED_TOKENS, START_ID, WordpieceTokenizer, WordVocabulary
 from tf_moe.models import Seq2SeqDecoder, lstm_lm, seq2seq
 
 VOCAB = list(RESERVED_TOKENS) + (
@@ -124,6 +124,20 @@ def exports(tmp_path_factory, tokenizer):
     requests["lm_no_time_steps"] = (lm_dir, "next_token_ids", {"token_ids": ([], "int32", [2, 0])})
     requests["lm_no_texts"] = (lm_dir, "serving_default", {"text": ([], "string")})
     requests["lm_no_rows"] = (lm_dir, "next_token_ids", {"token_ids": ([], "int32", [0, 4])})
+    # A word-level language model (WordVocabulary, JSON file): texts start
+    # after `<eos>`, unknown words are `<unk>`, text is normalised in-graph.
+    words = WordVocabulary.from_texts(["In the beginning God created the heavens.", "God said, let there be light."],
+                                      normalize=True)
+    word_lm = lstm_lm(words.vocabulary_size, units=16, num_experts=4, k=2, expert_hidden_units=16)
+    word_lm.save(os.path.join(base, "word_lm.keras"))
+    words.save_vocabulary(os.path.join(base, "word_vocab.json"))
+    export.main(["lm", os.path.join(base, "word_lm.keras"), "--vocab", os.path.join(base, "word_vocab.json"),
+                 "--name", "word_lm", "--output", base, "--top-k", str(TOP_K)])
+    word_texts = ["God SAID, let", "", "zebra light."]
+    cases["word_lm_text"] = _top_k_next(word_lm, [[words.eos_id, *words.encode([t]).tolist()[:-1]] for t in word_texts])
+    cases["word_lm_text"] += ([[words.get_vocabulary()[i] for i in row] for row in cases["word_lm_text"][0]],)
+    requests["word_lm_text"] = (os.path.join(base, "word_lm", "1"), "serving_default",
+                                {"text": (word_texts, "string")})
     # The same model as a numeric export: its own logits for a row of padding.
     lm_numeric_dir = export.export_keras_model(lm, export.version_dir(base, "lm_numeric"))
     cases["lm_numeric"] = np.asarray(lm(np.array(odd_ids, "int32"), training=False))
@@ -219,6 +233,7 @@ def test_fresh_process_serves_without_tf_moe(served, exports):
     signatures = {os.path.relpath(path, exports[0]): names for path, names in served["signatures"].items()}
     assert signatures == {
         os.path.join("lm", "1"): ["next_token_ids", "serving_default"],
+        os.path.join("word_lm", "1"): ["next_token_ids", "serving_default"],
         os.path.join("mt", "1"): ["beam_search", "serving_default"],
         os.path.join("numeric", "1"): ["serve", "serving_default"],
         os.path.join("lm_numeric", "1"): ["serve", "serving_default"],
@@ -423,3 +438,11 @@ def test_keras_files_load_in_safe_mode(tmp_path):
     loaded = keras.models.load_model(tmp_path / "moe.keras")
     x = np.random.default_rng(1).normal(size=(10, 4)).astype("float32")
     np.testing.assert_array_equal(np.asarray(loaded(x, training=False)), np.asarray(model(x, training=False)))
+
+
+def test_word_level_language_model_serves_words(served, exports):
+    ids, probabilities, tokens = exports[1]["word_lm_text"]
+    out = served["calls"]["word_lm_text"]
+    np.testing.assert_array_equal(out["token_ids"]["value"], ids)
+    np.testing.assert_allclose(out["probabilities"]["value"], probabilities, rtol=1e-4, atol=1e-6)
+    assert out["tokens"]["value"] == tokens

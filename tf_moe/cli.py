@@ -364,7 +364,7 @@ def _export(args):
         model = export._load_keras(args.model)
         export_dir = export.version_dir(args.output, args.name or args.kind, args.version)
         if args.kind == "lm":
-            export.export_language_model(model, data.WordpieceTokenizer(args.vocab), export_dir, top_k=args.top_k)
+            export.export_language_model(model, data.load_vocabulary(args.vocab), export_dir, top_k=args.top_k)
         elif args.kind == "mt":
             export.export_translation_model(model, data.WordpieceTokenizer(args.vocab), export_dir,
                                             max_length=args.max_length, beam_size=args.beam_size)

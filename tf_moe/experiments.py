@@ -227,9 +227,10 @@ def _lm_data(config):
         for split in data.SPLITS
     }
     if config.level == "word":
-        if config.corpus not in data.WORD_TOKENIZED_CORPORA:
-            texts = {split: data.normalize_words(split_texts) for split, split_texts in texts.items()}
-        vocab = data.WordVocabulary.from_texts(texts["train"], max_size=config.vocab_size)
+        vocab = data.WordVocabulary.from_texts(
+            texts["train"], max_size=config.vocab_size,
+            normalize=config.corpus not in data.WORD_TOKENIZED_CORPORA,
+        )
         make_train, valid, test = (
             functools.partial(data.lm_stream_dataset, vocab.encode(texts[split]), config.batch_size, config.seq_len)
             for split in data.SPLITS
@@ -273,7 +274,9 @@ def _train_lm_variant(config, lm_data, label, run_name, **overrides):
     """Builds the model `label`, trains it on `lm_data`; returns `(model, row)`.
 
     Every model starts from `config.seed`, whether or not the ones before it
-    trained in this process or were restored from their backups.
+    trained in this process or were restored from their backups. A model
+    trained statefully on a stream is returned as its stateless copy (same
+    weights, any batch size), the model to save and serve.
     """
     keras.utils.set_random_seed(config.seed)
     settings = dict(_model_settings(config), vocab_size=lm_data.vocabulary.vocabulary_size,
@@ -284,6 +287,9 @@ def _train_lm_variant(config, lm_data, label, run_name, **overrides):
     model = lstm_lm(**settings)
     callbacks = [ResetRecurrentState()] if lm_data.stateful else []
     row = _fit(model, config, lm_data.make_train, lm_data.valid, _run_dir(config, run_name), lm_data.test, callbacks)
+    if lm_data.stateful:
+        trained, model = model, lstm_lm(**{**settings, "stateful": False, "batch_size": None})
+        model.set_weights(trained.get_weights())
     row["model"] = label
     _log.info(
         "%s: valid perplexity %.1f, test %.1f (%d training tokens, %.0f s)",
@@ -300,7 +306,8 @@ def train_lm(config, models=None, save=True):
         models: model labels to train (default: "moe" and `config.baseline`;
             see `variant_arguments`).
         save: save each model as `<output>/lm_<label>.keras` and the
-            vocabulary as `<output>/lm_vocab.txt`.
+            vocabulary as `<output>/lm_vocab.txt` (wordpieces) or
+            `lm_vocab.json` (a `WordVocabulary`, `--level word`).
 
     Returns:
         A list of dicts, one per model: name, params (without embedding and
@@ -319,7 +326,8 @@ def train_lm(config, models=None, save=True):
         if save:
             model.save(os.path.join(config.output, f"lm_{name}.keras"))
     if save:
-        lm_data.vocabulary.save_vocabulary(os.path.join(config.output, "lm_vocab.txt"))
+        suffix = ".json" if isinstance(lm_data.vocabulary, data.WordVocabulary) else ".txt"
+        lm_data.vocabulary.save_vocabulary(os.path.join(config.output, f"lm_vocab{suffix}"))
         _write_json(os.path.join(config.output, "lm_results.json"), config, rows)
     _delete_backups(config, run_names)
     return rows

@@ -42,6 +42,7 @@ import keras
 import tensorflow as tf
 
 from tf_moe.data.tokenizer import END_ID, PAD_ID, START_ID, WordpieceTokenizer
+from tf_moe.data.vocabulary import WordVocabulary
 from tf_moe.models.seq2seq import Seq2SeqDecoder
 
 DEFAULT_BASE_DIR = "saved_models"
@@ -130,9 +131,10 @@ def _check_top_k(top_k, vocabulary_size):
         )
 
 
-def _check_tokenizer(tokenizer, model):
-    if not isinstance(tokenizer, WordpieceTokenizer):
-        raise TypeError(f"`tokenizer` must be a tf_moe.data.WordpieceTokenizer, got {type(tokenizer).__name__}.")
+def _check_tokenizer(tokenizer, model, kinds=(WordpieceTokenizer,)):
+    if not isinstance(tokenizer, kinds):
+        names = " or ".join(f"tf_moe.data.{kind.__name__}" for kind in kinds)
+        raise TypeError(f"`tokenizer` must be a {names}, got {type(tokenizer).__name__}.")
     vocab = model.get_layer("logits").units
     if tokenizer.vocabulary_size != vocab:
         raise ValueError(
@@ -162,7 +164,7 @@ def next_token_distribution(logits, token_ids):
     return tf.nn.softmax(tf.where(not_pad, last_logits, float("-inf")))
 
 
-def frame_token_ids(ragged_ids, max_tokens=None, end=False):
+def frame_token_ids(ragged_ids, max_tokens=None, end=False, start_id=START_ID):
     """`[START] ids [END]?` per row, as the training pipelines build them, padded with 0.
 
     Every row gets its `[START]` (and `[END]`), an empty one too, and the
@@ -173,6 +175,7 @@ def frame_token_ids(ragged_ids, max_tokens=None, end=False):
             `WordpieceTokenizer.tokenize`.
         max_tokens: optional int >= 0, most tokens kept per row.
         end: append `[END]`.
+        start_id: the id of the start (`<eos>` for a `WordVocabulary`).
 
     Returns:
         int32 [batch, length] ids.
@@ -184,7 +187,7 @@ def frame_token_ids(ragged_ids, max_tokens=None, end=False):
     def column(token):
         return tf.fill([rows, 1], tf.constant(token, ragged_ids.dtype))
 
-    parts = [column(START_ID), ragged_ids] + ([column(END_ID)] if end else [])
+    parts = [column(start_id), ragged_ids] + ([column(END_ID)] if end else [])
     return _at_least_one_column(tf.concat(parts, axis=1).to_tensor(PAD_ID))
 
 
@@ -216,22 +219,26 @@ def export_language_model(model, tokenizer, export_dir, top_k=5, overwrite=False
     Signatures:
 
     * `serving_default(text: string [batch])`: each text is tokenised as in
-      training (`[START]` then its wordpieces; no `[END]`) and the model
-      predicts the token that follows it; an empty or whitespace-only text
-      is predicted from `[START]` alone (the likely first tokens of a text);
+      training (the start token then its wordpieces, no `[END]`; or, with a
+      `WordVocabulary`, `<eos>` then its words, unknown ones `<unk>`) and
+      the model predicts the token that follows it; an empty or
+      whitespace-only text is predicted from the start token alone (the
+      likely first tokens of a text);
     * `next_token_ids(token_ids: int32 [batch, time])`: the same from token
-      ids right-padded with 0 (include the `[START]` id 2 yourself); a row
-      of padding only is an empty text, predicted from `[START]` alone.
-      Ids outside `[0, vocabulary size)` are an error.
+      ids right-padded with 0 (include the start token yourself: `[START]`
+      id 2, or the `<eos>` id of a `WordVocabulary`); a row of padding only
+      is an empty text, predicted from the start token alone. Ids outside
+      `[0, vocabulary size)` are an error.
 
     Both return `token_ids` (int32 [batch, top_k]), `tokens` (string
-    [batch, top_k], wordpieces as in the vocabulary, `##` marking a suffix)
+    [batch, top_k], as in the vocabulary: `##` marks a wordpiece suffix)
     and `probabilities` (float32 [batch, top_k]), most likely first.
 
     Args:
         model: a Keras model mapping int32 ids [batch, time] to logits
             [batch, time, vocab] whose last layer is named `logits`.
-        tokenizer: the `WordpieceTokenizer` the model was trained with.
+        tokenizer: the `WordpieceTokenizer` or `WordVocabulary` the model
+            was trained with (`tf_moe.data.load_vocabulary` reads either).
         export_dir: directory to write (e.g. `version_dir(...)`).
         top_k: int, how many next tokens to return.
         overwrite: replace `export_dir` if it holds anything (else an error).
@@ -245,9 +252,10 @@ def export_language_model(model, tokenizer, export_dir, top_k=5, overwrite=False
     >>> export_language_model(model, tokenizer, version_dir("saved_models", "lm"))
     ... # doctest: +SKIP
     """
-    _check_tokenizer(tokenizer, model)
+    _check_tokenizer(tokenizer, model, (WordpieceTokenizer, WordVocabulary))
     _check_top_k(top_k, tokenizer.vocabulary_size)
     archive = _archive(model, tokenizer)
+    start_id = tokenizer.start_id
 
     def predict(token_ids):
         probabilities = next_token_distribution(model(token_ids, training=False), token_ids)
@@ -256,13 +264,13 @@ def export_language_model(model, tokenizer, export_dir, top_k=5, overwrite=False
 
     def next_tokens(token_ids):
         token_ids = _at_least_one_column(_checked_ids(token_ids, tokenizer.vocabulary_size))
-        # A row of padding only is an empty text: `[START]` alone.
+        # A row of padding only is an empty text: the start token alone.
         empty = tf.reduce_all(tf.equal(token_ids, PAD_ID), axis=1, keepdims=True)
         first = tf.equal(tf.range(tf.shape(token_ids)[1]), 0)
-        return predict(tf.where(empty & first, START_ID, token_ids))
+        return predict(tf.where(empty & first, start_id, token_ids))
 
     def from_text(text):
-        return predict(frame_token_ids(tokenizer.tokenize(_checked_text(text))))
+        return predict(frame_token_ids(tokenizer.tokenize(_checked_text(text)), start_id=start_id))
 
     archive.add_endpoint("serving_default", from_text, [tf.TensorSpec([None], tf.string, name="text")])
     archive.add_endpoint("next_token_ids", next_tokens, [tf.TensorSpec([None, None], tf.int32, name="token_ids")])

@@ -29,7 +29,7 @@ from tf_moe.data.tokenizer import (
     learn_vocabulary,
     normalize_words,
 )
-from tf_moe.data.vocabulary import WordVocabulary
+from tf_moe.data.vocabulary import WordVocabulary, load_vocabulary
 
 __all__ = [
     "CorpusError",
@@ -56,6 +56,7 @@ __all__ = [
     "lm_stream_dataset",
     "load_lm1b",
     "load_lm_corpus",
+    "load_vocabulary",
     "load_translation_pairs",
     "load_verses",
     "load_wmt14_pairs",

@@ -170,6 +170,11 @@ class WordpieceTokenizer(tf.Module):
         return cls.from_texts(texts, vocab_size, name=name)
 
     @property
+    def start_id(self):
+        """The id every text starts with: `[START]`."""
+        return START_ID
+
+    @property
     def vocabulary_size(self):
         """Number of tokens, reserved tokens included."""
         return len(self._vocabulary)

@@ -1,17 +1,21 @@
 """Word-level vocabularies for the standard language-modelling benchmarks."""
 
 import collections
+import json
 import os
 
 import numpy as np
+import tensorflow as tf
 
-from tf_moe.data.tokenizer import PAD_ID, PAD_TOKEN
+from tf_moe.data.tokenizer import PAD_ID, PAD_TOKEN, WordpieceTokenizer, normalize_words
 
 EOS_TOKEN = "<eos>"
 UNK_TOKEN = "<unk>"
+# `"format"` of the JSON files that `WordVocabulary.save_vocabulary` writes.
+_FILE_FORMAT = "tf_moe.WordVocabulary"
 
 
-class WordVocabulary:
+class WordVocabulary(tf.Module):
     """A word-level vocabulary with `<eos>` after every sentence.
 
     The protocol of the Penn Treebank language-modelling benchmark (Mikolov
@@ -20,11 +24,18 @@ class WordVocabulary:
     vocabulary become `<unk>`. Id 0 is `[PAD]`, which the models mask, so a
     vocabulary of V words has `vocabulary_size == V + 1` ids; PTB's training
     text has exactly 10,000 word types with `<eos>` (it already spells rare
-    words `<unk>`).
+    words `<unk>`). With `normalize=True` raw text is first case-folded and
+    its punctuation split off (`normalize_words`, as the wordpiece tokenizer
+    does), for corpora that do not come tokenised.
+
+    Texts become ids in Python (`encode`, for the training stream) or in a
+    TensorFlow graph (`tokenize`, for a served model), the same way.
 
     Args:
         words: the vocabulary's words, most frequent first; must include
             `<eos>` and `<unk>`.
+        normalize: whether texts are normalised before they are split.
+        name: module name.
 
     Example:
 
@@ -35,18 +46,26 @@ class WordVocabulary:
     [2, 4, 5, 1]
     """
 
-    def __init__(self, words):
+    def __init__(self, words, normalize=False, name=None):
+        super().__init__(name=name)
         words = list(words)
         for required in (EOS_TOKEN, UNK_TOKEN):
             if required not in words:
                 raise ValueError(f"`words` must include {required!r}.")
         if len(set(words)) != len(words) or PAD_TOKEN in words:
             raise ValueError(f"`words` must be distinct and must not include {PAD_TOKEN!r}.")
+        self.normalize = bool(normalize)
         self._tokens = [PAD_TOKEN] + words
         self._ids = {word: i for i, word in enumerate(self._tokens)}
+        # Tracked as module state, so an exported model carries its vocabulary.
+        self.vocab = tf.Variable(self._tokens, trainable=False, dtype=tf.string, name="vocab")
+        self._table = tf.lookup.StaticHashTable(
+            tf.lookup.KeyValueTensorInitializer(self._tokens, tf.range(len(self._tokens), dtype=tf.int64)),
+            default_value=self._ids[UNK_TOKEN],
+        )
 
     @classmethod
-    def from_texts(cls, texts, max_size=None):
+    def from_texts(cls, texts, max_size=None, normalize=False):
         """The `max_size` most frequent words of `texts` (all by default).
 
         Ties are broken alphabetically, so the vocabulary is deterministic.
@@ -54,14 +73,15 @@ class WordVocabulary:
         """
         if max_size is not None and (not isinstance(max_size, int) or max_size < 2):
             raise ValueError(f"`max_size` must be an int >= 2 (<eos> and <unk>), got {max_size!r}.")
+        texts = list(texts)
+        if not texts:
+            raise ValueError("`texts` is empty: cannot build a vocabulary.")
+        if normalize:
+            texts = normalize_words(texts)
         counts = collections.Counter()
-        sentences = 0
         for text in texts:
             counts.update(text.split())
-            sentences += 1
-        if not sentences:
-            raise ValueError("`texts` is empty: cannot build a vocabulary.")
-        counts[EOS_TOKEN] = sentences
+        counts[EOS_TOKEN] = len(texts)
         counts.setdefault(UNK_TOKEN, 0)
         ranked = sorted(counts, key=lambda word: (-counts[word], word))
         specials = (EOS_TOKEN, UNK_TOKEN)
@@ -69,16 +89,21 @@ class WordVocabulary:
         if max_size is not None:
             words = words[: max_size - len(specials)]
         kept = set(words).union(specials)
-        return cls(word for word in ranked if word in kept)
+        return cls((word for word in ranked if word in kept), normalize=normalize)
 
     @classmethod
     def load(cls, path):
         """Reads a vocabulary written by `save_vocabulary`."""
-        with open(path, encoding="utf-8") as f:
-            tokens = [line.rstrip("\n") for line in f]
-        if not tokens or tokens[0] != PAD_TOKEN:
-            raise ValueError(f"{path} is not a WordVocabulary file (its first line must be {PAD_TOKEN}).")
-        return cls(tokens[1:])
+        try:
+            with open(path, encoding="utf-8") as f:
+                saved = json.load(f)
+            if saved.get("format") != _FILE_FORMAT or saved["tokens"][0] != PAD_TOKEN:
+                raise ValueError
+        except (ValueError, KeyError, IndexError, TypeError, AttributeError):
+            raise ValueError(
+                f"{path} is not a WordVocabulary file (JSON with \"format\": \"{_FILE_FORMAT}\")."
+            ) from None
+        return cls(saved["tokens"][1:], normalize=saved["normalize"])
 
     @property
     def vocabulary_size(self):
@@ -89,14 +114,20 @@ class WordVocabulary:
     def eos_id(self):
         return self._ids[EOS_TOKEN]
 
+    @property
+    def start_id(self):
+        """The id a text starts after: `<eos>`, the end of the sentence before."""
+        return self.eos_id
+
     def get_vocabulary(self):
         return list(self._tokens)
 
     def save_vocabulary(self, path):
-        """Writes one token per line, in id order."""
+        """Writes the tokens (in id order) and `normalize` as JSON."""
         os.makedirs(os.path.dirname(path) or ".", exist_ok=True)
         with open(path, "w", encoding="utf-8") as f:
-            f.write("\n".join(self._tokens) + "\n")
+            json.dump({"format": _FILE_FORMAT, "normalize": self.normalize, "tokens": self._tokens},
+                      f, ensure_ascii=False, indent=0)
 
     def encode(self, texts):
         """All sentences as one stream of ids, each followed by `<eos>`.
@@ -104,6 +135,9 @@ class WordVocabulary:
         Returns:
             int32 numpy array.
         """
+        texts = list(texts)
+        if self.normalize:
+            texts = normalize_words(texts)
         unk, eos = self._ids[UNK_TOKEN], self._ids[EOS_TOKEN]
         ids = []
         for text in texts:
@@ -111,6 +145,34 @@ class WordVocabulary:
             ids.append(eos)
         return np.asarray(ids, np.int32)
 
+    def tokenize(self, strings):
+        """In-graph `encode` of each text alone, without its `<eos>`.
+
+        Args:
+            strings: 1-D string tensor.
+
+        Returns:
+            int32 `RaggedTensor` [batch, (words)].
+        """
+        strings = tf.convert_to_tensor(strings, tf.string)
+        if self.normalize:
+            strings = normalize_words(strings)
+        words = tf.strings.split(strings)
+        return tf.cast(tf.ragged.map_flat_values(self._table.lookup, words), tf.int32)
+
     def decode(self, ids):
         """Ids back to space-separated words (padding dropped)."""
         return " ".join(self._tokens[i] for i in np.asarray(ids).reshape(-1) if i != PAD_ID)
+
+
+def load_vocabulary(path):
+    """The vocabulary a model was trained with: a `WordVocabulary` or a `WordpieceTokenizer`.
+
+    `WordVocabulary.save_vocabulary` writes JSON; a `WordpieceTokenizer`
+    vocabulary is a text file of one token per line.
+    """
+    with open(path, encoding="utf-8") as f:
+        start = f.read(1)
+    if start == "{":
+        return WordVocabulary.load(path)
+    return WordpieceTokenizer(path)
