@@ -308,7 +308,7 @@ def test_balancing_losses_balance_the_load():
         (dict(num_experts=4, k=1, importance_weight=-0.1), "`importance_weight`"),
         (dict(num_experts=4, k=1, importance_weight=float("inf")), "`importance_weight`"),
         (dict(num_experts=4, k=1, load_weight=float("nan")), "`load_weight`"),
-        (dict(num_experts=4, k=1, router="top_k"), "`router`"),
+        (dict(num_experts=4, k=1, router="top_p"), "`router`"),
         (dict(num_experts=4, k=1, router="hierarchical"), "HierarchicalRouter"),
         (dict(num_experts=4, k=2, router="softmax"), "`k`"),
         (dict(num_experts=8, router=tf_moe.NoisyTopKRouter(4, 2)), "`num_experts`"),

@@ -154,7 +154,7 @@ def test_bad_router_identifiers():
     with pytest.raises(ValueError, match="HierarchicalRouter\\(num_groups"):
         routers.get("hierarchical", 8, 2)
     with pytest.raises(ValueError, match="one of"):
-        routers.get("switch", 8, 1)
+        routers.get("top_p", 8, 1)
     with pytest.raises(ValueError, match="`num_experts` and `k`"):
         routers.get("noisy_top_k", 8)
     with pytest.raises(TypeError, match="Router"):
