@@ -145,6 +145,9 @@ class MoELayer(keras.layers.Layer):
             are used automatically): masked tokens are not routed, their
             output is zero, they count in neither importance nor load, and
             what they hold (even NaN) reaches no output, loss or gradient.
+        inputs_mask: where Keras puts the mask of `inputs` when the layer
+            is called with router inputs too (it passes `mask` only to
+            layers called with one tensor); used when `mask` is None.
         **router_inputs: per-token inputs of the router, of shape
             `inputs.shape[:-1] + ...`, flattened like the tokens (e.g.
             `noise` draws for the noisy top-k router, `token_ids` for the
@@ -281,7 +284,9 @@ class MoELayer(keras.layers.Layer):
         experts.build((num_experts, None, input_units))
         return experts
 
-    def call(self, inputs, training=None, mask=None, **router_inputs):
+    def call(self, inputs, training=None, mask=None, inputs_mask=None, **router_inputs):
+        if mask is None:
+            mask = inputs_mask
         tokens, valid, num_tokens = flatten_tokens(inputs, mask)
         leading_rank = len(inputs.shape) - 1
         router_inputs = tf.nest.map_structure(

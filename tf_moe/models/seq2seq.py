@@ -5,6 +5,7 @@ from typing import NamedTuple
 import keras
 import tensorflow as tf
 
+from tf_moe.layers.moe_layer import MoELayer
 from tf_moe.models.lstm_lm import _residual, moe_layer
 from tf_moe.training.model import MoEModel
 
@@ -243,7 +244,9 @@ class Seq2SeqDecoder(tf.Module):
 
     Args:
         model: a model built by `seq2seq` (its `Seq2SeqParts` are the
-            layers the decoder runs).
+            layers the decoder runs). A decoder MoE whose router is not
+            causal (expert choice) or needs per-token inputs (hash) is
+            refused with a ValueError.
         start_id: int, id of the start token the decoder input begins with.
         end_id: int, id of the end token.
         max_length: int, most target tokens to generate.
@@ -270,6 +273,15 @@ class Seq2SeqDecoder(tf.Module):
         self._lstm_2 = parts.decoder_lstm_2.cell
         self._attention = parts.attention
         self._middle = list(parts.decoder_middle)
+        for layer in self._middle:
+            router = getattr(layer, "router", None) if isinstance(layer, MoELayer) else None
+            if router is not None and (not router.causal or router.required_inputs):
+                raise ValueError(
+                    f"The decoder's {layer.name} uses {type(router).__name__}, which step-by-step "
+                    "decoding cannot run: it routes each step's batch of one token per sequence "
+                    "unlike the training batch (not causal) or needs call arguments "
+                    f"{list(router.required_inputs)} the decoder does not have."
+                )
         self._logits = parts.logits
         self.units = self._lstm_1.units
 
