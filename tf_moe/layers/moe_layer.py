@@ -262,13 +262,16 @@ class MoELayer(keras.layers.Layer):
         self.shared_experts = None
         if self.num_shared_experts:
             # Never sharded: every token needs them on its own replica.
-            self.shared_experts = self._build_experts(
-                self.num_shared_experts, input_units, FeedForwardExperts, "shared_experts"
+            self.shared_experts = self._expert_bank(
+                FeedForwardExperts, self.num_shared_experts, input_units, "shared_experts"
             )
 
-    def _build_experts(self, num_experts, input_units, experts_class=None, name="experts"):
-        """Creates and builds an expert bank (subclasses may shard the routed one)."""
-        experts = (experts_class or self.experts_class)(
+    def _build_experts(self, num_experts, input_units):
+        """Creates and builds the routed expert bank (subclasses may shard it)."""
+        return self._expert_bank(self.experts_class, num_experts, input_units, "experts")
+
+    def _expert_bank(self, experts_class, num_experts, input_units, name):
+        experts = experts_class(
             num_experts,
             self.hidden_units,
             self.output_units or input_units,

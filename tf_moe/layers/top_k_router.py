@@ -79,8 +79,8 @@ class TopKRouter(Router):
         jitter_epsilon: finite float in [0, 1), the jitter's half width.
         seed: optional int seed of the initial weights and the jitter.
         **kwargs: `z_loss_weight` (float >= 0, default 0: the router z-loss
-            of `Router` on `x W_r`) and base layer arguments (`name`, ...).
-            `dtype` defaults to float32.
+            of `Router` on `x W_r`, with x jittered while training) and base
+            layer arguments (`name`, ...). `dtype` defaults to float32.
 
     Call arguments:
         inputs: [tokens, d] float tensor.

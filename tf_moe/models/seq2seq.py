@@ -245,8 +245,7 @@ class Seq2SeqDecoder(tf.Module):
     Args:
         model: a model built by `seq2seq` (its `Seq2SeqParts` are the
             layers the decoder runs). A decoder MoE whose router is not
-            causal (expert choice) or needs per-token inputs (hash) is
-            refused with a ValueError.
+            causal (expert choice) is refused with a ValueError.
         start_id: int, id of the start token the decoder input begins with.
         end_id: int, id of the end token.
         max_length: int, most target tokens to generate.
@@ -274,13 +273,11 @@ class Seq2SeqDecoder(tf.Module):
         self._attention = parts.attention
         self._middle = list(parts.decoder_middle)
         for layer in self._middle:
-            router = getattr(layer, "router", None) if isinstance(layer, MoELayer) else None
-            if router is not None and (not router.causal or router.required_inputs):
+            if isinstance(layer, MoELayer) and not layer.router.causal:
                 raise ValueError(
-                    f"The decoder's {layer.name} uses {type(router).__name__}, which step-by-step "
-                    "decoding cannot run: it routes each step's batch of one token per sequence "
-                    "unlike the training batch (not causal) or needs call arguments "
-                    f"{list(router.required_inputs)} the decoder does not have."
+                    f"The decoder's {layer.name} uses {type(layer.router).__name__}, which is not "
+                    "causal: step-by-step decoding would route each step's batch of one token per "
+                    "sequence unlike the training batch."
                 )
         self._logits = parts.logits
         self.units = self._lstm_1.units
