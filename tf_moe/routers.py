@@ -42,10 +42,12 @@ _BY_NAME = {
     "loss_free": lambda num_experts, k: LossFreeRouter(num_experts, k),
     "hash": lambda num_experts, k: HashRouter(num_experts),
 }
+# Every name `get` knows.
+NAMES = tuple(_BY_NAME)
 # Routers that send every token to one expert: k must be None or 1.
-_ONE_EXPERT = ("switch", "hash")
+ONE_EXPERT = ("switch", "hash")
 # Routers made without a `k` (the expert-choice one then takes its default c).
-_K_OPTIONAL = ("softmax", *_ONE_EXPERT, "expert_choice")
+_K_OPTIONAL = ("softmax", *ONE_EXPERT, "expert_choice")
 # Routers that need more than (num_experts, k): how to make them.
 _NEEDS_ARGUMENTS = {
     "hierarchical": "HierarchicalRouter(num_groups, experts_per_group, k_primary, k_secondary)",
@@ -97,7 +99,7 @@ def get(identifier, num_experts=None, k=None):
             f"The softmax router sends every token to every expert: `k` must be None or "
             f"`num_experts` ({num_experts}), got {k!r}."
         )
-    if identifier in _ONE_EXPERT and k not in (None, 1):
+    if identifier in ONE_EXPERT and k not in (None, 1):
         raise ValueError(f"The {identifier} router sends every token to one expert: `k` must be None or 1, got {k!r}.")
     return _BY_NAME[identifier](num_experts, k)
 
@@ -124,6 +126,8 @@ def from_gate_arguments(num_experts, k, gate="noisy_top_k", noisy_gating=True, n
 
 
 __all__ = [
+    "NAMES",
+    "ONE_EXPERT",
     "BatchwiseRouter",
     "ExpertChoiceRouter",
     "HashRouter",

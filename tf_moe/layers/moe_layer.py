@@ -1,5 +1,8 @@
 """The sparsely-gated Mixture-of-Experts layer (Shazeer et al. 2017)."""
 
+import contextlib
+import threading
+
 import keras
 import numpy as np
 import tensorflow as tf
@@ -16,6 +19,33 @@ from tf_moe.ops.replicas import cross_replica_sum
 _MASK_SHAPE_MESSAGE = "`mask` must have the shape of `inputs` without its last axis"
 # The gate arguments of tf_moe 0.1's MoE, now a router's.
 _LEGACY_GATE_ARGUMENTS = ("gate", "noisy_gating", "noise_epsilon", "seed")
+
+
+_recording = threading.local()
+
+
+@contextlib.contextmanager
+def recorded_routings():
+    """Records the `Routing` of every `MoELayer` call made inside the block.
+
+    Yields a dict that fills with layer name -> the `Routing` of that
+    layer's last call in this thread, for inspection tools (e.g.
+    `tf_moe.training.expert_loads`): run a model eagerly inside the block
+    and read how each MoE layer routed, whatever the layer's call
+    arguments. Calls traced in a `tf.function` record symbolic tensors.
+
+    Example:
+
+    >>> with recorded_routings() as routings:
+    ...     model(x, training=False)
+    >>> routings["moe"].load
+    """
+    previous = getattr(_recording, "routings", None)
+    _recording.routings = {}
+    try:
+        yield _recording.routings
+    finally:
+        _recording.routings = previous
 
 
 def flatten_tokens(inputs, mask):
@@ -296,6 +326,9 @@ class MoELayer(keras.layers.Layer):
             lambda value: _flatten_per_token(value, leading_rank), router_inputs
         )
         routing = self.router(tokens, training=training, mask=valid, **router_inputs)
+        recording = getattr(_recording, "routings", None)
+        if recording is not None:
+            recording[self.name] = routing
         if set(routing.metrics) != set(self.router.metric_names):
             raise ValueError(
                 f"{type(self.router).__name__} returned the metrics {sorted(routing.metrics)}, "
