@@ -1,10 +1,14 @@
-"""Independent numpy transcription of the paper's equations.
+"""Independent numpy transcription of the papers' equations.
 
 Shazeer et al. 2017: noisy top-k gating (section 2.1), importance and the
 smooth load (section 4, appendix A), and the routing diagnostics of the
-noisy top-k router. Written from the formulas, element by element, with
-none of the tricks the TensorFlow code uses (kth_excluding is computed by
-deleting component i).
+noisy top-k router. Then the later routers, each from its own paper: Switch
+and top-k routing with the f . P loss (Fedus et al. 2022), the router
+z-loss (Zoph et al. 2022), expert choice (Zhou et al. 2022), loss-free
+balancing (Wang et al. 2024; DeepSeek-V3) and hash routing (Roller et al.
+2021). Written from the formulas, element by element, with none of the
+tricks the TensorFlow code uses (kth_excluding is computed by deleting
+component i; top-k sets by sorting each row).
 """
 
 import math
