@@ -140,10 +140,13 @@ def test_base_router_requires_call_and_ops():
 @pytest.mark.parametrize(
     "name, cls, k",
     [("noisy_top_k", tf_moe.NoisyTopKRouter, 2), ("softmax", tf_moe.SoftmaxRouter, 6),
-     ("batchwise", tf_moe.BatchwiseRouter, 2)],
+     ("batchwise", tf_moe.BatchwiseRouter, 2), ("switch", tf_moe.SwitchRouter, 1),
+     ("top_k", tf_moe.TopKRouter, 2), ("expert_choice", tf_moe.ExpertChoiceRouter, 2),
+     ("loss_free", tf_moe.LossFreeRouter, 2), ("hash", tf_moe.HashRouter, 1)],
 )
 def test_routers_by_name(name, cls, k):
-    router = routers.get(name, num_experts=6, k=2 if name != "softmax" else None)
+    assert name in routers.NAMES
+    router = routers.get(name, num_experts=6, k=None if name in ("softmax", "switch", "hash") else 2)
     assert type(router) is cls and (router.num_experts, router.k) == (6, k)
     assert routers.get(router) is router
     clone = routers.get(keras.layers.serialize(router))
