@@ -620,32 +620,45 @@ def test_dropless_training_with_a_static_eval_capacity():
         tf_moe.MoELayer(4, 2, 8, num_shared_experts=-1)
 
 
-@pytest.mark.parametrize("kind", ["switch", pytest.param("top_k", marks=pytest.mark.slow),
-                                  pytest.param("expert_choice", marks=pytest.mark.slow)])
+@pytest.mark.parametrize(
+    # The default run takes the loss-free router (a variable update inside
+    # the compiled step); each takes about 20 s on two cores.
+    "kind", ["loss_free"] + [pytest.param(k, marks=pytest.mark.slow) for k in ("switch", "top_k", "expert_choice", "hash")]
+)
 def test_new_routers_train_under_xla_on_the_capacity_path_as_without(kind):
-    """The same fit with and without XLA (static capacity, eval capacity too)."""
+    """The same fit with and without XLA (static capacity, eval capacity too;
+    the loss-free router's bias updates inside the compiled step)."""
 
     def model_fn(jit):
         keras.utils.set_random_seed(1)
         inputs = keras.Input((6, 8), batch_size=16)
+        ids = keras.Input((6,), batch_size=16, dtype="int32")
         router = {"switch": lambda: tf_moe.SwitchRouter(4, jitter_epsilon=0.0, z_loss_weight=1e-2),
                   "top_k": lambda: tf_moe.TopKRouter(4, 2, z_loss_weight=1e-2),
-                  "expert_choice": lambda: tf_moe.ExpertChoiceRouter(4, 1.0)}[kind]()
+                  "expert_choice": lambda: tf_moe.ExpertChoiceRouter(4, 1.0),
+                  "loss_free": lambda: tf_moe.LossFreeRouter(4, 2, bias_update_rate=0.05, balance_weight=0.1),
+                  "hash": lambda: tf_moe.HashRouter(4)}[kind]()
         moe = tf_moe.MoELayer(hidden_units=16, capacity_factor=1.0, eval_capacity_factor=1.5, router=router,
                               num_shared_experts=1, name="moe")
-        model = keras.Model(inputs, moe(inputs))
-        router.w_gate.assign(np.random.default_rng(0).standard_normal((8, 4)).astype("float32"))
+        model = keras.Model([inputs, ids], moe(inputs, **({"token_ids": ids} if kind == "hash" else {})))
+        if kind != "hash":
+            router.w_gate.assign(np.random.default_rng(0).standard_normal((8, 4)).astype("float32"))
         model.compile(keras.optimizers.SGD(0.1), "mse", jit_compile=jit)
         return model
 
     x = np.random.default_rng(6).standard_normal((32, 6, 8)).astype("float32")
+    ids = np.random.default_rng(7).integers(0, 100, (32, 6)).astype("int32")
     xla, plain = model_fn(True), model_fn(False)
-    got = xla.fit(x, x, batch_size=16, epochs=2, shuffle=False, verbose=0).history
-    want = plain.fit(x, x, batch_size=16, epochs=2, shuffle=False, verbose=0).history
+    got = xla.fit([x, ids], x, batch_size=16, epochs=2, shuffle=False, verbose=0).history
+    want = plain.fit([x, ids], x, batch_size=16, epochs=2, shuffle=False, verbose=0).history
     for key in ("loss", "moe_cv_load", "moe_dropped_fraction", "moe_aux_loss", "moe_unrouted_fraction"):
         np.testing.assert_allclose(got[key], want[key], rtol=1e-4, atol=1e-6, err_msg=key)
-    np.testing.assert_allclose(xla.predict(x, batch_size=16, verbose=0), plain.predict(x, batch_size=16, verbose=0),
-                               rtol=1e-4, atol=1e-5)
+    np.testing.assert_allclose(xla.predict([x, ids], batch_size=16, verbose=0),
+                               plain.predict([x, ids], batch_size=16, verbose=0), rtol=1e-4, atol=1e-5)
+    if kind == "loss_free":
+        bias = xla.get_layer("moe").router.expert_bias.numpy()
+        assert np.any(bias != 0)
+        np.testing.assert_allclose(bias, plain.get_layer("moe").router.expert_bias.numpy(), atol=1e-6)
 
 
 @pytest.mark.parametrize("kind", ["switch", pytest.param("top_k", marks=pytest.mark.slow)])
