@@ -119,12 +119,7 @@ class MoELayer(keras.layers.Layer):
     load_weight * CV(Load)^2` (section 4; Importance and Load summed over
     replicas under data parallelism; for routers whose
     `uses_balancing_loss` is True) plus the router's own losses with
-    `add_loss`.
-
-    `num_shared_experts` adds always-on experts (DeepSeekMoE, Dai et al.
-    2024, section 3.2): experts of the same architecture, with their own
-    stacked weights, that run on every unmasked token and whose outputs are
-    added to the routed mixture, `y = sum_j S_j(x) + sum_i G(x)_i E_i(x)`. It reports in the `fit` logs (and, through `evaluate` and
+    `add_loss`. It reports in the `fit` logs (and, through `evaluate` and
     `fit` validation, for the noise-free inference routing under `val_`)
     `<name>_cv_importance`, `<name>_cv_load`, `<name>_max_over_mean_load`,
     `<name>_aux_loss`, `<name>_dropped_fraction`, `<name>_unrouted_fraction`
@@ -132,16 +127,22 @@ class MoELayer(keras.layers.Layer):
     `<name>_<metric>` (the noisy top-k router's `topk_agreement` and
     `noise_to_signal`).
 
+    `num_shared_experts` adds always-on experts (DeepSeekMoE, Dai et al.
+    2024, section 3.2): experts of the same architecture, with their own
+    stacked weights, that run on every unmasked token and whose outputs are
+    added to the routed mixture, `y = sum_j S_j(x) + sum_i G(x)_i E_i(x)`.
+
     Args:
         num_experts: int, number of experts n (None: the router's).
         k: int, experts per token (None: the router's).
         hidden_units: int, hidden width of each expert.
         output_units: int or None, output width (None: the input width).
         activation: activation of the experts' hidden layer.
-        router: a router name (`"noisy_top_k"`, `"softmax"`,
-            `"batchwise"`), a `Router` instance (e.g. `NoisyTopKRouter(n,
-            k, seed=0)` or `HierarchicalRouter(...)`) or its serialized
-            config. A name needs `num_experts` and `k`.
+        router: a router name (one of `tf_moe.routers.NAMES`, listed
+            above), a `Router` instance (e.g. `NoisyTopKRouter(n, k,
+            seed=0)` or `HierarchicalRouter(...)`) or its serialized
+            config. A name needs `num_experts` and `k` (see
+            `tf_moe.routers.get` for the routers whose `k` is fixed).
         importance_weight: finite float >= 0, w_importance.
         load_weight: finite float >= 0, w_load.
         capacity_factor: None for exact, dropless dispatch (each expert's
