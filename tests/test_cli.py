@@ -83,6 +83,10 @@ BAD_FLAGS = [
     (["train", "lm", "--unknown"], "unrecognized arguments: --unknown"),
     (["experiment", "ptb", "--models", "moe-16", "moe-5-h"], "--models: 'moe-5-h'"),
     (["experiment", "experts", "--models", "dense"], "--models: Unknown model 'dense'"),
+    (["experiment", "routers", "--routers", "softmax"], "argument --routers: invalid choice: 'softmax'"),
+    (["experiment", "routers", "--models", "moe-4"], "--models is for the experts and ptb experiments"),
+    (["experiment", "table6", "--routers", "switch"], "--routers is for `tf-moe experiment routers`"),
+    (["experiment", "routers", "--hierarchical", "2"], "--hierarchical: the router comparison uses flat MoEs"),
     (["train", "lm", "--level", "char"], "argument --level: invalid choice: 'char'"),
     (["plot", "missing.json", "--output", "x.png"], "missing.json: no such file"),
     (["export", "lm", "m.keras", "--vocab", "v.txt", "--version", "0"], "argument --version: must be an integer >= 1"),
@@ -258,3 +262,20 @@ def test_experiment_experts_sweeps_at_fixed_ops(tmp_path, capsys):
     assert rows["moe-4"]["params"] < rows["moe-32"]["params"] < rows["moe-256"]["params"]
     out = capsys.readouterr().out
     assert experiments.format_table(results["rows"]) in out and "Figure 2" in out
+
+
+def test_experiment_routers_compares_routers_at_equal_expert_ops(tmp_path, capsys):
+    argv = ["experiment", "routers", *TINY, "--routers", "loss_free", "hash", "--output", str(tmp_path)]
+    assert cli.main(argv) == 0
+    results = json.load(open(tmp_path / "routers_web_results.json"))
+    rows = {row["model"]: row for row in results["rows"]}
+    assert list(rows) == ["loss_free", "hash"]
+    # The hash router's one expert is k times wider: the same expert ops;
+    # the routers' own d * n differ (the hash router has none).
+    units, experts = results["config"]["units"], results["config"]["experts"]
+    assert rows["hash"]["ops_per_timestep"] == rows["loss_free"]["ops_per_timestep"] - units * experts
+    for row in rows.values():
+        assert 1 < row["valid_perplexity"] < results["config"]["vocab_size"] and row["step_ms"] > 0
+    out = capsys.readouterr().out
+    assert out.startswith("Training the MoE language model with each router at equal ops per timestep")
+    assert experiments.format_table(results["rows"]) in out and "step_ms" in out

@@ -219,3 +219,64 @@ def test_expert_parallel_optimizer_keeps_config():
     assert expert_parallel_optimizer(wrapped) is wrapped
     with pytest.raises(TypeError, match="optimizer"):
         expert_parallel_optimizer("adam")
+
+
+def _new_router(kind):
+    return {
+        "switch": lambda: tf_moe.SwitchRouter(N, balance_weight=0.5, jitter_epsilon=0.0, z_loss_weight=0.1),
+        "expert_choice": lambda: tf_moe.ExpertChoiceRouter(N, capacity_factor=1.0),
+        "loss_free": lambda: tf_moe.LossFreeRouter(N, 2, bias_update_rate=0.01, balance_weight=0.1),
+        "hash": lambda: tf_moe.HashRouter(N, seed=1),
+        "top_k": lambda: tf_moe.TopKRouter(N, 2, z_loss_weight=0.1),
+    }[kind]()
+
+
+def _id_model(layer_cls, kind, optimizer=None):
+    """A model of (x, token ids) -> MoE(x), the ids reaching routers that need them."""
+    keras.utils.set_random_seed(1)
+    inputs = keras.Input((3, D))
+    ids = keras.Input((3,), dtype="int32")
+    moe = layer_cls(hidden_units=8, router=_new_router(kind), num_shared_experts=1, name="moe")
+    outputs = moe(inputs, **({"token_ids": ids} if moe.router.required_inputs else {}))
+    model = keras.Model([inputs, ids], outputs)
+    if optimizer is not None:
+        model.compile(optimizer, "mse")
+    return model
+
+
+@pytest.mark.parametrize(
+    "kind",
+    # The default run takes the loss-free router (its bias state is the
+    # subtle part); each takes 15-30 s on two cores.
+    ["loss_free"] + [pytest.param(k, marks=pytest.mark.slow) for k in ("hash", "switch", "expert_choice", "top_k")],
+)
+def test_new_routers_on_two_replicas_equal_the_single_device_layer(kind):
+    """Inference outputs; and two epochs of training (its losses, weights and,
+    for the loss-free router, its biases, updated once per step from the
+    global batch) where the routing of a replica's batch is that of the
+    global batch, i.e. all but expert choice."""
+    x, y = _data()
+    ids = np.random.default_rng(4).integers(0, 500, (len(x), 3)).astype("int32")
+    reference = _id_model(tf_moe.MoELayer, kind, keras.optimizers.SGD(0.1))
+    layer = reference.get_layer("moe")
+    randomise_weights(layer.router, seed=0, scale=1.0)
+    with _strategy(2).scope():
+        model = _id_model(ExpertParallelMoE, kind, expert_parallel_optimizer(keras.optimizers.SGD(0.1)))
+        target = model.get_layer("moe")
+        target.router.set_weights(layer.router.get_weights())
+        target.shared_experts.set_weights(layer.shared_experts.get_weights())
+        target.experts.load_own_variables({str(i): gather_shards(w) for i, w in enumerate(layer.experts.weights)})
+    got = model.predict([x, ids], batch_size=len(x), verbose=0)
+    if kind == "expert_choice":
+        # Each replica's experts choose among that replica's half of the batch.
+        halves = [reference.predict([xs, i], batch_size=len(xs), verbose=0)
+                  for xs, i in zip(np.split(x, 2), np.split(ids, 2))]
+        np.testing.assert_allclose(got, np.concatenate(halves), rtol=1e-5, atol=1e-6)
+        return
+    np.testing.assert_allclose(got, reference.predict([x, ids], batch_size=len(x), verbose=0), rtol=1e-5, atol=1e-6)
+    expected = reference.fit([x, ids], y, batch_size=16, epochs=2, shuffle=False, verbose=0).history
+    history = model.fit([x, ids], y, batch_size=16, epochs=2, shuffle=False, verbose=0).history
+    for key in ("loss", "moe_aux_loss", "moe_cv_importance", "moe_cv_load"):
+        np.testing.assert_allclose(history[key], expected[key], rtol=1e-4, atol=1e-6, err_msg=key)
+    for ref_weight, weight in zip(layer.weights, target.weights):
+        np.testing.assert_allclose(gather_shards(weight), ref_weight.numpy(), rtol=1e-4, atol=1e-5, err_msg=weight.path)

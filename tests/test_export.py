@@ -20,6 +20,8 @@ import numpy as np
 import pytest
 import tensorflow as tf
 
+import tf_moe
+from tests.layer_test_case import randomise_weights
 from tf_moe import MoE
 from tf_moe import cli, export
 from tf_moe.data import END_ID, RESERVED_TOKENS, START_ID, WordpieceTokenizer, WordVocabulary
@@ -210,6 +212,25 @@ def exports(tmp_path_factory, tokenizer):
     cases["moe_without_thresholds"] = np.asarray(moe(tokens, training=False))
     requests["moe"] = (os.path.join(base, "moe", "1"), "serving_default", {"x": (tokens.tolist(), "float32")})
     requests["moe_no_tokens"] = (os.path.join(base, "moe", "1"), "serving_default", {"x": ([], "float32", [0, 6])})
+
+    # The routers beyond the paper's, chained in one model (static capacity
+    # with its eval factor, shared experts) with the hash router's token ids
+    # as a second input.
+    hidden, ids_in = keras.Input((5, 6), name="hidden"), keras.Input((5,), dtype="int32", name="ids")
+    h = hidden
+    for router in (tf_moe.SwitchRouter(4), tf_moe.TopKRouter(4, 2, normalize=True), tf_moe.ExpertChoiceRouter(4),
+                   tf_moe.LossFreeRouter(4, 2)):
+        h = tf_moe.MoELayer(hidden_units=8, router=router, capacity_factor=0.5, eval_capacity_factor=1.0,
+                            num_shared_experts=1)(h)
+        randomise_weights(router, seed=4, scale=1.0)
+    h = tf_moe.MoELayer(4, 1, 8, router="hash", name="hashed")(h, token_ids=ids_in)
+    routed = keras.Model([hidden, ids_in], h)
+    export.export_keras_model(routed, export.version_dir(base, "routers"))
+    x = np.random.default_rng(5).normal(size=(3, 5, 6)).astype("float32")
+    ids = np.random.default_rng(6).integers(0, 1000, (3, 5)).astype("int32")
+    cases["routers"] = np.asarray(routed([x, ids], training=False))
+    requests["routers"] = (os.path.join(base, "routers", "1"), "serving_default",
+                           {"hidden": (x.tolist(), "float32"), "ids": (ids.tolist(), "int32")})
     return base, cases, requests
 
 
@@ -238,6 +259,7 @@ def test_fresh_process_serves_without_tf_moe(served, exports):
         os.path.join("numeric", "1"): ["serve", "serving_default"],
         os.path.join("lm_numeric", "1"): ["serve", "serving_default"],
         os.path.join("moe", "1"): ["serve", "serving_default"],
+        os.path.join("routers", "1"): ["serve", "serving_default"],
     }
 
 
@@ -316,6 +338,13 @@ def test_batchwise_moe_serves_with_its_thresholds(served, exports):
     np.testing.assert_allclose(out["value"], cases["moe"], rtol=1e-5, atol=1e-6)
     # The thresholds changed the routing, so they are in the export.
     assert not np.allclose(cases["moe"], cases["moe_without_thresholds"])
+
+
+def test_every_router_serves_like_the_model(served, exports):
+    """Switch, top-k, expert choice, loss-free (its biases) and hash (the ids input) routing."""
+    out = served["calls"]["routers"]
+    assert list(out) == ["hashed"]
+    np.testing.assert_allclose(out["hashed"]["value"], exports[1]["routers"], rtol=1e-5, atol=1e-6)
 
 
 SHOWN = {

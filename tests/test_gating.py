@@ -116,3 +116,35 @@ def test_routing_diagnostics_match_the_reference():
     assert float(gating.topk_agreement(clean_index, clean)) == 1.0
     assert np.isinf(float(gating.noise_to_signal(stddev, np.zeros_like(clean))))
     assert float(gating.noise_to_signal(stddev, clean, np.zeros(t, bool))) == 0.0
+
+
+@pytest.mark.parametrize("k", [1, 2])
+def test_load_balancing_loss_matches_the_switch_formula(k):
+    rng = np.random.default_rng(10 + k)
+    logits = rng.standard_normal((20, 5))
+    p = ref.softmax_rows(logits)
+    choices = np.argsort(-p, axis=1, kind="stable")[:, :k]
+    counts = np.array([np.sum(choices == i) for i in range(5)], np.float32)
+    loss = gating.load_balancing_loss(tf.constant(counts), tf.constant(p.sum(0), tf.float32), 20.0, k)
+    np.testing.assert_allclose(float(loss), ref.switch_balance_loss(p, choices, 1.0), rtol=1e-5)
+    # 1 under perfect balance whatever k; 0 for an empty batch; per leading axis.
+    assert float(gating.load_balancing_loss(tf.fill([4], 0.75 * k), tf.fill([4], 0.75), 3.0, k)) == pytest.approx(1.0)
+    assert float(gating.load_balancing_loss(tf.zeros([4]), tf.zeros([4]), 0.0, k)) == 0.0
+    batched = gating.load_balancing_loss(tf.fill([3, 4], 0.5 * k), tf.fill([3, 4], 0.5), tf.fill([3], 2.0), k)
+    np.testing.assert_allclose(batched, [1.0, 1.0, 1.0], rtol=1e-6)
+
+
+def test_router_z_loss_matches_the_st_moe_formula():
+    rng = np.random.default_rng(12)
+    logits = (rng.standard_normal((3, 7, 5)) * 4).astype(np.float32)
+    valid = rng.random((3, 7)) > 0.3
+    rows = logits[valid]
+    np.testing.assert_allclose(float(gating.router_z_loss(logits, valid)), ref.z_loss(rows), rtol=1e-5)
+    np.testing.assert_allclose(float(gating.router_z_loss(logits[0])), ref.z_loss(logits[0]), rtol=1e-5)
+    # NaN in invalid rows reaches neither the value nor the gradient.
+    poisoned = tf.Variable(np.where(valid[..., None], logits, np.nan).astype(np.float32))
+    with tf.GradientTape() as tape:
+        z = gating.router_z_loss(poisoned, valid)
+    grad = tape.gradient(z, poisoned).numpy()
+    assert np.isfinite(float(z)) and np.all(np.isfinite(grad)) and np.all(grad[~valid] == 0)
+    assert float(gating.router_z_loss(logits, np.zeros((3, 7), bool))) == 0.0

@@ -6,7 +6,8 @@ import keras
 import numpy as np
 import pytest
 
-from tf_moe import HierarchicalRouter
+import tf_moe
+from tf_moe import HierarchicalRouter, routers
 from tf_moe.models import BASELINES, lstm_lm, ops_per_timestep
 from tf_moe.training import MoEModel
 
@@ -125,3 +126,31 @@ def test_stateful_model_needs_a_batch_size():
 def test_gate_learning_rate_multiplier_reaches_the_router(num_groups):
     model = lstm_lm(**SMALL, num_groups=num_groups, gate_learning_rate_multiplier=5.0)
     assert model.get_layer("moe").router.learning_rate_multiplier == 5.0
+
+
+@pytest.mark.parametrize("router, k", [("switch", 1), ("top_k", 2), ("loss_free", 2), ("hash", 1)])
+def test_any_router_by_name(router, k):
+    model = lstm_lm(**{**SMALL, "k": k}, router=router)
+    moe = model.get_layer("moe")
+    assert type(moe.router) is type(routers.get(router, 4, k)) and moe.k == k
+    rng = np.random.default_rng(3)
+    tokens = _tokens(rng, (2, 6))
+    tokens[1, 4:] = 0
+    logits = np.asarray(model(tokens))
+    # Padding still changes nothing (the hash router gets the ids, masked).
+    np.testing.assert_allclose(logits[1, :4], np.asarray(model(tokens[1:, :4]))[0], rtol=1e-5, atol=1e-5)
+    units, hidden = SMALL["units"], SMALL["expert_hidden_units"]
+    gate = 0 if router == "hash" else units * 4
+    lstms = 2 * 4 * units * (units + units)
+    assert ops_per_timestep(model) == lstms + gate + k * (units * hidden + hidden * units)
+
+
+def test_a_router_instance_and_its_conflicts():
+    router = tf_moe.TopKRouter(4, 2, normalize=True)
+    assert lstm_lm(**SMALL, router=router).get_layer("moe").router is router
+    with pytest.raises(ValueError, match="`num_groups`"):
+        lstm_lm(**SMALL, router="top_k", num_groups=2)
+    with pytest.raises(ValueError, match="`k`"):
+        lstm_lm(**SMALL, router="switch")  # k = 2
+    # The default stays the paper's noisy top-k router.
+    assert type(lstm_lm(**SMALL).get_layer("moe").router) is tf_moe.NoisyTopKRouter

@@ -1,11 +1,13 @@
 """Tests of the GNMT-style seq2seq model and its greedy and beam-search decoders."""
 
 import os
+import sys
 
 import keras
 import numpy as np
 import pytest
 
+import tf_moe
 from tf_moe.models import Seq2SeqDecoder, ops_per_timestep, seq2seq
 from tf_moe.models.seq2seq import Seq2SeqModel, Seq2SeqParts
 from tf_moe.training import MoEModel
@@ -158,3 +160,17 @@ def test_bad_arguments_are_named(model):
         Seq2SeqDecoder(model, START, END, max_length=0)
     with pytest.raises(ValueError, match="`part_names`"):
         Seq2SeqModel(model.inputs, model.outputs, part_names={"embedding": "embedding"})
+
+
+def test_decoding_refuses_a_router_that_is_not_causal(monkeypatch):
+    """Expert choice routes each decoding step's one-token-per-sequence batch
+    unlike the training batch: the decoder says so instead of decoding."""
+    module = sys.modules["tf_moe.models.seq2seq"]  # the package exports the function under this name
+
+    def moe_layer(num_experts, k, hidden_units, name, **kwargs):
+        return tf_moe.MoELayer(hidden_units=hidden_units, router=tf_moe.ExpertChoiceRouter(num_experts), name=name)
+
+    monkeypatch.setattr(module, "moe_layer", moe_layer)
+    model = seq2seq(**SMALL)
+    with pytest.raises(ValueError, match="ExpertChoiceRouter"):
+        Seq2SeqDecoder(model, START, END, 5)

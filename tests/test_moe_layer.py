@@ -31,10 +31,24 @@ def _routers(n=4, k=2, seed=0):
         "softmax": tf_moe.SoftmaxRouter(n),
         "batchwise": tf_moe.BatchwiseRouter(n, k),
         "hierarchical": tf_moe.HierarchicalRouter(2, n // 2, 1, 2, seed=seed),
+        "switch": tf_moe.SwitchRouter(n, seed=seed, z_loss_weight=1e-3),
+        "top_k": tf_moe.TopKRouter(n, k, normalize=True, jitter_epsilon=0.1, seed=seed, z_loss_weight=1e-3),
+        "expert_choice": tf_moe.ExpertChoiceRouter(n, capacity_factor=k, z_loss_weight=1e-3),
+        "loss_free": tf_moe.LossFreeRouter(n, k, balance_weight=1e-2, z_loss_weight=1e-3),
+        "hash": tf_moe.HashRouter(n, seed=seed),
     }
 
 
-ROUTER_KINDS = ("noisy_top_k", "softmax", "batchwise", "hierarchical")
+ROUTER_KINDS = (
+    "noisy_top_k", "softmax", "batchwise", "hierarchical", "switch", "top_k", "expert_choice", "loss_free", "hash",
+)
+
+
+def _router_inputs(kind, leading_shape, seed=0):
+    """The per-token inputs a router kind needs: token ids for the hash router."""
+    if kind != "hash":
+        return {}
+    return {"token_ids": np.random.default_rng(seed).integers(0, 1000, leading_shape)}
 
 
 def _expert_weights(layer):
@@ -224,11 +238,11 @@ def test_non_finite_values_at_masked_positions_reach_nothing(kind, fill):
     x[~mask] = 0.0
 
     def run(inputs):
-        layer = _randomised(n=4, router=_routers(n=4, seed=1)[kind], capacity_factor=1.5)
+        layer = _randomised(n=4, router=_routers(n=4, seed=1)[kind], capacity_factor=1.5, num_shared_experts=1)
         inputs = tf.constant(inputs)
         with tf.GradientTape(persistent=True) as tape:
             tape.watch(inputs)
-            y = layer(inputs, mask=mask, training=True)
+            y = layer(inputs, mask=mask, training=True, **_router_inputs(kind, mask.shape))
             loss = tf.add_n(layer.losses)
             objective = tf.reduce_sum(tf.square(y)) + loss
         grads = tape.gradient(objective, layer.trainable_weights + [inputs])
@@ -308,7 +322,7 @@ def test_balancing_losses_balance_the_load():
         (dict(num_experts=4, k=1, importance_weight=-0.1), "`importance_weight`"),
         (dict(num_experts=4, k=1, importance_weight=float("inf")), "`importance_weight`"),
         (dict(num_experts=4, k=1, load_weight=float("nan")), "`load_weight`"),
-        (dict(num_experts=4, k=1, router="top_k"), "`router`"),
+        (dict(num_experts=4, k=1, router="top_p"), "`router`"),
         (dict(num_experts=4, k=1, router="hierarchical"), "HierarchicalRouter"),
         (dict(num_experts=4, k=2, router="softmax"), "`k`"),
         (dict(num_experts=8, router=tf_moe.NoisyTopKRouter(4, 2)), "`num_experts`"),
@@ -509,13 +523,13 @@ def test_validation_logs_report_the_noise_free_routing():
 @pytest.mark.parametrize("capacity_factor", [None, 1.5])
 def test_all_masked_or_empty_batch_gives_zeros(kind, capacity_factor):
     # Every expert is empty: combine must still find its zero padding row.
-    layer = _randomised(d=4, n=4, router=_routers(n=4)[kind], capacity_factor=capacity_factor)
+    layer = _randomised(d=4, n=4, router=_routers(n=4)[kind], capacity_factor=capacity_factor, num_shared_experts=1)
     x = np.ones((2, 3, 4), "float32")
     for training in (False, True):
-        y = layer(x, mask=np.zeros((2, 3), bool), training=training)
+        y = layer(x, mask=np.zeros((2, 3), bool), training=training, **_router_inputs(kind, (2, 3)))
         np.testing.assert_array_equal(np.asarray(y), np.zeros((2, 3, 4), "float32"))
         assert all(np.isfinite(float(loss)) for loss in layer.losses)
-    assert layer(np.ones((0, 3, 4), "float32")).shape == (0, 3, 4)
+    assert layer(np.ones((0, 3, 4), "float32"), **_router_inputs(kind, (0, 3))).shape == (0, 3, 4)
 
 
 def test_router_by_name_instance_or_config_is_the_same_layer():
@@ -531,3 +545,147 @@ def test_router_by_name_instance_or_config_is_the_same_layer():
         assert (layer.num_experts, layer.k) == (5, 2)
         np.testing.assert_array_equal(np.asarray(layer(x)), np.asarray(by_name(x)))
     assert tf_moe.MoELayer(4, None, 7, router="softmax").k == 4
+
+
+def _shared_weights(layer):
+    s = layer.shared_experts
+    return s.kernel_in.numpy(), s.bias_in.numpy()[:, 0], s.kernel_out.numpy(), s.bias_out.numpy()[:, 0]
+
+
+def test_shared_experts_run_on_every_unmasked_token():
+    """DeepSeekMoE: y = sum_j S_j(x) + sum_i G(x)_i E_i(x), a dense numpy computation."""
+    layer = _randomised(num_shared_experts=2)
+    x = np.random.default_rng(12).standard_normal((3, 8, 6)).astype("float32")
+    mask = np.random.default_rng(13).random((3, 8)) > 0.3
+    poisoned = np.where(mask[..., None], x, np.nan).astype("float32")
+    y = layer(poisoned, mask=mask, training=False).numpy()
+    flat = x[mask]
+    _, gates, _ = ref.noisy_top_k(flat, *_router_weights(layer), 0, 2, EPS, train=False)
+    w_in, b_in, w_out, b_out = _shared_weights(layer)
+    shared = sum(ref.expert(flat, w_in[j], b_in[j], w_out[j], b_out[j]) for j in range(2))
+    expected = ref.dense_moe(flat, gates, *_expert_weights(layer)) + shared
+    np.testing.assert_allclose(y[mask], expected, rtol=1e-5, atol=1e-5)
+    np.testing.assert_array_equal(y[~mask], 0.0)
+    assert layer.shared_experts.num_experts == 2
+    # Ops: the gate, k routed experts and the 2 shared ones, each d*h + h*o.
+    assert layer.ops_per_token() == 6 * 5 + (2 + 2) * (6 * 7 + 7 * 6)
+    assert tf_moe.MoELayer(5, 2, 7).get_config()["num_shared_experts"] == 0
+
+
+def test_shared_experts_citizenship():
+    run_layer_test(
+        tf_moe.MoELayer,
+        dict(num_experts=4, k=2, hidden_units=8, output_units=6, num_shared_experts=1),
+        input_shape=(3, 5, 10),
+        expected_output_shape=(3, 5, 6),
+    )
+
+
+def _drops(gates, k, capacity):
+    return (gates > 0).sum() - (_capacity_kept_gates(gates, k, capacity) > 0).sum()
+
+
+@pytest.mark.parametrize("eval_capacity_factor", [None, 2.0, 0.25])
+def test_train_and_eval_capacity_factors(eval_capacity_factor):
+    """Training drops what capacity_factor's capacity drops, inference what the eval factor's does."""
+    router = tf_moe.NoisyTopKRouter(5, 2, noisy=False)  # the same routing in both modes
+    layer = _randomised(router=router, capacity_factor=0.5, eval_capacity_factor=eval_capacity_factor)
+    x = np.random.default_rng(14).standard_normal((40, 6)).astype("float32")
+    _, gates, _ = ref.noisy_top_k(x, *_router_weights(layer), 0, 2, EPS, train=False)
+    for training, factor in ((True, 0.5), (False, eval_capacity_factor or 0.5)):
+        layer.balance.reset_state()
+        y = layer(x, training=training).numpy()
+        capacity = math.ceil(factor * 2 * 40 / 5)
+        kept = _capacity_kept_gates(gates, 2, capacity)
+        np.testing.assert_allclose(y, ref.dense_moe(x, kept, *_expert_weights(layer)), rtol=1e-5, atol=1e-5)
+        dropped = float(layer.balance.result()[f"{layer.name}_dropped_fraction"]) * 80
+        assert dropped == pytest.approx(_drops(gates, 2, capacity), abs=1e-4)
+    assert _drops(gates, 2, math.ceil(0.5 * 16)) > _drops(gates, 2, math.ceil(2.0 * 16)) == 0
+    assert layer.inference_capacity_factor == (eval_capacity_factor or 0.5)
+
+
+def test_dropless_training_with_a_static_eval_capacity():
+    layer = _randomised(router=tf_moe.NoisyTopKRouter(5, 2, noisy=False), eval_capacity_factor=0.5)
+    x = np.random.default_rng(15).standard_normal((40, 6)).astype("float32")
+    _, gates, _ = ref.noisy_top_k(x, *_router_weights(layer), 0, 2, EPS, train=False)
+    np.testing.assert_allclose(layer(x, training=True).numpy(), ref.dense_moe(x, gates, *_expert_weights(layer)),
+                               rtol=1e-5, atol=1e-5)
+    kept = _capacity_kept_gates(gates, 2, 8)
+    np.testing.assert_allclose(layer(x).numpy(), ref.dense_moe(x, kept, *_expert_weights(layer)), rtol=1e-5, atol=1e-5)
+    config = layer.get_config()
+    assert (config["capacity_factor"], config["eval_capacity_factor"]) == (None, 0.5)
+    with pytest.raises(ValueError, match="`eval_capacity_factor`"):
+        tf_moe.MoELayer(4, 2, 8, eval_capacity_factor=0.0)
+    with pytest.raises(ValueError, match="`num_shared_experts`"):
+        tf_moe.MoELayer(4, 2, 8, num_shared_experts=-1)
+
+
+@pytest.mark.parametrize(
+    # The default run takes the loss-free router (a variable update inside
+    # the compiled step); each takes about 20 s on two cores.
+    "kind", ["loss_free"] + [pytest.param(k, marks=pytest.mark.slow) for k in ("switch", "top_k", "expert_choice", "hash")]
+)
+def test_new_routers_train_under_xla_on_the_capacity_path_as_without(kind):
+    """The same fit with and without XLA (static capacity, eval capacity too;
+    the loss-free router's bias updates inside the compiled step)."""
+
+    def model_fn(jit):
+        keras.utils.set_random_seed(1)
+        inputs = keras.Input((6, 8), batch_size=16)
+        ids = keras.Input((6,), batch_size=16, dtype="int32")
+        router = {"switch": lambda: tf_moe.SwitchRouter(4, jitter_epsilon=0.0, z_loss_weight=1e-2),
+                  "top_k": lambda: tf_moe.TopKRouter(4, 2, z_loss_weight=1e-2),
+                  "expert_choice": lambda: tf_moe.ExpertChoiceRouter(4, 1.0),
+                  "loss_free": lambda: tf_moe.LossFreeRouter(4, 2, bias_update_rate=0.05, balance_weight=0.1),
+                  "hash": lambda: tf_moe.HashRouter(4)}[kind]()
+        moe = tf_moe.MoELayer(hidden_units=16, capacity_factor=1.0, eval_capacity_factor=1.5, router=router,
+                              num_shared_experts=1, name="moe")
+        model = keras.Model([inputs, ids], moe(inputs, **({"token_ids": ids} if kind == "hash" else {})))
+        if kind != "hash":
+            router.w_gate.assign(np.random.default_rng(0).standard_normal((8, 4)).astype("float32"))
+        model.compile(keras.optimizers.SGD(0.1), "mse", jit_compile=jit)
+        return model
+
+    x = np.random.default_rng(6).standard_normal((32, 6, 8)).astype("float32")
+    ids = np.random.default_rng(7).integers(0, 100, (32, 6)).astype("int32")
+    xla, plain = model_fn(True), model_fn(False)
+    got = xla.fit([x, ids], x, batch_size=16, epochs=2, shuffle=False, verbose=0).history
+    want = plain.fit([x, ids], x, batch_size=16, epochs=2, shuffle=False, verbose=0).history
+    for key in ("loss", "moe_cv_load", "moe_dropped_fraction", "moe_aux_loss", "moe_unrouted_fraction"):
+        np.testing.assert_allclose(got[key], want[key], rtol=1e-4, atol=1e-6, err_msg=key)
+    np.testing.assert_allclose(xla.predict([x, ids], batch_size=16, verbose=0),
+                               plain.predict([x, ids], batch_size=16, verbose=0), rtol=1e-4, atol=1e-5)
+    if kind == "loss_free":
+        bias = xla.get_layer("moe").router.expert_bias.numpy()
+        assert np.any(bias != 0)
+        np.testing.assert_allclose(bias, plain.get_layer("moe").router.expert_bias.numpy(), atol=1e-6)
+
+
+@pytest.mark.parametrize("kind", ["switch", pytest.param("top_k", marks=pytest.mark.slow)])
+def test_new_routers_under_mirrored_strategy_match_one_device(kind):
+    """The f . P loss and the z-loss are of the global batch: 2 replicas = 1 device."""
+    devices = [d.name for d in tf.config.list_logical_devices("CPU")[:2]]
+    x = np.random.default_rng(7).standard_normal((96, 8)).astype("float32")
+    y = np.tanh(x[:, :4])
+
+    def train(strategy):
+        with strategy.scope():
+            keras.utils.set_random_seed(2)
+            inputs = keras.Input((8,))
+            router = {"switch": lambda: tf_moe.SwitchRouter(4, balance_weight=0.5, jitter_epsilon=0.0, z_loss_weight=0.1),
+                      "top_k": lambda: tf_moe.TopKRouter(4, 2, balance_weight=0.5, z_loss_weight=0.1)}[kind]()
+            moe = tf_moe.MoELayer(hidden_units=16, router=router, num_shared_experts=1, name="moe")
+            model = keras.Model(inputs, keras.layers.Dense(4)(moe(inputs)))
+            model.compile(keras.optimizers.SGD(0.1), "mse")
+            rng = np.random.default_rng(3)
+            model.set_weights([rng.standard_normal(w.shape).astype("float32") * 0.5 for w in model.get_weights()])
+        history = model.fit(x, y, batch_size=32, epochs=3, shuffle=False, verbose=0).history
+        return history, model.get_weights()
+
+    single, single_weights = train(tf.distribute.OneDeviceStrategy(devices[0]))
+    mirrored, mirrored_weights = train(get_strategy("mirrored", devices=devices))
+    assert single["moe_aux_loss"][0] > 0.1
+    for key in ("loss", "moe_aux_loss", "moe_cv_load"):
+        np.testing.assert_allclose(mirrored[key], single[key], rtol=1e-4, atol=1e-6, err_msg=key)
+    for a, b in zip(mirrored_weights, single_weights):
+        np.testing.assert_allclose(a, b, rtol=1e-4, atol=1e-5)

@@ -29,12 +29,13 @@ def _execute(name, monkeypatch):
     return notebook
 
 
-def test_the_four_notebooks_exist_and_are_stored_without_outputs():
+def test_the_five_notebooks_exist_and_are_stored_without_outputs():
     assert ALL == [
         "01_quickstart.ipynb",
         "02_language_model.ipynb",
         "03_translation.ipynb",
         "04_distributed_and_export.ipynb",
+        "05_transformer_block.ipynb",
     ]
     for name in ALL:
         notebook = nbformat.read(os.path.join(NOTEBOOKS, name), as_version=4)
@@ -94,6 +95,7 @@ def test_setup_cell_installs_from_the_repository_or_a_wheel_or_says_how(tmp_path
         pytest.param("02_language_model.ipynb", marks=pytest.mark.slow),
         pytest.param("03_translation.ipynb", marks=pytest.mark.slow),
         "04_distributed_and_export.ipynb",
+        "05_transformer_block.ipynb",
     ],
 )
 def test_notebook_runs(name, monkeypatch):

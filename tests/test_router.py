@@ -140,10 +140,13 @@ def test_base_router_requires_call_and_ops():
 @pytest.mark.parametrize(
     "name, cls, k",
     [("noisy_top_k", tf_moe.NoisyTopKRouter, 2), ("softmax", tf_moe.SoftmaxRouter, 6),
-     ("batchwise", tf_moe.BatchwiseRouter, 2)],
+     ("batchwise", tf_moe.BatchwiseRouter, 2), ("switch", tf_moe.SwitchRouter, 1),
+     ("top_k", tf_moe.TopKRouter, 2), ("expert_choice", tf_moe.ExpertChoiceRouter, 2),
+     ("loss_free", tf_moe.LossFreeRouter, 2), ("hash", tf_moe.HashRouter, 1)],
 )
 def test_routers_by_name(name, cls, k):
-    router = routers.get(name, num_experts=6, k=2 if name != "softmax" else None)
+    assert name in routers.NAMES
+    router = routers.get(name, num_experts=6, k=None if name in ("softmax", "switch", "hash") else 2)
     assert type(router) is cls and (router.num_experts, router.k) == (6, k)
     assert routers.get(router) is router
     clone = routers.get(keras.layers.serialize(router))
@@ -154,8 +157,71 @@ def test_bad_router_identifiers():
     with pytest.raises(ValueError, match="HierarchicalRouter\\(num_groups"):
         routers.get("hierarchical", 8, 2)
     with pytest.raises(ValueError, match="one of"):
-        routers.get("switch", 8, 1)
+        routers.get("top_p", 8, 1)
     with pytest.raises(ValueError, match="`num_experts` and `k`"):
         routers.get("noisy_top_k", 8)
     with pytest.raises(TypeError, match="Router"):
         routers.get(keras.layers.serialize(keras.layers.Dense(3)))
+
+
+_WITH_LOGITS = {
+    "noisy_top_k": lambda w: tf_moe.NoisyTopKRouter(4, 2, seed=0, z_loss_weight=w),
+    "softmax": lambda w: tf_moe.SoftmaxRouter(4, z_loss_weight=w),
+    "batchwise": lambda w: tf_moe.BatchwiseRouter(4, 2, z_loss_weight=w),
+    # Without jitter: while training the logits are those of the jittered input.
+    "switch": lambda w: tf_moe.SwitchRouter(4, jitter_epsilon=0.0, z_loss_weight=w),
+    "top_k": lambda w: tf_moe.TopKRouter(4, 2, z_loss_weight=w),
+    "expert_choice": lambda w: tf_moe.ExpertChoiceRouter(4, z_loss_weight=w),
+    "loss_free": lambda w: tf_moe.LossFreeRouter(4, 2, z_loss_weight=w),
+}
+
+
+@pytest.mark.parametrize("kind", sorted(_WITH_LOGITS))
+@pytest.mark.parametrize("training", [False, True])
+def test_every_router_with_logits_takes_a_z_loss_on_x_w_g(kind, training):
+    """ST-MoE's z-loss (Zoph et al. 2022, section 3.1) on the router's clean
+    logits `x W_g`, over the unmasked tokens only; absent with weight 0."""
+    router = _WITH_LOGITS[kind](0.3)
+    router.build((None, 5))
+    randomise_weights(router, seed=1, scale=1.0)
+    rng = np.random.default_rng(2)
+    x = rng.standard_normal((16, 5)).astype("float32")
+    valid = np.arange(16) % 4 != 0
+    poisoned = x.copy()
+    poisoned[~valid] = np.nan
+    routing = router(poisoned, mask=valid, training=training)
+    expected = 0.3 * ref.z_loss(x[valid] @ router.w_gate.numpy())
+    np.testing.assert_allclose(float(routing.losses["z_loss"]), expected, rtol=1e-5)
+    assert router.get_config()["z_loss_weight"] == 0.3
+    off = _WITH_LOGITS[kind](0.0)
+    off.build((None, 5))
+    assert "z_loss" not in off(x, training=training).losses
+
+
+def test_hierarchical_z_loss_is_the_sum_of_both_levels():
+    router = tf_moe.HierarchicalRouter(2, 3, 1, 2, noisy=False, z_loss_weight=0.5)
+    router.build((None, 5))
+    randomise_weights(router, seed=3, scale=1.0)
+    x = np.random.default_rng(4).standard_normal((12, 5)).astype("float32")
+    routing = router(x, training=True)
+    primary = x @ router.primary.w_gate.numpy()
+    group = primary.argmax(axis=1)
+    secondary = np.stack([x[t] @ router.w_gate.numpy()[group[t]] for t in range(12)])
+    expected = 0.5 * (ref.z_loss(primary) + ref.z_loss(secondary))
+    np.testing.assert_allclose(float(routing.losses["z_loss"]), expected, rtol=1e-5)
+
+
+def test_the_z_loss_reaches_moe_layer_and_shrinks_the_logits():
+    layer = tf_moe.MoELayer(hidden_units=4, router=tf_moe.TopKRouter(4, 2, balance_weight=0.0, z_loss_weight=1.0))
+    layer.build((None, 5))
+    randomise_weights(layer.router, seed=5, scale=3.0)
+    x = tf.constant(np.random.default_rng(5).standard_normal((32, 5)).astype("float32"))
+    before = float(tf.reduce_mean(tf.abs(tf.matmul(x, layer.router.w_gate))))
+    optimizer = keras.optimizers.SGD(0.05)
+    for _ in range(20):
+        with tf.GradientTape() as tape:
+            layer(x, training=True)
+            loss = tf.add_n(layer.losses)
+        optimizer.apply_gradients([(tape.gradient(loss, layer.router.w_gate), layer.router.w_gate)])
+    after = float(tf.reduce_mean(tf.abs(tf.matmul(x, layer.router.w_gate))))
+    assert after < 0.7 * before

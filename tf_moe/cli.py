@@ -5,6 +5,7 @@
     tf-moe experiment table6   # the six balancing-loss weightings
     tf-moe experiment experts  # 4/32/256/256-h experts vs baselines, fixed ops
     tf-moe experiment ptb      # Penn Treebank, word level: MoEs vs dense baselines
+    tf-moe experiment routers  # every router on the LM at equal ops per timestep
     tf-moe plot saved_models/sweep_ptb_results.json --output docs/ptb_curves.png
     tf-moe train lm --quick    # a smoke run of seconds
     tf-moe export lm saved_models/lm_moe.keras --vocab saved_models/lm_vocab.txt
@@ -29,6 +30,7 @@ fetched) prints one line and exits with status 2.
 
 import argparse
 import dataclasses
+import functools
 import logging
 import math
 import os
@@ -37,7 +39,7 @@ import sys
 import warnings
 
 import tf_moe
-from tf_moe import data, experiments, export
+from tf_moe import data, experiments, export, routers
 from tf_moe.experiments import Config
 
 # ------------------------------------------------------------ flag values ----
@@ -133,7 +135,12 @@ _EXPERIMENTS = {
     "ptb": (experiments.expert_sweep,
             "word-level MoE language models and dense baselines at fixed ops (Figure 2)",
             "Penn Treebank, word level: MoEs vs computationally matched dense baselines"),
+    "routers": (experiments.router_comparison,
+                "the MoE language model with each router at equal ops per timestep",
+                "Routers at equal ops per timestep (step_ms: median training step)"),
 }
+# The routers `tf-moe experiment routers --routers` takes (not the dense softmax).
+_COMPARED_ROUTERS = tuple(name for name in routers.NAMES if name != "softmax")
 # Experiments that set their own numbers of experts and groups (`--models`).
 _SWEEPS = ("experts", "ptb")
 
@@ -158,6 +165,9 @@ def _parser():
     experiment.add_argument("--models", nargs="+", metavar="MODEL",
                             help="experts/ptb: the models to train: moe-<n>, moe-<n>-h (hierarchical), "
                                  "moe-1-wide, moe-1-deep, 4xlstm")
+    experiment.add_argument("--routers", nargs="+", metavar="ROUTER", choices=_COMPARED_ROUTERS,
+                            help=f"routers: the routers to compare ({', '.join(_COMPARED_ROUTERS)}; "
+                                 f"default {' '.join(experiments.ROUTER_COMPARISON)})")
     experiment.set_defaults(run=_experiment)
 
     plot = commands.add_parser("plot", parents=[common],
@@ -266,6 +276,8 @@ def check_config(args, config):
     corpora = data.available_corpora(kind)
     if config.corpus not in corpora:
         raise UsageError(f"--corpus {config.corpus} is not a {kind} corpus; choose from {', '.join(corpora)}")
+    if args.command == "experiment" and args.name == "routers" and config.groups is not None:
+        raise UsageError("--hierarchical: the router comparison uses flat MoEs")
     # The expert sweeps set their own numbers of experts and groups.
     if not (args.command == "experiment" and args.name in _SWEEPS):
         if config.groups is None and config.k > config.experts:
@@ -312,7 +324,15 @@ def _train(args):
 
 
 def _experiment(args):
-    return _run_training(args, *_EXPERIMENTS[args.name], save_note=False)
+    function, what, title = _EXPERIMENTS[args.name]
+    if args.name == "routers":
+        if args.models:
+            raise UsageError("--models is for the experts and ptb experiments; the routers one takes --routers")
+        if args.routers:
+            function = functools.partial(function, routers=args.routers)
+    elif args.routers:
+        raise UsageError(f"--routers is for `tf-moe experiment routers`, not {args.name}")
+    return _run_training(args, function, what, title, save_note=False)
 
 
 def _plot(args):

@@ -22,6 +22,7 @@ import numpy as np
 import tensorflow as tf
 
 from tf_moe import data
+from tf_moe import routers as routers_module
 from tf_moe.layers.moe_layer import MoELayer
 from tf_moe.models import BASELINES, Seq2SeqDecoder, lstm_lm, ops_per_timestep, seq2seq
 from tf_moe.training import (
@@ -270,13 +271,15 @@ def variant_arguments(label, config):
     return dict(num_experts=experts, num_groups=groups, k=level_k)
 
 
-def _train_lm_variant(config, lm_data, label, run_name, **overrides):
+def _train_lm_variant(config, lm_data, label, run_name, callbacks=(), **overrides):
     """Builds the model `label`, trains it on `lm_data`; returns `(model, row)`.
 
-    Every model starts from `config.seed`, whether or not the ones before it
-    trained in this process or were restored from their backups. A model
-    trained statefully on a stream is returned as its stateless copy (same
-    weights, any batch size), the model to save and serve.
+    `callbacks` are added to the run's; `overrides` replace `lstm_lm`
+    arguments. Every model starts from `config.seed`, whether or not the
+    ones before it trained in this process or were restored from their
+    backups. A model trained statefully on a stream is returned as its
+    stateless copy (same weights, any batch size), the model to save and
+    serve.
     """
     keras.utils.set_random_seed(config.seed)
     settings = dict(_model_settings(config), vocab_size=lm_data.vocabulary.vocabulary_size,
@@ -285,7 +288,7 @@ def _train_lm_variant(config, lm_data, label, run_name, **overrides):
     if lm_data.stateful:
         settings.update(stateful=True, batch_size=config.batch_size)
     model = lstm_lm(**settings)
-    callbacks = [ResetRecurrentState()] if lm_data.stateful else []
+    callbacks = ([ResetRecurrentState()] if lm_data.stateful else []) + list(callbacks)
     row = _fit(model, config, lm_data.make_train, lm_data.valid, _run_dir(config, run_name), lm_data.test, callbacks)
     if lm_data.stateful:
         trained, model = model, lstm_lm(**{**settings, "stateful": False, "batch_size": None})
@@ -364,6 +367,78 @@ def expert_sweep(config, models=SWEEP_MODELS):
     run_names = [f"sweep_{label}" for label in models]
     rows = [_train_lm_variant(config, lm_data, label, run_name)[1] for label, run_name in zip(models, run_names)]
     _write_json(os.path.join(config.output, f"sweep_{config.corpus}_results.json"), config, rows)
+    _delete_backups(config, run_names)
+    return rows
+
+
+# The routers `router_comparison` trains by default: the paper's and the later ones.
+ROUTER_COMPARISON = ("noisy_top_k", "switch", "top_k", "expert_choice", "loss_free", "hash")
+
+
+class StepTimer(keras.callbacks.Callback):
+    """Wall time of each training step; `median_ms` leaves out the first (tracing) step."""
+
+    def __init__(self):
+        super().__init__()
+        self.seconds = []
+
+    def on_train_batch_begin(self, batch, logs=None):
+        self._start = time.perf_counter()
+
+    def on_train_batch_end(self, batch, logs=None):
+        self.seconds.append(time.perf_counter() - self._start)
+
+    @property
+    def median_ms(self):
+        steps = self.seconds[1:] or self.seconds
+        return 1000 * float(np.median(steps)) if steps else None
+
+
+def router_comparison(config, routers=ROUTER_COMPARISON):
+    """The MoE language model with each router, at equal ops per timestep.
+
+    Every model is `config`'s MoE LM with a router of `tf_moe.routers` by
+    name: token-choice routers send each token to `config.k` experts of
+    `config.expert_hidden` units (expert choice: `config.k` on average, its
+    capacity factor), and the one-expert routers (switch, hash) to one
+    expert `config.k` times as wide, so every model spends the same expert
+    multiply-adds per token (the routers' own `d * n` differ: the hash
+    router has none). Expert choice is not causal (see
+    `ExpertChoiceRouter`): its perplexity is of a model whose positions see
+    a little of the batch's future.
+
+    Args:
+        config: a `Config` (flat MoE: `groups` must be None).
+        routers: router names (not "softmax", which runs every expert).
+
+    Returns:
+        A list of dicts as `train_lm`'s, with `model` the router's name and
+        `step_ms`, the median wall time of a training step (the first left
+        out).
+    """
+    if config.groups is not None:
+        raise ValueError("The router comparison uses flat MoEs: leave `groups` (--hierarchical) unset.")
+    for name in routers:
+        if name not in routers_module.NAMES or name == "softmax":
+            choices = [n for n in routers_module.NAMES if n != "softmax"]
+            raise ValueError(f"Unknown router {name!r} for the comparison: choose from {choices}.")
+    lm_data = _lm_data(config)
+    rows, run_names = [], []
+    for name in routers:
+        one_expert = name in routers_module.ONE_EXPERT
+        timer = StepTimer()
+        run_names.append(f"routers_{name}")
+        # The paper's router is the models' default, with the gates' learning
+        # rate multiplier; the others by name, at their papers' settings.
+        router = {} if name == "noisy_top_k" else dict(router=name, gate_learning_rate_multiplier=1.0)
+        _, row = _train_lm_variant(
+            config, lm_data, "moe", run_names[-1], callbacks=[timer], **router,
+            k=1 if one_expert else config.k,
+            expert_hidden_units=config.expert_hidden * (config.k if one_expert else 1),
+        )
+        row.update(model=name, step_ms=timer.median_ms)
+        rows.append(row)
+    _write_json(os.path.join(config.output, f"routers_{config.corpus}_results.json"), config, rows)
     _delete_backups(config, run_names)
     return rows
 
@@ -504,7 +579,7 @@ def format_table(rows, columns=None):
     columns = columns or [
         key for key in ("model", "w_importance", "w_load", "params", "ops_per_timestep",
                         "valid_perplexity", "test_perplexity", "test_bleu", *_BALANCE,
-                        *(f"valid_{key}" for key in _BALANCE), "train_seconds")
+                        *(f"valid_{key}" for key in _BALANCE), "train_seconds", "step_ms")
         if any(key in row for row in rows)
     ]
 

@@ -90,7 +90,8 @@ class BatchwiseRouter(Router):
         k: int, average experts per token, 1 <= k <= num_experts; sets m.
         max_experts_per_token: int or None, size of the inference candidate
             set (None: `min(2 * k, num_experts)`).
-        **kwargs: base layer arguments (`name`, ...). `dtype` defaults to
+        **kwargs: `z_loss_weight` (float >= 0, default 0: the router z-loss
+            of `Router` on `x W_g`) and base layer arguments (`name`, ...). `dtype` defaults to
             float32.
 
     Call arguments:
@@ -135,7 +136,8 @@ class BatchwiseRouter(Router):
 
     def call(self, inputs, training=None, mask=None):
         x, valid = self.masked_tokens(inputs, mask)
-        gates = tf.nn.softmax(tf.matmul(x, tf.cast(self.w_gate, tf.float32)), axis=-1)
+        logits = tf.matmul(x, tf.cast(self.w_gate, tf.float32))
+        gates = tf.nn.softmax(logits, axis=-1)
         thresholds = tf.cast(self.thresholds, tf.float32)
         if valid is None:
             valid = tf.ones_like(gates[:, 0], tf.bool)
@@ -153,7 +155,7 @@ class BatchwiseRouter(Router):
             importance=importance,
             load=gating.hard_load(expert_id, self.num_experts),
             dropped=tf.zeros(()),
-            losses={"batchwise_threshold": loss},
+            losses={"batchwise_threshold": loss, **self.z_losses(logits, valid)},
             metrics={},
         )
 

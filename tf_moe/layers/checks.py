@@ -31,11 +31,11 @@ def check_positive(name, value):
         raise ValueError(f"`{name}` must be a finite number > 0, got {value!r}.")
 
 
-def check_capacity_factor(capacity_factor):
+def check_capacity_factor(capacity_factor, name="capacity_factor"):
     if capacity_factor is not None and not (
         _is_real(capacity_factor) and math.isfinite(capacity_factor) and capacity_factor > 0
     ):
         raise ValueError(
-            "`capacity_factor` must be None (dropless) or a finite number > 0, "
+            f"`{name}` must be None (dropless) or a finite number > 0, "
             f"got {capacity_factor!r}."
         )

@@ -84,8 +84,11 @@ class HierarchicalRouter(Router):
         seed: optional int seed of the noise.
         learning_rate_multiplier: finite float > 0 for the gates of both
             levels, as `NoisyTopKRouter`'s.
-        **kwargs: base layer arguments (`name`, ...). `dtype` defaults to
-            float32.
+        **kwargs: `z_loss_weight` (float >= 0, default 0: the router z-loss
+            of `Router` at both levels, on the clean logits: the mean over
+            tokens of the primary gate's plus the mean over the routed
+            (token, group) pairs of the secondary gates') and base layer
+            arguments (`name`, ...). `dtype` defaults to float32.
 
     Call arguments:
         inputs: [tokens, d] float tensor.
@@ -139,7 +142,8 @@ class HierarchicalRouter(Router):
         self.learning_rate_multiplier = float(learning_rate_multiplier)
         self.primary = NoisyTopKRouter(
             num_groups, k_primary, noisy=noisy, noise_epsilon=noise_epsilon, seed=seed,
-            learning_rate_multiplier=learning_rate_multiplier, name="primary",
+            learning_rate_multiplier=learning_rate_multiplier, z_loss_weight=self.z_loss_weight,
+            name="primary",
         )
         # A different stream from the primary gate's when a seed is given.
         self.seed_generator = keras.random.SeedGenerator(None if seed is None else seed + 1)
@@ -203,6 +207,9 @@ class HierarchicalRouter(Router):
             secondary_load = gating.smooth_load(clean_logits, logits, stddev, ks, occupied > 0)
         else:
             secondary_load = tf.reshape(gating.hard_load(expert_index, a * b), [a, b])
+        losses = self.z_losses(clean_logits, occupied > 0)
+        if losses:  # the primary gate's z-loss too
+            losses["z_loss"] += primary.losses["z_loss"]
         routed_pairs = tf.cast(pair_group < a, tf.float32)
         # Pairs are [k_primary * T] (primary choice major) with ks choices
         # each; assignments go (primary choice, secondary choice, token).
@@ -217,7 +224,7 @@ class HierarchicalRouter(Router):
             importance=gating.importance(expert_id, weight, a * b),
             load=hierarchical_load(primary.load, secondary_load, tf.reduce_sum(occupied, axis=1)),
             dropped=ks * tf.reduce_sum(routed_pairs - tf.cast(kept, tf.float32)),
-            losses={},
+            losses=losses,
             metrics=primary.metrics,
         )
 

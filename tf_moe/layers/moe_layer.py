@@ -1,5 +1,8 @@
 """The sparsely-gated Mixture-of-Experts layer (Shazeer et al. 2017)."""
 
+import contextlib
+import threading
+
 import keras
 import numpy as np
 import tensorflow as tf
@@ -16,6 +19,33 @@ from tf_moe.ops.replicas import cross_replica_sum
 _MASK_SHAPE_MESSAGE = "`mask` must have the shape of `inputs` without its last axis"
 # The gate arguments of tf_moe 0.1's MoE, now a router's.
 _LEGACY_GATE_ARGUMENTS = ("gate", "noisy_gating", "noise_epsilon", "seed")
+
+
+_recording = threading.local()
+
+
+@contextlib.contextmanager
+def recorded_routings():
+    """Records the `Routing` of every `MoELayer` call made inside the block.
+
+    Yields a dict that fills with layer name -> the `Routing` of that
+    layer's last call in this thread, for inspection tools (e.g.
+    `tf_moe.training.expert_loads`): run a model eagerly inside the block
+    and read how each MoE layer routed, whatever the layer's call
+    arguments. Calls traced in a `tf.function` record symbolic tensors.
+
+    Example:
+
+    >>> with recorded_routings() as routings:
+    ...     model(x, training=False)
+    >>> routings["moe"].load
+    """
+    previous = getattr(_recording, "routings", None)
+    _recording.routings = {}
+    try:
+        yield _recording.routings
+    finally:
+        _recording.routings = previous
 
 
 def flatten_tokens(inputs, mask):
@@ -76,11 +106,19 @@ class MoELayer(keras.layers.Layer):
     * `"softmax"`: the dense softmax baseline, every expert on every token;
     * `"batchwise"`: strictly balanced gating, appendix F;
     * `HierarchicalRouter(...)`: the two-level hierarchical MoE, appendix B;
+    * `"switch"`, `"top_k"`: softmax top-1 / top-k routing with the `f · P`
+      load-balancing loss (Fedus et al. 2022; Lepikhin et al. 2020);
+    * `"expert_choice"`: each expert takes its top tokens (Zhou et al. 2022);
+    * `"loss_free"`: top-k balanced by per-expert biases (Wang et al. 2024;
+      DeepSeek-V3);
+    * `"hash"`: a fixed map of the token ids (Roller et al. 2021), which it
+      needs as a call argument: `moe(x, token_ids=ids)`;
     * any `tf_moe.routers.Router` subclass.
 
     While training it adds `importance_weight * CV(Importance)^2 +
     load_weight * CV(Load)^2` (section 4; Importance and Load summed over
-    replicas under data parallelism) plus the router's own losses with
+    replicas under data parallelism; for routers whose
+    `uses_balancing_loss` is True) plus the router's own losses with
     `add_loss`. It reports in the `fit` logs (and, through `evaluate` and
     `fit` validation, for the noise-free inference routing under `val_`)
     `<name>_cv_importance`, `<name>_cv_load`, `<name>_max_over_mean_load`,
@@ -89,16 +127,22 @@ class MoELayer(keras.layers.Layer):
     `<name>_<metric>` (the noisy top-k router's `topk_agreement` and
     `noise_to_signal`).
 
+    `num_shared_experts` adds always-on experts (DeepSeekMoE, Dai et al.
+    2024, section 3.2): experts of the same architecture, with their own
+    stacked weights, that run on every unmasked token and whose outputs are
+    added to the routed mixture, `y = sum_j S_j(x) + sum_i G(x)_i E_i(x)`.
+
     Args:
         num_experts: int, number of experts n (None: the router's).
         k: int, experts per token (None: the router's).
         hidden_units: int, hidden width of each expert.
         output_units: int or None, output width (None: the input width).
         activation: activation of the experts' hidden layer.
-        router: a router name (`"noisy_top_k"`, `"softmax"`,
-            `"batchwise"`), a `Router` instance (e.g. `NoisyTopKRouter(n,
-            k, seed=0)` or `HierarchicalRouter(...)`) or its serialized
-            config. A name needs `num_experts` and `k`.
+        router: a router name (one of `tf_moe.routers.NAMES`, listed
+            above), a `Router` instance (e.g. `NoisyTopKRouter(n, k,
+            seed=0)` or `HierarchicalRouter(...)`) or its serialized
+            config. A name needs `num_experts` and `k` (see
+            `tf_moe.routers.get` for the routers whose `k` is fixed).
         importance_weight: finite float >= 0, w_importance.
         load_weight: finite float >= 0, w_load.
         capacity_factor: None for exact, dropless dispatch (each expert's
@@ -107,7 +151,18 @@ class MoELayer(keras.layers.Layer):
             `ceil(capacity_factor * k * tokens / num_experts)` slots
             (computed exactly, at least one for a non-empty batch), the
             path that compiles with XLA and runs on TPUs; assignments over
-            capacity contribute zero and are counted as dropped.
+            capacity contribute zero and are counted as dropped. Used
+            while training (and, unless `eval_capacity_factor` is given,
+            at inference).
+        eval_capacity_factor: None (the default: as `capacity_factor`) or
+            a finite float > 0, the capacity factor at inference
+            (`training=False`: `evaluate`, `predict`, exports). Mesh
+            TensorFlow and Flaxformer evaluate with a larger factor than
+            they train with (e.g. 2.0 against 1.25), so that inference
+            drops fewer tokens. With `capacity_factor=None` and this set,
+            training is dropless and inference static.
+        num_shared_experts: int >= 0, experts applied to every unmasked
+            token besides the routed ones (DeepSeekMoE); 0 for none.
         use_bias: whether the experts' layers have biases.
         kernel_initializer, bias_initializer, kernel_regularizer,
             bias_regularizer: for the experts' weights.
@@ -121,9 +176,13 @@ class MoELayer(keras.layers.Layer):
             are used automatically): masked tokens are not routed, their
             output is zero, they count in neither importance nor load, and
             what they hold (even NaN) reaches no output, loss or gradient.
+        inputs_mask: where Keras puts the mask of `inputs` when the layer
+            is called with router inputs too (it passes `mask` only to
+            layers called with one tensor); used when `mask` is None.
         **router_inputs: per-token inputs of the router, of shape
             `inputs.shape[:-1] + ...`, flattened like the tokens (e.g.
-            `noise` draws for the noisy top-k router).
+            `noise` draws for the noisy top-k router, `token_ids` for the
+            hash router).
 
     Returns:
         [..., output_units or d].
@@ -155,6 +214,8 @@ class MoELayer(keras.layers.Layer):
         importance_weight=0.1,
         load_weight=0.1,
         capacity_factor=None,
+        eval_capacity_factor=None,
+        num_shared_experts=0,
         use_bias=True,
         kernel_initializer=None,
         bias_initializer="zeros",
@@ -174,6 +235,9 @@ class MoELayer(keras.layers.Layer):
         check_non_negative("importance_weight", importance_weight)
         check_non_negative("load_weight", load_weight)
         check_capacity_factor(capacity_factor)
+        check_capacity_factor(eval_capacity_factor, "eval_capacity_factor")
+        if isinstance(num_shared_experts, bool) or not isinstance(num_shared_experts, int) or num_shared_experts < 0:
+            raise ValueError(f"`num_shared_experts` must be an int >= 0, got {num_shared_experts!r}.")
         self.router = routers.get(router, num_experts, k)
         for arg, value, routers_value in (
             ("num_experts", num_experts, self.router.num_experts),
@@ -192,6 +256,8 @@ class MoELayer(keras.layers.Layer):
         self.importance_weight = float(importance_weight)
         self.load_weight = float(load_weight)
         self.capacity_factor = None if capacity_factor is None else float(capacity_factor)
+        self.eval_capacity_factor = None if eval_capacity_factor is None else float(eval_capacity_factor)
+        self.num_shared_experts = num_shared_experts
         self.use_bias = use_bias
         self.kernel_initializer = kernel_initializer
         self.bias_initializer = bias_initializer
@@ -224,10 +290,19 @@ class MoELayer(keras.layers.Layer):
         if not self.router.built:
             self.router.build((None, input_units))
         self.experts = self._build_experts(self.num_experts, input_units)
+        self.shared_experts = None
+        if self.num_shared_experts:
+            # Never sharded: every token needs them on its own replica.
+            self.shared_experts = self._expert_bank(
+                FeedForwardExperts, self.num_shared_experts, input_units, "shared_experts"
+            )
 
     def _build_experts(self, num_experts, input_units):
-        """Creates and builds the expert bank (subclasses may shard it)."""
-        experts = self.experts_class(
+        """Creates and builds the routed expert bank (subclasses may shard it)."""
+        return self._expert_bank(self.experts_class, num_experts, input_units, "experts")
+
+    def _expert_bank(self, experts_class, num_experts, input_units, name):
+        experts = experts_class(
             num_experts,
             self.hidden_units,
             self.output_units or input_units,
@@ -238,36 +313,61 @@ class MoELayer(keras.layers.Layer):
             kernel_regularizer=self.kernel_regularizer,
             bias_regularizer=self.bias_regularizer,
             dtype=self.dtype_policy,
-            name="experts",
+            name=name,
         )
         experts.build((num_experts, None, input_units))
         return experts
 
-    def call(self, inputs, training=None, mask=None, **router_inputs):
+    def call(self, inputs, training=None, mask=None, inputs_mask=None, **router_inputs):
+        if mask is None:
+            mask = inputs_mask
         tokens, valid, num_tokens = flatten_tokens(inputs, mask)
         leading_rank = len(inputs.shape) - 1
         router_inputs = tf.nest.map_structure(
             lambda value: _flatten_per_token(value, leading_rank), router_inputs
         )
         routing = self.router(tokens, training=training, mask=valid, **router_inputs)
+        recording = getattr(_recording, "routings", None)
+        if recording is not None:
+            recording[self.name] = routing
         if set(routing.metrics) != set(self.router.metric_names):
             raise ValueError(
                 f"{type(self.router).__name__} returned the metrics {sorted(routing.metrics)}, "
                 f"not its `metric_names` {sorted(self.router.metric_names)}."
             )
         capacity = None
-        if self.capacity_factor is not None:
-            capacity = dispatch_ops.static_capacity(
-                self.capacity_factor, self.k * num_tokens, self.num_experts
-            )
+        capacity_factor = self.capacity_factor if training else self.inference_capacity_factor
+        if capacity_factor is not None:
+            capacity = dispatch_ops.static_capacity(capacity_factor, self.k * num_tokens, self.num_experts)
         buffer, slot, kept, _ = dispatch_ops.dispatch(
             tokens, routing.token_id, routing.expert_id, self.num_experts, capacity
         )
         outputs = dispatch_ops.combine(
             self.experts(buffer), slot, kept, routing.token_id, routing.weight, num_tokens
         )
+        if self.shared_experts is not None:
+            outputs = outputs + self._shared_outputs(tokens, valid)
         self._add_losses_and_track(routing, kept, valid, num_tokens, training)
         return tf.reshape(outputs, tf.concat([tf.shape(inputs)[:-1], [outputs.shape[-1]]], 0))
+
+    @property
+    def inference_capacity_factor(self):
+        """The capacity factor used at inference: `eval_capacity_factor`, else `capacity_factor`."""
+        return self.capacity_factor if self.eval_capacity_factor is None else self.eval_capacity_factor
+
+    def _shared_outputs(self, tokens, valid):
+        """`sum_j S_j(x)` of the shared experts on every token; 0 on masked ones.
+
+        The [1, T, d] tokens broadcast against the stacked [S, d, h]
+        kernels: one batched matmul, no copy of the tokens per expert.
+        Masked tokens are zeroed first, so what they hold reaches nothing.
+        """
+        if valid is not None:
+            tokens = tf.where(valid[:, None], tokens, tf.zeros((), tokens.dtype))
+        outputs = tf.reduce_sum(self.shared_experts(tokens[None]), axis=0)
+        if valid is not None:
+            outputs = tf.where(valid[:, None], outputs, tf.zeros((), outputs.dtype))
+        return outputs
 
     def _add_losses_and_track(self, routing, kept, valid, num_tokens, training):
         importance, load = cross_replica_sum([routing.importance, routing.load])
@@ -291,7 +391,7 @@ class MoELayer(keras.layers.Layer):
         )
 
     def ops_per_token(self):
-        """Multiply-adds one token costs at inference: the router and its `k` experts.
+        """Multiply-adds one token costs at inference: the router, its `k` experts and the shared ones.
 
         Counted as the paper's Table 1 counts ops/timestep. Needs the layer
         built.
@@ -299,7 +399,8 @@ class MoELayer(keras.layers.Layer):
         if not self.built:
             raise ValueError(f"{self.name} must be built before counting its ops.")
         input_units = self.input_spec.axes[-1]
-        return self.router.ops_per_token(input_units) + self.k * self.experts.ops_per_token()
+        experts = self.k + self.num_shared_experts
+        return self.router.ops_per_token(input_units) + experts * self.experts.ops_per_token()
 
     def compute_output_shape(self, input_shape):
         return tuple(input_shape[:-1]) + (self.output_units or input_shape[-1],)
@@ -317,6 +418,8 @@ class MoELayer(keras.layers.Layer):
                 "importance_weight": self.importance_weight,
                 "load_weight": self.load_weight,
                 "capacity_factor": self.capacity_factor,
+                "eval_capacity_factor": self.eval_capacity_factor,
+                "num_shared_experts": self.num_shared_experts,
                 "use_bias": self.use_bias,
                 "kernel_initializer": _serialize(keras.initializers, self.kernel_initializer),
                 "bias_initializer": _serialize(keras.initializers, self.bias_initializer),

@@ -63,7 +63,8 @@ class NoisyTopKRouter(Router):
             factor is its square. 1 is the paper's training. Both
             matrices still start at zero. See "Gate learning rate" in
             docs/results.md for the measured effect.
-        **kwargs: base layer arguments (`name`, ...). `dtype` defaults to
+        **kwargs: `z_loss_weight` (float >= 0, default 0: the router z-loss
+            of `Router` on the clean logits `x W_g`) and base layer arguments (`name`, ...). `dtype` defaults to
             float32.
 
     Call arguments:
@@ -131,7 +132,7 @@ class NoisyTopKRouter(Router):
             importance=gating.importance(expert_index, expert_weight, self.num_experts),
             load=load,
             dropped=tf.zeros(()),
-            losses={},
+            losses=self.z_losses(clean_logits, valid),
             metrics=metrics,
         )
 

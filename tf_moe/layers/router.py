@@ -5,7 +5,9 @@ from typing import NamedTuple
 import keras
 import tensorflow as tf
 
-from tf_moe.layers.checks import check_not_above, check_positive_int
+from tf_moe.layers.checks import check_non_negative, check_not_above, check_positive_int
+from tf_moe.ops.gating import router_z_loss
+from tf_moe.ops.replicas import cross_replica_sum
 
 
 class Routing(NamedTuple):
@@ -77,16 +79,33 @@ class Router(keras.layers.Layer):
       return its loss in `Routing.losses`.
     * `ops_per_token(input_units)`: multiply-adds per token at inference,
       as the paper's Table 1 counts them.
+    * `has_logits`: whether the router computes logits; such a router takes
+      `z_loss_weight` and returns `z_losses(logits, valid)` among its
+      losses (the router z-loss of Zoph et al. 2022, section 3.1, under the
+      key "z_loss" when the weight is not 0).
+    * `causal`: whether a token's routing depends on that token alone (and
+      so never on later tokens of the batch). A router that looks at the
+      whole batch (expert choice) is not causal: models warn or refuse it
+      where that leaks the future (language models, step-by-step decoding).
+    * `required_inputs`: the names of per-token call arguments the router
+      cannot route without (e.g. the hash router's `token_ids`); models that
+      build an MoE pass those they have.
 
     A router may keep state outside the gradient (e.g. per-expert biases)
-    in non-trainable variables updated in `call` while training; under data
-    parallelism it should update them from totals summed over replicas
-    (`tf_moe.ops.replicas.cross_replica_sum`). Routers compute in float32
-    whatever the dtype policy (`dtype` defaults to float32).
+    in non-trainable variables updated in `call` while training (and only
+    then), once per call: under data parallelism from totals summed over
+    replicas (`tf_moe.ops.replicas.cross_replica_sum`), into a variable
+    created with `aggregation="only_first_replica"`, so that the update
+    every replica computes is applied once per step, not once per replica.
+    Losses and statistics of the batch are those of the global batch the
+    same way. Routers compute in float32 whatever the dtype policy (`dtype`
+    defaults to float32).
 
     Args:
         num_experts: int, number of experts n.
         k: int, assignments per token, 1 <= k <= num_experts.
+        z_loss_weight: finite float >= 0, weight of the router z-loss (only
+            for routers with logits); 0 adds no loss.
         **kwargs: base layer arguments (`name`, ...).
     """
 
@@ -94,15 +113,25 @@ class Router(keras.layers.Layer):
     uses_balancing_loss = True
     # Keys of `Routing.metrics`.
     metric_names = ()
+    # Whether the router computes logits (and so takes a z-loss).
+    has_logits = True
+    # Whether a token's routing depends on that token alone.
+    causal = True
+    # Per-token call arguments the router needs.
+    required_inputs = ()
 
-    def __init__(self, num_experts, k, **kwargs):
+    def __init__(self, num_experts, k, z_loss_weight=0.0, **kwargs):
         kwargs.setdefault("dtype", "float32")
         super().__init__(**kwargs)
         check_positive_int("num_experts", num_experts)
         check_positive_int("k", k)
         check_not_above("k", k, "num_experts", num_experts)
+        check_non_negative("z_loss_weight", z_loss_weight)
+        if z_loss_weight and not self.has_logits:
+            raise ValueError(f"`z_loss_weight`: {type(self).__name__} has no logits to put a z-loss on.")
         self.num_experts = num_experts
         self.k = k
+        self.z_loss_weight = float(z_loss_weight)
         # Takes a token mask as an argument; its Routing output carries none.
         self.supports_masking = True
 
@@ -126,6 +155,25 @@ class Router(keras.layers.Layer):
         valid = tf.reshape(tf.cast(mask, tf.bool), [-1])
         return tf.where(valid[:, None], x, 0.0), valid
 
+    def z_losses(self, logits, valid=None):
+        """`{"z_loss": z_loss_weight * L_z}`, or `{}` when `z_loss_weight` is 0.
+
+        `L_z` is `tf_moe.ops.gating.router_z_loss` of the global batch: the
+        mean over the valid rows of all replicas.
+
+        Args:
+            logits: [..., tokens, n] float32 router logits.
+            valid: optional bool of the shape of `logits` without its last axis.
+        """
+        if not self.z_loss_weight:
+            return {}
+        if valid is None:
+            count = tf.cast(tf.size(logits) // tf.shape(logits)[-1], tf.float32)
+        else:
+            count = tf.reduce_sum(tf.cast(valid, tf.float32))
+        total, count = cross_replica_sum([router_z_loss(logits, valid) * count, count])
+        return {"z_loss": self.z_loss_weight * total / tf.maximum(count, 1.0)}
+
     def call(self, inputs, training=None, mask=None):
         raise NotImplementedError(f"{type(self).__name__} must implement `call` returning a Routing.")
 
@@ -135,3 +183,9 @@ class Router(keras.layers.Layer):
 
     def compute_mask(self, inputs, mask=None):
         return None
+
+    def get_config(self):
+        config = super().get_config()
+        if self.has_logits:
+            config["z_loss_weight"] = self.z_loss_weight
+        return config

@@ -22,7 +22,8 @@ class SoftmaxRouter(Router):
 
     Args:
         num_experts: int, number of experts n.
-        **kwargs: base layer arguments (`name`, ...). `dtype` defaults to
+        **kwargs: `z_loss_weight` (float >= 0, default 0: the router z-loss
+            of `Router` on `x W_g`) and base layer arguments (`name`, ...). `dtype` defaults to
             float32.
 
     Call arguments:
@@ -51,7 +52,8 @@ class SoftmaxRouter(Router):
 
     def call(self, inputs, training=None, mask=None):
         x, valid = self.masked_tokens(inputs, mask)
-        gates = tf.nn.softmax(tf.matmul(x, tf.cast(self.w_gate, tf.float32)), axis=-1)
+        logits = tf.matmul(x, tf.cast(self.w_gate, tf.float32))
+        gates = tf.nn.softmax(logits, axis=-1)
         expert_index = tf.broadcast_to(tf.range(self.num_experts), tf.shape(gates))
         if valid is None:
             tokens = tf.cast(tf.shape(gates)[0], tf.float32)
@@ -67,7 +69,7 @@ class SoftmaxRouter(Router):
             importance=gating.importance(expert_index, gates, self.num_experts),
             load=tf.fill([self.num_experts], tokens),
             dropped=tf.zeros(()),
-            losses={},
+            losses=self.z_losses(logits, valid),
             metrics={},
         )
 

@@ -1,7 +1,10 @@
 """The MoE language model of appendix C and its computationally matched baselines."""
 
+import warnings
+
 import keras
 
+from tf_moe import routers
 from tf_moe.layers.checks import check_positive_int
 from tf_moe.layers.hierarchical_router import HierarchicalRouter
 from tf_moe.layers.moe_layer import MoELayer
@@ -21,15 +24,40 @@ def moe_layer(
     capacity_factor=None,
     seed=None,
     gate_learning_rate_multiplier=1.0,
+    router=None,
     name="moe",
 ):
-    """An `MoELayer` with the noisy top-k router, or the hierarchical one when `num_groups` is given.
+    """An `MoELayer` with the noisy top-k router, the hierarchical one when `num_groups` is given, or `router`.
 
     The hierarchical router (appendix B) splits `num_experts` into
     `num_groups` groups and uses `k` at both levels, as the paper's
     MoE-256-h does with k=2; its groups get the layer's capacity factor.
     `gate_learning_rate_multiplier` is the routers' `learning_rate_multiplier`.
+    `router` (a name of `tf_moe.routers` made with `num_experts` and `k`,
+    a `Router` or its config) replaces both; `seed` and
+    `gate_learning_rate_multiplier` are then the router's business. A
+    router that is not causal (expert choice) gets a warning: in a
+    language model it lets a position's output depend on later tokens.
     """
+    if router is not None:
+        if num_groups is not None or gate_learning_rate_multiplier != 1.0:
+            raise ValueError(
+                "`router` replaces the default routers: leave `num_groups` and "
+                "`gate_learning_rate_multiplier` at their defaults (None and 1) with it."
+            )
+        router = routers.get(router, num_experts, k)
+        if not router.causal:
+            warnings.warn(
+                f"{type(router).__name__} is not causal: it routes each token by looking at the whole "
+                "batch, so in a language model a position's output depends on later tokens (while "
+                "training and when evaluating). Use a token-choice router for autoregressive models.",
+                UserWarning,
+                stacklevel=2,
+            )
+        return MoELayer(
+            hidden_units=hidden_units, router=router, importance_weight=importance_weight,
+            load_weight=load_weight, capacity_factor=capacity_factor, name=name,
+        )
     multiplier = gate_learning_rate_multiplier
     if num_groups is None:
         router = NoisyTopKRouter(num_experts, k, seed=seed, learning_rate_multiplier=multiplier)
@@ -59,11 +87,26 @@ def _residual(x, y, dropout, name):
     return keras.layers.Add(name=f"{name}_residual")([x, y])
 
 
-def _middle_block(x, kind, units, dropout, moe_kwargs, stateful):
+def router_inputs(router, token_ids):
+    """The per-token router inputs a language model can give `router`: its `token_ids`.
+
+    Raises a ValueError for a router that needs anything else.
+    """
+    missing = set(router.required_inputs) - {"token_ids"}
+    if missing:
+        raise ValueError(
+            f"{type(router).__name__} needs the call arguments {sorted(missing)}, which this model "
+            "does not have."
+        )
+    return {"token_ids": token_ids} if "token_ids" in router.required_inputs else {}
+
+
+def _middle_block(x, tokens, kind, units, dropout, moe_kwargs, stateful):
     """The layer between the two LSTMs: an MoE or a matched dense stand-in."""
     k, hidden = moe_kwargs["k"], moe_kwargs["hidden_units"]
     if kind == "moe":
-        return _residual(x, moe_layer(name="moe", **moe_kwargs)(x), dropout, "moe")
+        moe = moe_layer(name="moe", **moe_kwargs)
+        return _residual(x, moe(x, **router_inputs(moe.router, tokens)), dropout, "moe")
     if kind == "moe-1-wide":
         # One expert as wide as the k experts a token visits: same ops.
         h = keras.layers.Dense(k * hidden, activation="relu", name="wide_hidden")(x)
@@ -99,6 +142,7 @@ def lstm_lm(
     gate_learning_rate_multiplier=1.0,
     stateful=False,
     batch_size=None,
+    router=None,
     name=None,
 ):
     """The LSTM language model with an MoE between two LSTMs (appendix C).
@@ -140,6 +184,13 @@ def lstm_lm(
             segments (`tf_moe.data.lm_stream_dataset`); needs `batch_size`.
             Reset it with `tf_moe.training.ResetRecurrentState`.
         batch_size: the fixed batch size of a stateful model.
+        router: None for the paper's routers (noisy top-k, or hierarchical
+            with `num_groups`), or a router for the MoE: a name of
+            `tf_moe.routers` (made with `num_experts` and `k`, e.g.
+            "switch" with `k=1`), a `Router` or its config. A router that
+            routes by token id (`required_inputs` of "token_ids", the hash
+            router) gets the model's input ids. A router that is not
+            causal (expert choice) is allowed with a warning.
         name: model name (default: `model` with dashes as underscores).
 
     Returns:
@@ -170,6 +221,7 @@ def lstm_lm(
         capacity_factor=capacity_factor,
         seed=seed,
         gate_learning_rate_multiplier=gate_learning_rate_multiplier,
+        router=router,
     )
     batch_shape = (batch_size if stateful else None, None)
     tokens = keras.Input(batch_shape=batch_shape, dtype="int32", name="tokens")
@@ -180,7 +232,7 @@ def lstm_lm(
     x = keras.layers.Embedding(vocab_size, units, mask_zero=True, name="embedding")(tokens)
     x = keras.layers.Dropout(dropout, name="embedding_dropout")(x)
     x = _residual(x, lstm("lstm_1")(x), dropout, "lstm_1")
-    x = _middle_block(x, model, units, dropout, moe_kwargs, stateful)
+    x = _middle_block(x, tokens, model, units, dropout, moe_kwargs, stateful)
     x = _residual(x, lstm("lstm_2")(x), dropout, "lstm_2")
     logits = keras.layers.Dense(vocab_size, dtype="float32", name="logits")(x)
     return MoEModel(tokens, logits, name=name or model.replace("-", "_"))

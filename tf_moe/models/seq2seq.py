@@ -5,6 +5,7 @@ from typing import NamedTuple
 import keras
 import tensorflow as tf
 
+from tf_moe.layers.moe_layer import MoELayer
 from tf_moe.models.lstm_lm import _residual, moe_layer
 from tf_moe.training.model import MoEModel
 
@@ -243,7 +244,8 @@ class Seq2SeqDecoder(tf.Module):
 
     Args:
         model: a model built by `seq2seq` (its `Seq2SeqParts` are the
-            layers the decoder runs).
+            layers the decoder runs). A decoder MoE whose router is not
+            causal (expert choice) is refused with a ValueError.
         start_id: int, id of the start token the decoder input begins with.
         end_id: int, id of the end token.
         max_length: int, most target tokens to generate.
@@ -270,6 +272,13 @@ class Seq2SeqDecoder(tf.Module):
         self._lstm_2 = parts.decoder_lstm_2.cell
         self._attention = parts.attention
         self._middle = list(parts.decoder_middle)
+        for layer in self._middle:
+            if isinstance(layer, MoELayer) and not layer.router.causal:
+                raise ValueError(
+                    f"The decoder's {layer.name} uses {type(layer.router).__name__}, which is not "
+                    "causal: step-by-step decoding would route each step's batch of one token per "
+                    "sequence unlike the training batch."
+                )
         self._logits = parts.logits
         self.units = self._lstm_1.units
 

@@ -1,7 +1,9 @@
-"""Gating maths of the sparsely-gated MoE (Shazeer et al. 2017, sections 2.1 and 4, appendix A).
+"""Gating maths of the routers (Shazeer et al. 2017, sections 2.1 and 4, appendix A; and later papers).
 
 Small pure functions on float32 tensors, composed by the routers and tested
-one by one against a numpy transcription of the paper's equations. Masked
+one by one against a numpy transcription of the papers' equations (the
+Switch load-balancing loss of Fedus et al. 2022 and the router z-loss of
+Zoph et al. 2022 besides the 2017 paper's gating). Masked
 tokens are left out with `tf.where`, never by multiplying with the mask, so a
 NaN or inf at a masked position cannot reach a result or a gradient.
 """
@@ -113,6 +115,56 @@ def hard_load(expert_index, num_experts):
     return tf.math.unsorted_segment_sum(
         tf.ones_like(ids, tf.float32), ids, num_experts + 1
     )[:num_experts]
+
+
+def load_balancing_loss(counts, probability_sums, num_tokens, k=1):
+    """`E * sum_i f_i P_i`, the load-balancing loss of Switch (Fedus et al. 2022, section 2.2).
+
+    `f_i = counts_i / (k T)` is the fraction of the T tokens' k choices
+    that went to expert i (not differentiable), `P_i = probability_sums_i
+    / T` the mean router probability of expert i (differentiable). With
+    f counting all k choices and divided by k, both sum to 1 and the loss
+    is 1 under perfect balance whatever k (the routers multiply it by their
+    weight alpha). Leading axes are kept (e.g. one loss per sequence).
+
+    Args:
+        counts: [..., E] choices per expert (a count, without gradient).
+        probability_sums: [..., E] router probabilities summed over tokens.
+        num_tokens: [...] T; 0 gives a loss of 0.
+        k: choices per token.
+
+    Returns:
+        [...] float32.
+    """
+    num_experts = counts.shape[-1]
+    tokens = tf.maximum(tf.cast(num_tokens, tf.float32), 1.0)[..., None]
+    fraction = tf.stop_gradient(tf.cast(counts, tf.float32)) / (k * tokens)
+    probability = tf.cast(probability_sums, tf.float32) / tokens
+    return num_experts * tf.reduce_sum(fraction * probability, axis=-1)
+
+
+def router_z_loss(logits, valid=None):
+    """The router z-loss of ST-MoE (Zoph et al. 2022, section 3.1).
+
+    `(1/T) sum_t (log sum_j exp(h_t,j))^2`, the mean over tokens of the
+    squared log-partition of the router logits: it keeps the logits small,
+    which keeps the softmax stable in low precision.
+
+    Args:
+        logits: [..., tokens, n] float32 router logits; all leading axes are
+            tokens too (e.g. [groups, capacity, n] buffer slots).
+        valid: optional bool of the shape of `logits` without its last axis;
+            rows that are False count zero, whatever their logits hold.
+
+    Returns:
+        A float32 scalar, 0 when no row is valid.
+    """
+    if valid is not None:
+        # Zeroed before the maths, so that not even a gradient sees them.
+        logits = tf.where(valid[..., None], logits, 0.0)
+        valid = tf.reshape(valid, [-1])
+    squared = tf.reshape(tf.square(tf.reduce_logsumexp(logits, axis=-1)), [-1])
+    return _masked_mean(squared, valid, empty=0.0)
 
 
 def topk_agreement(noisy_index, clean_logits, valid=None):

@@ -26,8 +26,8 @@ def cross_replica_sum(values):
     ]
 
 
-def replica_normal(seed_generator, shape):
-    """Standard-normal draws; each data-parallel replica gets its own stream.
+def _replica_seed(seed_generator):
+    """The generator's next seed with the replica id folded in.
 
     Replicas share the mirrored generator state, so without the replica id in
     the seed every replica would draw the same noise.
@@ -37,5 +37,14 @@ def replica_normal(seed_generator, shape):
     if context is not None and context.num_replicas_in_sync > 1:
         seed = seed + tf.cast(tf.stack([context.replica_id_in_sync_group, 0]), seed.dtype)
     # int32 seeds, as keras.random does, so the draw compiles with XLA.
-    seed = tf.cast(tf.math.floormod(seed, tf.int32.max - 1), tf.int32)
-    return tf.random.stateless_normal(shape, seed=seed)
+    return tf.cast(tf.math.floormod(seed, tf.int32.max - 1), tf.int32)
+
+
+def replica_normal(seed_generator, shape):
+    """Standard-normal draws; each data-parallel replica gets its own stream."""
+    return tf.random.stateless_normal(shape, seed=_replica_seed(seed_generator))
+
+
+def replica_uniform(seed_generator, shape, minval, maxval):
+    """Uniform draws in [minval, maxval); each data-parallel replica gets its own stream."""
+    return tf.random.stateless_uniform(shape, seed=_replica_seed(seed_generator), minval=minval, maxval=maxval)

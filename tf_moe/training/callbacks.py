@@ -7,7 +7,7 @@ import keras
 import tensorflow as tf
 from tensorflow.core.framework import summary_pb2
 
-from tf_moe.layers.moe_layer import MoELayer, flatten_tokens
+from tf_moe.layers.moe_layer import MoELayer, recorded_routings
 from tf_moe.training.backup import CrashSafeBackup
 
 
@@ -19,12 +19,16 @@ def moe_layers(model):
 def expert_loads(model, inputs):
     """Fraction of the routed tokens that each expert of each MoE layer gets.
 
-    Runs `model` (a functional model) on `inputs` at inference and counts,
-    for every MoE layer, the tokens its router sends to each expert (masked
-    tokens excluded): the `load` of the router's `Routing` at inference.
+    Runs `model` on `inputs` at inference and reads, for every MoE layer,
+    the tokens its router sent to each expert (masked tokens excluded): the
+    `load` of the router's `Routing` (`recorded_routings`), whatever the
+    layer's call arguments (token ids for a hash router included). Like any
+    inference call it updates the MoE layers' balance metrics; a model with
+    an `ExpertParallelMoE` over several replicas must be called in their
+    replica context.
 
     Args:
-        model: a built functional Keras model with `MoELayer` layers.
+        model: a built Keras model with `MoELayer` layers.
         inputs: a batch of model inputs.
 
     Returns:
@@ -33,15 +37,11 @@ def expert_loads(model, inputs):
     layers = moe_layers(model)
     if not layers:
         return {}
-    # A masked MoE's functional input is `[inputs, mask]`.
-    probe = keras.Model(model.input, {layer.name: layer.input for layer in layers})
-    outputs = probe(inputs, training=False)
+    with recorded_routings() as routings:
+        model(inputs, training=False)
     loads = {}
     for layer in layers:
-        layer_input = outputs[layer.name]
-        x, mask = layer_input if isinstance(layer_input, (list, tuple)) else (layer_input, None)
-        tokens, valid, _ = flatten_tokens(x, mask)
-        load = layer.router(tokens, training=False, mask=valid).load
+        load = routings[layer.name].load
         loads[layer.name] = load / tf.maximum(tf.reduce_sum(load), 1.0)
     return loads
 
