@@ -8,6 +8,7 @@ deleting component i).
 """
 
 import math
+from fractions import Fraction
 
 import numpy as np
 
@@ -90,3 +91,115 @@ def noise_to_signal(stddev, clean, valid):
     noise = np.mean([stddev[t].mean() for t in np.flatnonzero(valid)])
     signal = np.mean([clean[t].std() for t in np.flatnonzero(valid)])
     return float(noise / signal)
+
+
+def softmax(logits):
+    """Row-wise softmax of [tokens, n] logits."""
+    e = np.exp(logits - logits.max(axis=1, keepdims=True))
+    return e / e.sum(axis=1, keepdims=True)
+
+
+def dense_gates(token_id, expert_id, weight, num_tokens, num_experts):
+    """[tokens, n] gates from flat assignments; expert id `num_experts` (unrouted) adds nothing."""
+    dense = np.zeros((num_tokens, num_experts + 1))
+    np.add.at(dense, (np.asarray(token_id), np.asarray(expert_id)), np.asarray(weight, np.float64))
+    return dense[:, :num_experts]
+
+
+def capacity_slots(capacity_factor, num_assignments, num_experts):
+    """`ceil(capacity_factor * A / n)`, with the factor the exact decimal it is written as."""
+    return math.ceil(Fraction(repr(float(capacity_factor))) * num_assignments / num_experts)
+
+
+def kept_by_capacity(expert_id, num_experts, capacity):
+    """[A] bool: each expert keeps its first `capacity` assignments in list order."""
+    used = np.zeros(num_experts + 1, int)
+    kept = np.zeros(len(expert_id), bool)
+    for i, e in enumerate(np.asarray(expert_id)):
+        if e < num_experts:
+            kept[i] = used[e] < capacity
+            used[e] += 1
+    return kept
+
+
+def batchwise_gates(gates, m, valid):
+    """Appendix F while training: `(M_batchwise, G)`.
+
+    M keeps the top m of each column among valid tokens; then
+    G = G_sigma * M / sum_j G_sigma_j M_j (zero for a token no expert kept).
+    """
+    mask = np.zeros_like(gates)
+    scores = np.where(valid[:, None], gates, -np.inf)
+    for i in range(gates.shape[1]):
+        mask[np.argsort(-scores[:, i], kind="stable")[:m], i] = 1.0
+    mask *= valid[:, None]
+    kept = gates * mask
+    total = kept.sum(axis=1, keepdims=True)
+    return mask, np.divide(kept, total, out=np.zeros_like(kept), where=total > 0)
+
+
+def threshold_gates(gates, thresholds, candidates, valid):
+    """Appendix F at inference: `(keep, G)`.
+
+    Each token keeps those of its `candidates` highest gates that exceed
+    their threshold, renormalised over them (zero where none does).
+    """
+    top = np.zeros_like(gates, bool)
+    np.put_along_axis(top, np.argsort(-gates, axis=1, kind="stable")[:, :candidates], True, axis=1)
+    keep = top & (gates > thresholds) & valid[:, None]
+    kept = gates * keep
+    total = kept.sum(axis=1, keepdims=True)
+    return keep, np.divide(kept, total, out=np.zeros_like(kept), where=total > 0)
+
+
+def hierarchical_top_k(
+    x, weights, noise, k_primary, k_secondary, noise_epsilon, train=True, valid=None, capacity=None
+):
+    """Appendix B token by token: the two-level gates, Importance_H, Load_H.
+
+    Args:
+        x: [T, d] tokens.
+        weights: `(primary W_g [d, a], primary W_noise [d, a], W_g [a, d, b],
+            W_noise [a, d, b])`.
+        noise: `(primary [T, a], secondary [T, a, b])` standard-normal draws.
+        valid: [T] bool or None.
+        capacity: None, or the (token, group) pairs each group gates, taken
+            in primary-choice-major order; later pairs get no expert.
+
+    Returns:
+        `(gates [T, a*b], importance [a*b], load [a*b], dropped)`, dropped
+        the assignments lost to the group capacity.
+    """
+    wp, wnp, ws, wns = weights
+    primary_noise, secondary_noise = noise
+    t_count, a = len(x), wp.shape[1]
+    b = ws.shape[2]
+    valid = np.ones(t_count, bool) if valid is None else valid
+    hp, gp, sp = noisy_top_k(x, wp, wnp, primary_noise, k_primary, noise_epsilon, train=train)
+    gp = gp * valid[:, None]
+    if train and k_primary < a:
+        primary_load = smooth_load(x[valid], wp, hp[valid], sp[valid], k_primary)
+    else:
+        primary_load = (gp > 0).sum(axis=0).astype(float)
+    ranked = np.argsort(-hp, axis=1, kind="stable")[:, :k_primary]
+    member = np.zeros((t_count, a), bool)  # (token, group) pairs that are gated
+    used = np.zeros(a, int)
+    for choice in range(k_primary):
+        for token in np.flatnonzero(valid):
+            group = ranked[token, choice]
+            member[token, group] = capacity is None or used[group] < capacity
+            used[group] += 1
+    gates, load = np.zeros((t_count, a * b)), np.zeros(a * b)
+    for i in range(a):
+        hi, gi, si = noisy_top_k(x, ws[i], wns[i], secondary_noise[:, i], k_secondary, noise_epsilon, train=train)
+        rows = member[:, i]
+        gates[rows, i * b : (i + 1) * b] = gp[rows, i : i + 1] * gi[rows]
+        if not rows.any():
+            continue
+        if train and k_secondary < b:
+            secondary_load = smooth_load(x[rows], ws[i], hi[rows], si[rows], k_secondary)
+        else:
+            secondary_load = (gi[rows] > 0).sum(axis=0)
+        load[i * b : (i + 1) * b] = primary_load[i] * secondary_load / rows.sum()
+    dropped = k_secondary * (k_primary * valid.sum() - member.sum())
+    return gates, gates.sum(axis=0), load, dropped
