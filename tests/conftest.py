@@ -30,7 +30,7 @@ _PROFILE = dict(
     derandomize=True,
     database=None,
     print_blob=True,
-    suppress_health_check=[HealthCheck.too_slow, HealthCheck.data_too_large],
+    suppress_health_check=[HealthCheck.too_slow, HealthCheck.data_too_large, HealthCheck.filter_too_much],
 )
 settings.register_profile("tf_moe", max_examples=25, **_PROFILE)
 settings.register_profile(

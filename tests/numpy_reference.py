@@ -107,8 +107,11 @@ def dense_gates(token_id, expert_id, weight, num_tokens, num_experts):
 
 
 def capacity_slots(capacity_factor, num_assignments, num_experts):
-    """`ceil(capacity_factor * A / n)`, with the factor the exact decimal it is written as."""
-    return math.ceil(Fraction(repr(float(capacity_factor))) * num_assignments / num_experts)
+    """`ceil(capacity_factor * A / n)`, with the factor the exact decimal it is written as.
+
+    At most A: an expert never receives more than every assignment.
+    """
+    return min(math.ceil(Fraction(repr(float(capacity_factor))) * num_assignments / num_experts), num_assignments)
 
 
 def kept_by_capacity(expert_id, num_experts, capacity):

@@ -196,14 +196,40 @@ def test_plain_optimizer_mixes_shards_so_wrapper_is_needed():
     assert not np.allclose(gather_shards(kernel), reference.get_layer("moe").experts.kernel_in.numpy(), atol=1e-4)
 
 
-def _run_on_halves(strategy, layer, x):
-    """`layer` on each replica's half of `x`; the outputs per replica, as float32."""
-    halves = np.split(x, strategy.num_replicas_in_sync)
-    per_replica = strategy.experimental_distribute_values_from_function(
-        lambda context: tf.constant(halves[context.replica_id_in_sync_group])
-    )
-    outputs = strategy.run(tf.function(layer), args=(per_replica,))
+def _run_on_halves(strategy, layer, x, mask=None, eagerly=False):
+    """`layer` on each replica's half of `x` (and `mask`); the outputs per replica, as float32."""
+    halves = {"inputs": np.split(x, strategy.num_replicas_in_sync)}
+    if mask is not None:
+        halves["mask"] = np.split(mask, strategy.num_replicas_in_sync)
+    per_replica = {
+        key: strategy.experimental_distribute_values_from_function(
+            lambda context, parts=parts: tf.constant(parts[context.replica_id_in_sync_group])
+        )
+        for key, parts in halves.items()
+    }
+    outputs = strategy.run(layer if eagerly else tf.function(layer), kwargs=per_replica)
     return [tf.cast(y, tf.float32).numpy() for y in strategy.experimental_local_results(outputs)]
+
+
+def test_dropless_buffers_of_different_sizes_run_eagerly():
+    """Found by the property suite: run eagerly (`strategy.run` without a
+    tf.function) each replica's dropless buffer had a known shape of its own,
+    so the all-gather saw different shapes and aborted every later collective."""
+    x, _ = _data()
+    mask = np.ones(x.shape[:-1], bool)
+    mask[: len(x) // 2] = False  # replica 0 routes nothing, replica 1 everything
+    reference = tf_moe.MoELayer(hidden_units=8, router=_router())
+    reference.build((None, 3, D))
+    randomise_weights(reference, seed=0, scale=1.0)
+    strategy = _strategy(2)
+    with strategy.scope():
+        layer = ExpertParallelMoE(hidden_units=8, router=_router())
+        layer.build((None, 3, D))
+        layer.router.set_weights(reference.router.get_weights())
+        layer.experts.load_own_variables({str(i): w.numpy() for i, w in enumerate(reference.experts.weights)})
+    outputs = _run_on_halves(strategy, layer, x, mask, eagerly=True)
+    for half, half_mask, got in zip(np.split(x, 2), np.split(mask, 2), outputs):
+        np.testing.assert_allclose(got, reference(half, mask=half_mask).numpy(), rtol=1e-5, atol=1e-6)
 
 
 @pytest.mark.parametrize("capacity_factor", [None, 0.5])

@@ -36,12 +36,25 @@ PROFILES = [
 ]
 
 
-def run_property(profile, strategy, check):
-    """Runs `check(case)` on the cases `strategy` draws under `profile` (None: the loaded one)."""
-    test = given(strategy)(check)
-    if profile is not None:
-        test = settings(settings.get_profile(profile))(test)
-    test()
+def run_property(profile, strategy, check, share=1.0):
+    """Runs `check(case)` on the cases `strategy` draws under `profile` (None: the loaded one).
+
+    `share` scales the profile's number of examples, for properties whose
+    cases cost several times more (a trace, an XLA compile, 2 replicas).
+    """
+    base = settings() if profile is None else settings.get_profile(profile)
+    max_examples = max(1, round(base.max_examples * share))
+
+    def counted(case):
+        CASES_RUN[0] += 1
+        check(case)
+
+    settings(base, max_examples=max_examples)(given(strategy)(counted))()
+
+
+# Generated cases run in this session (shrinking included), for the summary
+# that tests/properties/conftest.py prints.
+CASES_RUN = [0]
 
 
 @dataclasses.dataclass(frozen=True, eq=False)
@@ -109,10 +122,12 @@ def hierarchical_kwargs(draw, level_k=("k_primary", "k_secondary")):
     }
 
 
+# Capacity factors: None (dropless), decimals from tiny to large (as written,
+# up to 6 digits), factors computed in code (long decimals) and absurdly large.
 CAPACITY_FACTORS = st.one_of(
     st.none(),
-    st.sampled_from([1e-4, 0.0015, 0.5, 1.0, 1.25, 8.0]),
-    st.floats(1e-4, 8.0, allow_nan=False, allow_infinity=False),
+    st.sampled_from([1e-4, 0.0015, 0.5, 1.0, 1.25, 8.0, 1 / 3, 1.3785516579894752, 1e300]),
+    st.floats(1e-4, 8.0).map(lambda value: float(f"{value:.6g}")),
 )
 NOISE_EPSILONS = st.sampled_from([0.0, 1e-2, 1.0])
 
@@ -204,13 +219,15 @@ class Case:
     """One drawn example: a layer and what it is called on.
 
     `mask` is "none" (no mask), "all" (every token valid), "masked" (every
-    token masked) or the fraction of tokens masked at random.
+    token masked) or the fraction of tokens masked at random; `mask_dtype`
+    the dtype it is given in (Keras masks are bool, users pass 0/1 too).
     """
 
     layer: Spec
     leading: tuple
     units: int
     mask: Any
+    mask_dtype: str
     fill: str
     input_dtype: str
     policy: str
@@ -243,6 +260,7 @@ def cases(
         leading=leading,
         units=draw(st.integers(1, 6)),
         mask=draw(st.sampled_from(["none", "all", "masked"]) | st.floats(0.0, 1.0)),
+        mask_dtype=draw(st.sampled_from(["bool", "int32", "float32"])),
         fill=draw(st.sampled_from(FILLS)),
         input_dtype=draw(st.sampled_from(["float32", "float16", "bfloat16"])),
         policy=draw(st.sampled_from(policies)),
@@ -275,7 +293,7 @@ def make_inputs(case, output_units):
         fill = np.float32(float(case.fill))
     poisoned = np.where(valid[..., None], x, fill).astype("float32")
     probe = rng.standard_normal(case.leading + (output_units,)).astype("float32")
-    mask = None if case.mask == "none" else valid
+    mask = None if case.mask == "none" else valid.astype(case.mask_dtype)
     return Inputs(clean, poisoned, mask, valid.reshape(-1), probe)
 
 

@@ -119,4 +119,5 @@ def test_expert_parallel_properties(strategy, profile):
         profile,
         cases(LAYERS, batch_multiple=REPLICAS, max_tokens=24),
         lambda case: check_expert_parallel(case, strategy),
+        share=0.4,
     )

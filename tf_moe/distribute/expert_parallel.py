@@ -138,8 +138,9 @@ class _ShardedExperts(FeedForwardExperts):
         capacity = inputs.shape[1]
         # At least one (zero) slot: TensorFlow's all-gather of an empty
         # tensor kills the process (an empty batch on every replica).
-        if capacity is None:
-            # Dropless buffers differ per replica: pad all to the largest.
+        if capacity is None or tf.executing_eagerly():
+            # Dropless buffers differ per replica (and run eagerly, their
+            # shapes are known): pad all to the largest.
             capacity = tf.shape(inputs)[1]
             padded_capacity = tf.maximum(tf.reduce_max(context.all_gather(capacity[None], axis=0)), 1)
         else:

@@ -77,6 +77,9 @@ class Router(keras.layers.Layer):
       return its loss in `Routing.losses`.
     * `ops_per_token(input_units)`: multiply-adds per token at inference,
       as the paper's Table 1 counts them.
+    * `supports_jit` (Keras's layer attribute, True by default): False for
+      a router whose shapes depend on the routing (XLA cannot compile it);
+      `MoELayer` then reports False too, so Keras does not jit the model.
 
     A router may keep state outside the gradient (e.g. per-expert biases)
     in non-trainable variables updated in `call` while training; under data
