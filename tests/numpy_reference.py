@@ -1,8 +1,9 @@
 """Independent numpy transcription of the paper's equations.
 
 Shazeer et al. 2017: noisy top-k gating (section 2.1), importance and the
-smooth load (section 4, appendix A), and the routing diagnostics of the
-noisy top-k router. Written from the formulas, element by element, with
+smooth load (section 4, appendix A), the routing diagnostics of the noisy
+top-k router, the hierarchical gates (appendix B), batchwise and threshold
+gating (appendix F), dense MoE outputs and capacity drops. Written from the formulas, element by element, with
 none of the tricks the TensorFlow code uses (kth_excluding is computed by
 deleting component i).
 """
@@ -104,6 +105,11 @@ def dense_gates(token_id, expert_id, weight, num_tokens, num_experts):
     dense = np.zeros((num_tokens, num_experts + 1))
     np.add.at(dense, (np.asarray(token_id), np.asarray(expert_id)), np.asarray(weight, np.float64))
     return dense[:, :num_experts]
+
+
+def routing_gates(routing, num_tokens, num_experts):
+    """[tokens, n] gates of a router's `Routing` (its token_id, expert_id and weight)."""
+    return dense_gates(routing.token_id, routing.expert_id, routing.weight, num_tokens, num_experts)
 
 
 def capacity_slots(capacity_factor, num_assignments, num_experts):

@@ -79,7 +79,7 @@ SEEDS = st.integers(0, 2**16)
 def _drawn(draw, options, num_experts, k):
     """Draws each option: a strategy, or a function `(num_experts, k) -> strategy`."""
     return {
-        key: draw(option(num_experts, k) if callable(option) and not isinstance(option, st.SearchStrategy) else option)
+        key: draw(option(num_experts, k) if callable(option) else option)
         for key, option in options.items()
     }
 
@@ -111,14 +111,14 @@ def router_specs(router_class, k="any", max_experts=8, **options):
 
 
 @st.composite
-def hierarchical_kwargs(draw, level_k=("k_primary", "k_secondary")):
+def hierarchical_kwargs(draw):
     """Shape of a two-level MoE: `num_groups`, `experts_per_group` and the k of each level."""
     num_groups, experts_per_group = draw(st.integers(1, 3)), draw(st.integers(1, 3))
     return {
         "num_groups": num_groups,
         "experts_per_group": experts_per_group,
-        level_k[0]: draw(st.integers(1, num_groups)),
-        level_k[1]: draw(st.integers(1, experts_per_group)),
+        "k_primary": draw(st.integers(1, num_groups)),
+        "k_secondary": draw(st.integers(1, experts_per_group)),
     }
 
 
