@@ -17,3 +17,23 @@ _cpus = tf.config.list_physical_devices("CPU")
 tf.config.set_logical_device_configuration(
     _cpus[0], [tf.config.LogicalDeviceConfiguration()] * NUM_LOGICAL_CPUS
 )
+
+# Hypothesis profiles of the property-based tests (tests/properties): the
+# default run is bounded and derandomized (stable in CI, a few minutes in
+# all); the slow-marked twins run the large profile, whose size
+# TF_MOE_PROPERTY_EXAMPLES overrides. `--hypothesis-profile tf_moe_slow`
+# runs the default tests at that size too.
+from hypothesis import HealthCheck, settings  # noqa: E402
+
+_PROFILE = dict(
+    deadline=None,
+    derandomize=True,
+    database=None,
+    print_blob=True,
+    suppress_health_check=[HealthCheck.too_slow, HealthCheck.data_too_large, HealthCheck.filter_too_much],
+)
+settings.register_profile("tf_moe", max_examples=25, **_PROFILE)
+settings.register_profile(
+    "tf_moe_slow", max_examples=int(os.environ.get("TF_MOE_PROPERTY_EXAMPLES", "300")), **_PROFILE
+)
+settings.load_profile("tf_moe")

@@ -1,17 +1,20 @@
 """Independent numpy transcription of the papers' equations.
 
 Shazeer et al. 2017: noisy top-k gating (section 2.1), importance and the
-smooth load (section 4, appendix A), and the routing diagnostics of the
-noisy top-k router. Then the later routers, each from its own paper: Switch
-and top-k routing with the f . P loss (Fedus et al. 2022), the router
-z-loss (Zoph et al. 2022), expert choice (Zhou et al. 2022), loss-free
-balancing (Wang et al. 2024; DeepSeek-V3) and hash routing (Roller et al.
-2021). Written from the formulas, element by element, with none of the
-tricks the TensorFlow code uses (kth_excluding is computed by deleting
-component i; top-k sets by sorting each row).
+smooth load (section 4, appendix A), the routing diagnostics of the noisy
+top-k router, the hierarchical gates (appendix B), batchwise and threshold
+gating (appendix F), dense MoE outputs and capacity drops. Then the later
+routers, each from its own paper: Switch and top-k routing with the f . P
+loss (Fedus et al. 2022), the router z-loss (Zoph et al. 2022), expert
+choice (Zhou et al. 2022), loss-free balancing (Wang et al. 2024;
+DeepSeek-V3) and hash routing (Roller et al. 2021). Written from the
+formulas, element by element, with none of the tricks the TensorFlow code
+uses (kth_excluding is computed by deleting component i; top-k sets by
+sorting each row).
 """
 
 import math
+from fractions import Fraction
 
 import numpy as np
 
@@ -96,16 +99,127 @@ def noise_to_signal(stddev, clean, valid):
     return float(noise / signal)
 
 
+def softmax(logits):
+    """Row-wise softmax of [tokens, n] logits."""
+    e = np.exp(logits - logits.max(axis=1, keepdims=True))
+    return e / e.sum(axis=1, keepdims=True)
+
+
+def dense_gates(token_id, expert_id, weight, num_tokens, num_experts):
+    """[tokens, n] gates from flat assignments; expert id `num_experts` (unrouted) adds nothing."""
+    dense = np.zeros((num_tokens, num_experts + 1))
+    np.add.at(dense, (np.asarray(token_id), np.asarray(expert_id)), np.asarray(weight, np.float64))
+    return dense[:, :num_experts]
+
+
+def routing_gates(routing, num_tokens, num_experts):
+    """[tokens, n] gates of a router's `Routing` (its token_id, expert_id and weight)."""
+    return dense_gates(routing.token_id, routing.expert_id, routing.weight, num_tokens, num_experts)
+
+
+def capacity_slots(capacity_factor, num_assignments, num_experts):
+    """`ceil(capacity_factor * A / n)`, with the factor the exact decimal it is written as.
+
+    At most A: an expert never receives more than every assignment.
+    """
+    return min(math.ceil(Fraction(repr(float(capacity_factor))) * num_assignments / num_experts), num_assignments)
+
+
+def kept_by_capacity(expert_id, num_experts, capacity):
+    """[A] bool: each expert keeps its first `capacity` assignments in list order."""
+    used = np.zeros(num_experts + 1, int)
+    kept = np.zeros(len(expert_id), bool)
+    for i, e in enumerate(np.asarray(expert_id)):
+        if e < num_experts:
+            kept[i] = used[e] < capacity
+            used[e] += 1
+    return kept
+
+
+def batchwise_gates(gates, m, valid):
+    """Appendix F while training: `(M_batchwise, G)`.
+
+    M keeps the top m of each column among valid tokens; then
+    G = G_sigma * M / sum_j G_sigma_j M_j (zero for a token no expert kept).
+    """
+    mask = np.zeros_like(gates)
+    scores = np.where(valid[:, None], gates, -np.inf)
+    for i in range(gates.shape[1]):
+        mask[np.argsort(-scores[:, i], kind="stable")[:m], i] = 1.0
+    mask *= valid[:, None]
+    kept = gates * mask
+    total = kept.sum(axis=1, keepdims=True)
+    return mask, np.divide(kept, total, out=np.zeros_like(kept), where=total > 0)
+
+
+def threshold_gates(gates, thresholds, candidates, valid):
+    """Appendix F at inference: `(keep, G)`.
+
+    Each token keeps those of its `candidates` highest gates that exceed
+    their threshold, renormalised over them (zero where none does).
+    """
+    top = np.zeros_like(gates, bool)
+    np.put_along_axis(top, np.argsort(-gates, axis=1, kind="stable")[:, :candidates], True, axis=1)
+    keep = top & (gates > thresholds) & valid[:, None]
+    kept = gates * keep
+    total = kept.sum(axis=1, keepdims=True)
+    return keep, np.divide(kept, total, out=np.zeros_like(kept), where=total > 0)
+
+
+def hierarchical_top_k(
+    x, weights, noise, k_primary, k_secondary, noise_epsilon, train=True, valid=None, capacity=None
+):
+    """Appendix B token by token: the two-level gates, Importance_H, Load_H.
+
+    Args:
+        x: [T, d] tokens.
+        weights: `(primary W_g [d, a], primary W_noise [d, a], W_g [a, d, b],
+            W_noise [a, d, b])`.
+        noise: `(primary [T, a], secondary [T, a, b])` standard-normal draws.
+        valid: [T] bool or None.
+        capacity: None, or the (token, group) pairs each group gates, taken
+            in primary-choice-major order; later pairs get no expert.
+
+    Returns:
+        `(gates [T, a*b], importance [a*b], load [a*b], dropped)`, dropped
+        the assignments lost to the group capacity.
+    """
+    wp, wnp, ws, wns = weights
+    primary_noise, secondary_noise = noise
+    t_count, a = len(x), wp.shape[1]
+    b = ws.shape[2]
+    valid = np.ones(t_count, bool) if valid is None else valid
+    hp, gp, sp = noisy_top_k(x, wp, wnp, primary_noise, k_primary, noise_epsilon, train=train)
+    gp = gp * valid[:, None]
+    if train and k_primary < a:
+        primary_load = smooth_load(x[valid], wp, hp[valid], sp[valid], k_primary)
+    else:
+        primary_load = (gp > 0).sum(axis=0).astype(float)
+    ranked = np.argsort(-hp, axis=1, kind="stable")[:, :k_primary]
+    member = np.zeros((t_count, a), bool)  # (token, group) pairs that are gated
+    used = np.zeros(a, int)
+    for choice in range(k_primary):
+        for token in np.flatnonzero(valid):
+            group = ranked[token, choice]
+            member[token, group] = capacity is None or used[group] < capacity
+            used[group] += 1
+    gates, load = np.zeros((t_count, a * b)), np.zeros(a * b)
+    for i in range(a):
+        hi, gi, si = noisy_top_k(x, ws[i], wns[i], secondary_noise[:, i], k_secondary, noise_epsilon, train=train)
+        rows = member[:, i]
+        gates[rows, i * b : (i + 1) * b] = gp[rows, i : i + 1] * gi[rows]
+        if not rows.any():
+            continue
+        if train and k_secondary < b:
+            secondary_load = smooth_load(x[rows], ws[i], hi[rows], si[rows], k_secondary)
+        else:
+            secondary_load = (gi[rows] > 0).sum(axis=0)
+        load[i * b : (i + 1) * b] = primary_load[i] * secondary_load / rows.sum()
+    dropped = k_secondary * (k_primary * valid.sum() - member.sum())
+    return gates, gates.sum(axis=0), load, dropped
+
+
 # Routers beyond the 2017 paper, each from its own paper's equations.
-
-
-def softmax_rows(logits):
-    """Row-wise softmax, one row at a time."""
-    out = np.zeros_like(logits, dtype=np.float64)
-    for t in range(logits.shape[0]):
-        e = np.exp(logits[t] - logits[t].max())
-        out[t] = e / e.sum()
-    return out
 
 
 def sigmoid(x):
@@ -117,7 +231,7 @@ def top_k_routing(x, w_gate, k, normalize=False):
 
     Returns (probabilities [T, E], dense gates [T, E], choices [T, k]).
     """
-    p = softmax_rows(x @ w_gate)
+    p = softmax(x @ w_gate)
     gates = np.zeros_like(p)
     choices = np.zeros((p.shape[0], k), int)
     for t in range(p.shape[0]):
@@ -153,7 +267,7 @@ def expert_choice(x, w_gate, capacity_factor):
 
     Returns (scores S [T, E], dense gates [T, E], C).
     """
-    scores = softmax_rows(x @ w_gate)
+    scores = softmax(x @ w_gate)
     t_count, n = scores.shape
     capacity = min(math.ceil(t_count * capacity_factor / n), t_count)
     gates = np.zeros_like(scores)
@@ -169,7 +283,7 @@ def loss_free_routing(x, w_gate, bias, k, affinity="sigmoid"):
     Returns (affinities s [T, E], dense gates [T, E], choices [T, k]).
     """
     logits = x @ w_gate
-    s = sigmoid(logits) if affinity == "sigmoid" else softmax_rows(logits)
+    s = sigmoid(logits) if affinity == "sigmoid" else softmax(logits)
     gates = np.zeros_like(s)
     choices = np.zeros((s.shape[0], k), int)
     for t in range(s.shape[0]):

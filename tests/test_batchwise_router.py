@@ -11,37 +11,12 @@ from tests.layer_test_case import randomise_weights, run_layer_test
 from tf_moe.layers.batchwise_router import tokens_per_expert
 
 
-def _softmax(logits):
-    e = np.exp(logits - logits.max(axis=1, keepdims=True))
-    return e / e.sum(axis=1, keepdims=True)
-
-
 def _randomised_gate(n=6, k=2, d=5, seed=0, **kwargs):
     gate = tf_moe.BatchwiseRouter(n, k, **kwargs)
     gate.build((None, d))
     rng = np.random.default_rng(seed)
     gate.w_gate.assign(rng.standard_normal((d, n)).astype("float32"))
     return gate
-
-
-def _dense(routing, num_tokens, n):
-    token, expert, weight = (np.asarray(a) for a in (routing.token_id, routing.expert_id, routing.weight))
-    dense = np.zeros((num_tokens, n + 1))
-    np.add.at(dense, (token, expert), weight)
-    return dense[:, :n]
-
-
-def _batchwise_reference(gates, m, valid):
-    """M_batchwise: the top m of each column among valid tokens; then
-    G = G_sigma * M / sum_j G_sigma_j M_j (zero for a token no expert kept)."""
-    mask = np.zeros_like(gates)
-    scores = np.where(valid[:, None], gates, -np.inf)
-    for i in range(gates.shape[1]):
-        mask[np.argsort(-scores[:, i], kind="stable")[:m], i] = 1.0
-    mask *= valid[:, None]
-    kept = gates * mask
-    total = kept.sum(axis=1, keepdims=True)
-    return mask, np.divide(kept, total, out=np.zeros_like(kept), where=total > 0)
 
 
 def test_tokens_per_expert():
@@ -65,9 +40,9 @@ def test_training_gives_every_expert_exactly_m_tokens(masked):
     np.testing.assert_array_equal(np.bincount(expert, minlength=7)[:6], np.full(6, m))
     assert valid[token].all()
     np.testing.assert_array_equal(routing.load, np.full(6, m))
-    mask, gates = _batchwise_reference(_softmax(np.where(valid[:, None], x, 0) @ gate.w_gate.numpy()), m, valid)
-    np.testing.assert_array_equal(_dense(routing, 24, 6) > 0, mask > 0)
-    np.testing.assert_allclose(_dense(routing, 24, 6), gates, rtol=1e-5, atol=1e-6)
+    mask, gates = ref.batchwise_gates(ref.softmax(np.where(valid[:, None], x, 0) @ gate.w_gate.numpy()), m, valid)
+    np.testing.assert_array_equal(ref.routing_gates(routing, 24, 6) > 0, mask > 0)
+    np.testing.assert_allclose(ref.routing_gates(routing, 24, 6), gates, rtol=1e-5, atol=1e-6)
     np.testing.assert_allclose(routing.importance, gates.sum(axis=0), rtol=1e-5)
     assert np.isfinite(float(routing.losses["batchwise_threshold"]))
 
@@ -79,9 +54,9 @@ def test_threshold_loss_follows_the_formula_and_trains_only_thresholds():
     with tf.GradientTape() as tape:
         loss = gate(x, training=True).losses["batchwise_threshold"]
     grad_t, grad_w = tape.gradient(loss, [gate.thresholds, gate.w_gate])
-    sigma = _softmax(x @ gate.w_gate.numpy())
+    sigma = ref.softmax(x @ gate.w_gate.numpy())
     thresholds = gate.thresholds.numpy()
-    batch_mask, _ = _batchwise_reference(sigma, 2 * 30 // 6, np.ones(30, bool))
+    batch_mask, _ = ref.batchwise_gates(sigma, 2 * 30 // 6, np.ones(30, bool))
     threshold_mask = (sigma > thresholds).astype(float)
     expected = ((threshold_mask - batch_mask) * (sigma - thresholds)).sum() / 30
     np.testing.assert_allclose(float(loss), expected, rtol=1e-5, atol=1e-7)
@@ -101,14 +76,9 @@ def test_inference_uses_thresholds_within_a_candidate_set(threshold):
     routing = gate(x, training=False)
     assert routing.token_id.shape == (40 * 3,)
     assert float(routing.losses["batchwise_threshold"]) == 0.0
-    sigma = _softmax(x @ gate.w_gate.numpy())
-    candidates = np.zeros_like(sigma, bool)
-    np.put_along_axis(candidates, np.argsort(-sigma, axis=1)[:, :3], True, axis=1)
-    keep = candidates & (sigma > thresholds)
-    kept = sigma * keep
-    total = kept.sum(axis=1, keepdims=True)
-    expected = np.divide(kept, total, out=np.zeros_like(kept), where=total > 0)
-    np.testing.assert_allclose(_dense(routing, 40, 6), expected, rtol=1e-5, atol=1e-6)
+    sigma = ref.softmax(x @ gate.w_gate.numpy())
+    keep, expected = ref.threshold_gates(sigma, thresholds, 3, np.ones(40, bool))
+    np.testing.assert_allclose(ref.routing_gates(routing, 40, 6), expected, rtol=1e-5, atol=1e-6)
     np.testing.assert_array_equal(routing.load, keep.sum(axis=0))
     if threshold < 0.1:
         assert (sigma > thresholds).sum(axis=1).max() > 3
@@ -132,7 +102,7 @@ def test_moe_training_output_and_unrouted_metric():
     layer.build((None, 6))
     randomise_weights(layer, seed=4)
     x = np.random.default_rng(4).standard_normal((20, 6)).astype("float32")
-    _, gates = _batchwise_reference(_softmax(x @ layer.router.w_gate.numpy()), 5, np.ones(20, bool))
+    _, gates = ref.batchwise_gates(ref.softmax(x @ layer.router.w_gate.numpy()), 5, np.ones(20, bool))
     e = layer.experts
     expected = ref.dense_moe(
         x, gates, e.kernel_in.numpy(), e.bias_in.numpy()[:, 0], e.kernel_out.numpy(),
@@ -170,11 +140,11 @@ def test_thresholds_learn_to_reproduce_batchwise_routing():
     model.fit(x, np.tanh(x @ w), batch_size=64, epochs=4, verbose=0)
 
     held_out = rng.standard_normal((512, d)).astype("float32")
-    batchwise = _dense(moe.router(held_out, training=True), 512, n) > 0
-    thresholded = _dense(moe.router(held_out), 512, n) > 0
+    batchwise = ref.routing_gates(moe.router(held_out, training=True), 512, n) > 0
+    thresholded = ref.routing_gates(moe.router(held_out), 512, n) > 0
     assert (batchwise == thresholded).mean() >= 0.9
     moe.router.thresholds.assign(np.zeros(n, "float32"))
-    untrained = _dense(moe.router(held_out), 512, n) > 0
+    untrained = ref.routing_gates(moe.router(held_out), 512, n) > 0
     assert (batchwise == untrained).mean() < 0.85
 
 

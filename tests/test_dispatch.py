@@ -122,10 +122,38 @@ def test_static_capacity_tensor_path_matches_exact_integers():
         assert int(dispatch.static_capacity(cf, tf.constant(int(a)), int(n))) == expected, (cf, n, a)
 
 
-def test_static_capacity_with_too_many_digits_for_a_dynamic_batch_is_named():
-    assert dispatch.static_capacity(1 / 3, 300, 4) == 25
-    with pytest.raises(ValueError, match="`capacity_factor`"):
-        dispatch.static_capacity(1 / 3, tf.constant(300), 4)
+@pytest.mark.parametrize(
+    "capacity_factor, assignments, experts, expected",
+    [
+        # Found by the property suite: a factor with a long decimal raised a
+        # ValueError on a dynamic batch (any `fit` with an unknown batch size).
+        (1.3785516579894752, 40, 8, 7),
+        (1 / 3, 300, 4, 25),  # the nearest short fraction is 1/3 itself
+        (1 / 3, 2**31 - 1, 4096, 174763),
+        (1.2345678901234567e-12, 2**31 - 1, 8, 1),  # below every short fraction: one slot
+        # Above num_experts every assignment has a slot already: capped at A,
+        # where 1e300 overflowed the int64 maths and a Python int buffer size.
+        (1e300, 10, 4, 10),
+        (8.0, 5, 2, 5),
+    ],
+)
+def test_static_capacity_of_any_factor_is_the_same_on_a_dynamic_batch(
+    capacity_factor, assignments, experts, expected
+):
+    assert dispatch.static_capacity(capacity_factor, assignments, experts) == expected
+    tensor = dispatch.static_capacity(capacity_factor, tf.constant(assignments), experts)
+    assert int(tensor) == expected
+
+
+def test_capacity_fraction_keeps_short_decimals_and_bounds_the_rest():
+    assert dispatch.capacity_fraction(0.0015, 4096) == fractions.Fraction(3, 2000)
+    assert dispatch.capacity_fraction(1 / 3, 4096) == fractions.Fraction(1, 3)
+    assert dispatch.capacity_fraction(1e300, 8) == 8
+    rng = np.random.default_rng(1)
+    for cf, n in zip(rng.uniform(1e-6, 4.0, 200), rng.integers(1, 4096, 200)):
+        ratio = dispatch.capacity_fraction(float(cf), int(n))
+        assert ratio.denominator * n < 2**46
+        assert abs(float(ratio) - cf) <= n / 2**45  # within 1 / max_denominator
 
 
 def test_capacity_path_compiles_with_xla():

@@ -196,6 +196,72 @@ def test_plain_optimizer_mixes_shards_so_wrapper_is_needed():
     assert not np.allclose(gather_shards(kernel), reference.get_layer("moe").experts.kernel_in.numpy(), atol=1e-4)
 
 
+def _run_on_halves(strategy, layer, x, mask=None, eagerly=False):
+    """`layer` on each replica's half of `x` (and `mask`); the outputs per replica, as float32."""
+    halves = {"inputs": np.split(x, strategy.num_replicas_in_sync)}
+    if mask is not None:
+        halves["mask"] = np.split(mask, strategy.num_replicas_in_sync)
+    per_replica = {
+        key: strategy.experimental_distribute_values_from_function(
+            lambda context, parts=parts: tf.constant(parts[context.replica_id_in_sync_group])
+        )
+        for key, parts in halves.items()
+    }
+    outputs = strategy.run(layer if eagerly else tf.function(layer), kwargs=per_replica)
+    return [tf.cast(y, tf.float32).numpy() for y in strategy.experimental_local_results(outputs)]
+
+
+def test_dropless_buffers_of_different_sizes_run_eagerly():
+    """Found by the property suite: run eagerly (`strategy.run` without a
+    tf.function) each replica's dropless buffer had a known shape of its own,
+    so the all-gather saw different shapes and aborted every later collective."""
+    x, _ = _data()
+    mask = np.ones(x.shape[:-1], bool)
+    mask[: len(x) // 2] = False  # replica 0 routes nothing, replica 1 everything
+    reference = tf_moe.MoELayer(hidden_units=8, router=_router())
+    reference.build((None, 3, D))
+    randomise_weights(reference, seed=0, scale=1.0)
+    strategy = _strategy(2)
+    with strategy.scope():
+        layer = ExpertParallelMoE(hidden_units=8, router=_router())
+        layer.build((None, 3, D))
+        layer.router.set_weights(reference.router.get_weights())
+        layer.experts.load_own_variables({str(i): w.numpy() for i, w in enumerate(reference.experts.weights)})
+    outputs = _run_on_halves(strategy, layer, x, mask, eagerly=True)
+    for half, half_mask, got in zip(np.split(x, 2), np.split(mask, 2), outputs):
+        np.testing.assert_allclose(got, reference(half, mask=half_mask).numpy(), rtol=1e-5, atol=1e-6)
+
+
+@pytest.mark.parametrize("capacity_factor", [None, 0.5])
+def test_an_empty_batch_on_every_replica_gives_empty_outputs(capacity_factor):
+    """Found by the property suite (a process crash): the exchange all-gathered
+    empty buffers, and TensorFlow's collective gather segfaults on those."""
+    strategy = _strategy(2)
+    with strategy.scope():
+        layer = ExpertParallelMoE(hidden_units=8, router=_router(), capacity_factor=capacity_factor)
+        layer.build((None, 3, D))
+    outputs = _run_on_halves(strategy, layer, np.zeros((0, 3, D), "float32"))
+    assert [y.shape for y in outputs] == [(0, 3, D)] * 2
+
+
+def test_mixed_bfloat16_equals_the_single_device_layer():
+    """Found by the property suite: the collective gather has no bfloat16
+    kernel (a TypeError inside TensorFlow under `mixed_bfloat16`)."""
+    x, _ = _data()
+    reference = tf_moe.MoELayer(hidden_units=8, router=_router(), dtype="mixed_bfloat16")
+    reference.build((None, 3, D))
+    randomise_weights(reference, seed=0, scale=1.0)
+    strategy = _strategy(2)
+    with strategy.scope():
+        layer = ExpertParallelMoE(hidden_units=8, router=_router(), dtype="mixed_bfloat16")
+        layer.build((None, 3, D))
+        layer.router.set_weights(reference.router.get_weights())
+        layer.experts.load_own_variables({str(i): w.numpy() for i, w in enumerate(reference.experts.weights)})
+    for half, got in zip(np.split(x, 2), _run_on_halves(strategy, layer, x)):
+        want = tf.cast(reference(half), tf.float32).numpy()
+        np.testing.assert_allclose(got, want, rtol=0, atol=2e-2 * np.abs(want).max())
+
+
 def test_num_experts_must_divide_over_replicas():
     with _strategy(4).scope():
         layer = ExpertParallelMoE(num_experts=6, k=2, hidden_units=8)

@@ -58,12 +58,6 @@ def _reference(gate, x, primary_noise, secondary_noise, train=True):
     return gates, gates.sum(axis=0), load
 
 
-def _dense(routing, num_tokens, n):
-    dense = np.zeros((num_tokens, n + 1))
-    np.add.at(dense, (np.asarray(routing.token_id), np.asarray(routing.expert_id)), np.asarray(routing.weight))
-    return dense[:, :n]
-
-
 def _per_token(routing, gate, num_tokens):
     """Assignments as [tokens, k_primary, k_secondary] (they come choice-major)."""
     shape = (gate.k_primary, gate.k_secondary, num_tokens)
@@ -86,7 +80,7 @@ def test_matches_appendix_b(train, kp, ks):
     routing = gate(x, training=train, noise=(pn, sn))
     gates, importance, load = _reference(gate, x, pn, sn, train)
     assert routing.expert_id.shape == (24 * kp * ks,)
-    np.testing.assert_allclose(_dense(routing, 24, 12), gates, atol=1e-5)
+    np.testing.assert_allclose(ref.routing_gates(routing, 24, 12), gates, atol=1e-5)
     np.testing.assert_allclose(routing.importance, importance, rtol=1e-4, atol=1e-5)
     np.testing.assert_allclose(routing.load, load, rtol=1e-4, atol=1e-5)
     assert float(routing.dropped) == 0.0 and routing.losses == {}
@@ -130,7 +124,7 @@ def test_mask_excludes_tokens():
     routing = gate(x, training=True, mask=mask, noise=(pn, sn))
     index, _ = _per_token(routing, gate, 20)
     assert np.all(index[~mask] == 12)
-    np.testing.assert_allclose(_dense(routing, 20, 12)[mask], gates, atol=1e-5)
+    np.testing.assert_allclose(ref.routing_gates(routing, 20, 12)[mask], gates, atol=1e-5)
     np.testing.assert_allclose(routing.importance, importance, rtol=1e-4, atol=1e-5)
     np.testing.assert_allclose(routing.load, load, rtol=1e-4, atol=1e-5)
 
@@ -152,7 +146,7 @@ def test_group_capacity_drops_late_pairs():
             kept[token, group] = used[group] < capacity
             used[group] += 1
     expected = gates * np.repeat(kept, 4, axis=1)
-    np.testing.assert_allclose(_dense(routing, 24, 12), expected, atol=1e-5)
+    np.testing.assert_allclose(ref.routing_gates(routing, 24, 12), expected, atol=1e-5)
     assert float(routing.dropped) == 2 * (48 - kept.sum())
     assert kept.sum() < 48
 

@@ -372,6 +372,50 @@ def test_tiny_capacity_factors_keep_one_slot(capacity_factor):
     np.testing.assert_allclose(y, ref.dense_moe(x, kept, *_expert_weights(layer)), rtol=1e-5, atol=1e-5)
 
 
+@pytest.mark.parametrize(
+    "layer, jittable",
+    [
+        (lambda: tf_moe.MoELayer(4, 2, 8), False),
+        (lambda: tf_moe.MoELayer(4, 2, 8, capacity_factor=1.0), True),
+        (lambda: tf_moe.MoE(4, 2, 8, gate="batchwise", capacity_factor=1.0), True),
+        (lambda: tf_moe.HierarchicalMoE(2, 2, hidden_units=8), False),
+        (lambda: tf_moe.HierarchicalMoE(2, 2, hidden_units=8, capacity_factor=1.0), True),
+        # The MoE has a capacity, its router's group buffers do not.
+        (lambda: tf_moe.MoELayer(hidden_units=8, router=tf_moe.HierarchicalRouter(2, 2), capacity_factor=1.0), False),
+    ],
+)
+def test_supports_jit_only_with_static_shapes(layer, jittable):
+    """Found by the property suite: dropless layers kept Keras's default
+    `supports_jit=True`, so `compile(jit_compile="auto")` on a GPU would
+    compile them with XLA, which fails inside TensorFlow ("Input 0 to node
+    Fill must be a compile-time constant")."""
+    layer = layer()
+    assert layer.supports_jit is jittable
+    layer.build((None, 4, 5))
+    x = np.random.default_rng(12).standard_normal((3, 4, 5)).astype("float32")
+    step = tf.function(lambda t: layer(t), jit_compile=True)
+    if jittable:
+        np.testing.assert_allclose(step(x), layer(x), rtol=1e-5, atol=1e-6)
+    else:
+        with pytest.raises(tf.errors.InvalidArgumentError, match="compile-time constant"):
+            step(x)
+
+
+@pytest.mark.parametrize("capacity_factor", [1.3785516579894752, 1 / 3, 1e300])
+def test_any_capacity_factor_works_on_a_dynamic_batch(capacity_factor):
+    """Found by the property suite: a factor with a long decimal raised a
+    ValueError when traced with an unknown batch size (as `fit` does), and
+    1e300 overflowed the capacity arithmetic."""
+    layer = _randomised(capacity_factor=capacity_factor)
+    step = tf.function(lambda t: layer(t, training=False), input_signature=[tf.TensorSpec([None, 6])])
+    x = np.random.default_rng(13).standard_normal((7, 6)).astype("float32")
+    _, gates, _ = ref.noisy_top_k(x, *_router_weights(layer), 0, 2, EPS, train=False)
+    kept = _capacity_kept_gates(gates, 2, ref.capacity_slots(capacity_factor, 2 * 7, 5))
+    want = ref.dense_moe(x, kept, *_expert_weights(layer))
+    np.testing.assert_allclose(step(x), want, rtol=1e-5, atol=1e-5)
+    np.testing.assert_allclose(layer(x, training=False), want, rtol=1e-5, atol=1e-5)
+
+
 @pytest.mark.parametrize("capacity_factor", [None, 1.25])
 def test_empty_batch_and_single_token(capacity_factor):
     layer = tf_moe.MoELayer(

@@ -21,12 +21,6 @@ def _randomised(n=6, k=2, d=5, seed=0, **kwargs):
     return router
 
 
-def _dense(routing, num_tokens, n):
-    dense = np.zeros((num_tokens, n + 1))
-    np.add.at(dense, (np.asarray(routing.token_id), np.asarray(routing.expert_id)), np.asarray(routing.weight))
-    return dense[:, :n]
-
-
 def _draws(t=24, d=5, n=6, seed=1):
     rng = np.random.default_rng(seed)
     return rng.standard_normal((t, d)).astype("float32"), rng.standard_normal((t, n)).astype("float32")
@@ -40,7 +34,7 @@ def test_routing_matches_section_2_1_and_appendix_a(train, k):
     routing = router(x, training=train, noise=noise)
     w_gate, w_noise = router.w_gate.numpy(), router.w_noise.numpy()
     h, gates, stddev = ref.noisy_top_k(x, w_gate, w_noise, noise, k, EPS, train=train)
-    np.testing.assert_allclose(_dense(routing, 24, 6), gates, rtol=1e-5, atol=1e-6)
+    np.testing.assert_allclose(ref.routing_gates(routing, 24, 6), gates, rtol=1e-5, atol=1e-6)
     np.testing.assert_allclose(routing.importance, gates.sum(axis=0), rtol=1e-5)
     if train:
         load = ref.smooth_load(x, w_gate, h, stddev, k)
@@ -64,7 +58,7 @@ def test_masked_tokens_are_not_routed_and_not_counted():
     alone = router(x[valid], training=True, noise=noise[valid])
     token_id, expert_id = np.asarray(routing.token_id), np.asarray(routing.expert_id)
     assert np.all(expert_id[~valid[token_id]] == 6)
-    np.testing.assert_allclose(_dense(routing, 24, 6)[valid], _dense(alone, valid.sum(), 6), rtol=1e-6)
+    np.testing.assert_allclose(ref.routing_gates(routing, 24, 6)[valid], ref.routing_gates(alone, valid.sum(), 6), rtol=1e-6)
     for field in ("importance", "load"):
         np.testing.assert_allclose(getattr(routing, field), getattr(alone, field), rtol=1e-5)
     for name in router.metric_names:

@@ -8,17 +8,6 @@ from tests import numpy_reference as ref
 from tests.layer_test_case import randomise_weights, run_layer_test
 
 
-def _softmax(logits):
-    e = np.exp(logits - logits.max(axis=1, keepdims=True))
-    return e / e.sum(axis=1, keepdims=True)
-
-
-def _dense(routing, num_tokens, n):
-    dense = np.zeros((num_tokens, n + 1))
-    np.add.at(dense, (np.asarray(routing.token_id), np.asarray(routing.expert_id)), np.asarray(routing.weight))
-    return dense[:, :n]
-
-
 def test_gates_are_the_softmax_over_all_experts():
     router = tf_moe.SoftmaxRouter(5)
     router.build((None, 4))
@@ -29,9 +18,9 @@ def test_gates_are_the_softmax_over_all_experts():
     x[~mask] = np.nan  # masked rows reach nothing
     routing = router(x, mask=mask)
     expected = np.zeros((12, 5))
-    expected[mask] = _softmax(x[mask] @ router.w_gate.numpy())
+    expected[mask] = ref.softmax(x[mask] @ router.w_gate.numpy())
     assert router.k == 5 and routing.token_id.shape == (60,)
-    np.testing.assert_allclose(_dense(routing, 12, 5), expected, rtol=1e-5, atol=1e-6)
+    np.testing.assert_allclose(ref.routing_gates(routing, 12, 5), expected, rtol=1e-5, atol=1e-6)
     np.testing.assert_allclose(routing.importance, expected.sum(axis=0), rtol=1e-5)
     np.testing.assert_array_equal(routing.load, np.full(5, mask.sum()))
     assert routing.metrics == {} and routing.losses == {}
@@ -56,7 +45,7 @@ def test_moe_equals_every_expert_weighted_by_softmax(capacity_factor):
     x = np.random.default_rng(1).standard_normal((15, 6)).astype("float32")
     e = layer.experts
     expected = ref.dense_moe(
-        x, _softmax(x @ layer.router.w_gate.numpy()), e.kernel_in.numpy(), e.bias_in.numpy()[:, 0],
+        x, ref.softmax(x @ layer.router.w_gate.numpy()), e.kernel_in.numpy(), e.bias_in.numpy()[:, 0],
         e.kernel_out.numpy(), e.bias_out.numpy()[:, 0],
     )
     np.testing.assert_allclose(layer(x, training=True).numpy(), expected, rtol=1e-5, atol=1e-5)

@@ -49,7 +49,7 @@ def test_only_the_mean_probability_carries_gradient():
     _, _, choices = ref.top_k_routing(x, router.w_gate.numpy(), 2)
     f = np.array([np.sum(choices == i) for i in range(6)]) / (2 * 32)
     # d/dW of E * sum_i f_i * mean_t softmax(x W)_t,i with f held constant.
-    p = ref.softmax_rows(x @ router.w_gate.numpy())
+    p = ref.softmax(x @ router.w_gate.numpy())
     dlogits = 6 * p * (f[None, :] - (p * f[None, :]).sum(axis=1, keepdims=True)) / 32
     np.testing.assert_allclose(grad, x.T @ dlogits, rtol=1e-4, atol=1e-7)
 

@@ -66,6 +66,17 @@ def _reseeded(initializer, shard):
     return type(initializer).from_config(config)
 
 
+def _all_gather(context, value):
+    """`value` [1, ...] of every replica, concatenated on axis 0.
+
+    TensorFlow's collective gather has no bfloat16 kernel, so bfloat16
+    values travel as float32 (exactly) and come back as bfloat16.
+    """
+    if value.dtype != tf.bfloat16:
+        return context.all_gather(value, axis=0)
+    return tf.cast(context.all_gather(tf.cast(value, tf.float32), axis=0), tf.bfloat16)
+
+
 @keras.saving.register_keras_serializable(package="tf_moe")
 class _ShardedExperts(FeedForwardExperts):
     """Expert bank of which each replica holds `num_experts` (its shard).
@@ -125,24 +136,27 @@ class _ShardedExperts(FeedForwardExperts):
         shards, local = self.num_shards, self.num_experts
         units = inputs.shape[-1]
         capacity = inputs.shape[1]
-        if capacity is None:
-            # Dropless buffers differ per replica: pad all to the largest.
+        # At least one (zero) slot: TensorFlow's all-gather of an empty
+        # tensor kills the process (an empty batch on every replica).
+        if capacity is None or tf.executing_eagerly():
+            # Dropless buffers differ per replica (and run eagerly, their
+            # shapes are known): pad all to the largest.
             capacity = tf.shape(inputs)[1]
-            padded_capacity = tf.reduce_max(context.all_gather(capacity[None], axis=0))
-            inputs = tf.pad(inputs, [[0, 0], [0, padded_capacity - capacity], [0, 0]])
+            padded_capacity = tf.maximum(tf.reduce_max(context.all_gather(capacity[None], axis=0)), 1)
         else:
-            padded_capacity = capacity
+            padded_capacity = max(capacity, 1)
+        inputs = tf.pad(inputs, [[0, 0], [0, padded_capacity - capacity], [0, 0]])
         replica = context.replica_id_in_sync_group
         # [sources, owners, local, C, d]: tf.distribute has no all-to-all, so
         # every replica gathers all buffers and keeps its own experts' slots.
         sent = tf.reshape(inputs, [1, shards, local, padded_capacity, units])
-        received = tf.gather(context.all_gather(sent, axis=0), replica, axis=1)
+        received = tf.gather(_all_gather(context, sent), replica, axis=1)
         # Each local expert runs once on the slots of all replicas.
         batch = tf.reshape(tf.transpose(received, [1, 0, 2, 3]), [local, -1, units])
         outputs = super().call(batch)
         out_units = outputs.shape[-1]
         outputs = tf.transpose(tf.reshape(outputs, [local, shards, padded_capacity, out_units]), [1, 0, 2, 3])
-        returned = tf.gather(context.all_gather(outputs[None], axis=0), replica, axis=1)
+        returned = tf.gather(_all_gather(context, outputs[None]), replica, axis=1)
         returned = tf.reshape(returned, [shards * local, padded_capacity, out_units])
         return returned[:, :capacity]
 

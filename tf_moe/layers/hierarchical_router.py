@@ -137,6 +137,8 @@ class HierarchicalRouter(Router):
         self.noisy = bool(noisy)
         self.noise_epsilon = float(noise_epsilon)
         self.capacity_factor = None if capacity_factor is None else float(capacity_factor)
+        # Without a capacity the group buffers are sized by the routing.
+        self.supports_jit = self.capacity_factor is not None
         self.seed = seed
         check_positive("learning_rate_multiplier", learning_rate_multiplier)
         self.learning_rate_multiplier = float(learning_rate_multiplier)

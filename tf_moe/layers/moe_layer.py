@@ -146,7 +146,8 @@ class MoELayer(keras.layers.Layer):
         importance_weight: finite float >= 0, w_importance.
         load_weight: finite float >= 0, w_load.
         capacity_factor: None for exact, dropless dispatch (each expert's
-            buffer grows to its token count: a dynamic shape). A finite
+            buffer grows to its token count: a dynamic shape, so the layer
+            cannot compile with XLA and says so in `supports_jit`). A finite
             float > 0 gives every expert a static capacity of
             `ceil(capacity_factor * k * tokens / num_experts)` slots
             (computed exactly, at least one for a non-empty batch), the
@@ -264,6 +265,9 @@ class MoELayer(keras.layers.Layer):
         self.kernel_regularizer = kernel_regularizer
         self.bias_regularizer = bias_regularizer
         self.supports_masking = True
+        # Dropless buffers are sized by the routing, which XLA cannot compile;
+        # Keras's default `jit_compile="auto"` then leaves the model unjitted.
+        self.supports_jit = self.capacity_factor is not None and self.router.supports_jit
         use_thread_local_losses(self)
         self.balance = LoadBalanceMetrics(name=self.name, router_metrics=self.router.metric_names)
 

@@ -90,6 +90,9 @@ class Router(keras.layers.Layer):
     * `required_inputs`: the names of per-token call arguments the router
       cannot route without (e.g. the hash router's `token_ids`); models that
       build an MoE pass those they have.
+    * `supports_jit` (Keras's layer attribute, True by default): False for
+      a router whose shapes depend on the routing (XLA cannot compile it);
+      `MoELayer` then reports False too, so Keras does not jit the model.
 
     A router may keep state outside the gradient (e.g. per-expert biases)
     in non-trainable variables updated in `call` while training (and only

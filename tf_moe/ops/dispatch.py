@@ -40,29 +40,39 @@ def token_choice_assignments(expert_index, expert_weight, valid=None, num_expert
     return token_id, expert_id, weight
 
 
-def capacity_fraction(capacity_factor):
-    """The capacity factor as the exact fraction of its shortest decimal.
-
-    1.25 is 5/4 and 0.0015 is 3/2000, exactly what the user wrote (the binary
-    float 0.0015 is slightly above 3/2000, which would round some
-    capacities up by one slot).
-    """
-    return fractions.Fraction(repr(float(capacity_factor)))
-
-
 # Largest denominator `q * n` for which the tensor path's int64 maths cannot
 # overflow (see `_ceil_ratio`).
 _MAX_TENSOR_DENOMINATOR = 2**46
 
 
+def capacity_fraction(capacity_factor, num_experts):
+    """The capacity factor as an exact fraction p/q with `q * num_experts < 2**46`.
+
+    The fraction of its shortest decimal: 1.25 is 5/4 and 0.0015 is 3/2000,
+    exactly what the user wrote (the binary float 0.0015 is slightly above
+    3/2000, which would round some capacities up by one slot). A decimal too
+    long for that bound (a computed factor such as 1/3, 0.3333333333333333)
+    becomes the nearest fraction with a small enough denominator (1/3); one
+    below the smallest such fraction becomes it, which gives the same one slot
+    for any non-empty batch. Factors above `num_experts` become it: a
+    capacity of every assignment already drops nothing.
+    """
+    ratio = min(fractions.Fraction(repr(float(capacity_factor))), fractions.Fraction(num_experts))
+    max_denominator = (_MAX_TENSOR_DENOMINATOR - 1) // num_experts
+    if ratio.denominator > max_denominator:
+        ratio = max(ratio.limit_denominator(max_denominator), fractions.Fraction(1, max_denominator))
+    return ratio
+
+
 def static_capacity(capacity_factor, num_assignments, num_experts):
     """`ceil(capacity_factor * A / n)` slots per expert, computed exactly.
 
-    With the factor as the exact fraction p/q of its decimal, the result is
-    `ceil(p * A / (q * n))`: at least one slot whenever A > 0, 0 for an
-    empty batch. A Python int when A is a Python int. Otherwise an int32
-    tensor from integer-only ops (int64 inside, no floats), which XLA can
-    still evaluate at compile time from the input shapes.
+    With the factor as the exact fraction p/q of `capacity_fraction`, the
+    result is `ceil(p * A / (q * n))`: at least one slot whenever A > 0, 0
+    for an empty batch, at most A. A Python int when A is a Python int.
+    Otherwise an int32 tensor from integer-only ops (int64 inside, no
+    floats), which XLA can still evaluate at compile time from the input
+    shapes; both give the same capacity.
 
     Args:
         capacity_factor: finite float > 0 (see `checks.check_capacity_factor`).
@@ -72,15 +82,10 @@ def static_capacity(capacity_factor, num_assignments, num_experts):
     Returns:
         int, or an int32 scalar tensor.
     """
-    ratio = capacity_fraction(capacity_factor)
+    ratio = capacity_fraction(capacity_factor, num_experts)
     numerator, denominator = ratio.numerator, ratio.denominator * num_experts
     if isinstance(num_assignments, int):
         return -(-numerator * num_assignments // denominator)
-    if denominator >= _MAX_TENSOR_DENOMINATOR:
-        raise ValueError(
-            f"`capacity_factor` ({capacity_factor!r}) has too many decimal digits for "
-            f"{num_experts} experts with a dynamic batch size; round it (e.g. to 6 digits)."
-        )
     return tf.cast(_ceil_ratio(numerator, denominator, num_assignments), tf.int32)
 
 

@@ -1,0 +1,165 @@
+"""Properties of the routers against the numpy transcriptions of their gates.
+
+For any token count (zero included), mask, masked contents (NaN in the
+tokens and in given noise draws) and training flag, a router's `Routing`
+holds the reference gates, in the documented order (choice-major for
+token-choice routers), with the reference importance, load and losses.
+"""
+
+from typing import Callable, NamedTuple
+
+import numpy as np
+import pytest
+
+from tests import numpy_reference as ref
+from tests.layer_test_case import randomise_weights
+from tests.properties.cases import (
+    ROUTERS,
+    PROFILES,
+    as_input,
+    as_seen,
+    cases,
+    documented_error,
+    make_inputs,
+    run_property,
+)
+
+
+class Expected(NamedTuple):
+    gates: np.ndarray  # [T, n] dense gates
+    importance: np.ndarray
+    load: np.ndarray
+    ranked: np.ndarray = None  # [T, k] each token's experts in choice order (token-choice routers)
+    dropped: float = 0.0
+    losses: dict = {}
+
+
+class GateReference(NamedTuple):
+    draws: Callable  # (router, num_tokens, rng) -> the `noise` call argument, or None
+    expected: Callable  # (router, x [T, d] float64, valid [T], training, noise) -> Expected
+
+
+def _hard_load(ranked, valid, n):
+    return np.bincount(ranked[valid].ravel(), minlength=n)[:n].astype(float)
+
+
+def _noisy_top_k(router, x, valid, training, noise):
+    n, k, eps = router.num_experts, router.k, router.noise_epsilon
+    w_gate, w_noise = (np.asarray(w, np.float64) for w in (router.w_gate, router.w_noise))
+    train = bool(training) and router.noisy
+    h, gates, stddev = ref.noisy_top_k(x, w_gate, w_noise, noise, k, eps, train=train)
+    gates[~valid] = 0.0
+    ranked = np.argsort(-h, axis=1, kind="stable")[:, :k]
+    if train and k < n:
+        load = ref.smooth_load(x[valid], w_gate, h[valid], stddev[valid], k)
+    else:
+        load = _hard_load(ranked, valid, n)
+    return Expected(gates, gates.sum(axis=0), load, ranked)
+
+
+def _softmax(router, x, valid, training, noise):
+    gates = ref.softmax(x @ np.asarray(router.w_gate, np.float64)) * valid[:, None]
+    ranked = np.broadcast_to(np.arange(router.num_experts), gates.shape)
+    return Expected(gates, gates.sum(axis=0), np.full(router.num_experts, float(valid.sum())), ranked)
+
+
+def _batchwise(router, x, valid, training, noise):
+    n, k = router.num_experts, router.k
+    sigma = ref.softmax(x @ np.asarray(router.w_gate, np.float64))
+    thresholds = np.asarray(router.thresholds, np.float64)
+    if not training:
+        keep, gates = ref.threshold_gates(sigma, thresholds, router.candidates, valid)
+        return Expected(gates, gates.sum(axis=0), keep.sum(axis=0), losses={"batchwise_threshold": 0.0})
+    batch_mask, gates = ref.batchwise_gates(sigma, k * len(x) // n, valid)
+    disagreement = (sigma > thresholds) - batch_mask
+    loss = (disagreement * (sigma - thresholds))[valid].sum() / max(valid.sum(), 1)
+    return Expected(gates, gates.sum(axis=0), batch_mask.sum(axis=0), losses={"batchwise_threshold": loss})
+
+
+def _hierarchical_draws(router, num_tokens, rng):
+    a, b = router.num_groups, router.experts_per_group
+    return rng.standard_normal((num_tokens, a)), rng.standard_normal((num_tokens, a, b))
+
+
+def _hierarchical(router, x, valid, training, noise):
+    weights = [
+        np.asarray(w, np.float64)
+        for w in (router.primary.w_gate, router.primary.w_noise, router.w_gate, router.w_noise)
+    ]
+    capacity = None
+    if router.capacity_factor is not None:
+        capacity = ref.capacity_slots(router.capacity_factor, router.k_primary * len(x), router.num_groups)
+    gates, importance, load, dropped = ref.hierarchical_top_k(
+        x, weights, noise, router.k_primary, router.k_secondary, router.noise_epsilon,
+        train=bool(training) and router.noisy, valid=valid, capacity=capacity,
+    )
+    return Expected(gates, importance, load, dropped=dropped)
+
+
+# Routers with a numpy reference: name (of ROUTERS) -> its reference.
+GATE_REFERENCES = {
+    "noisy_top_k": GateReference(lambda router, t, rng: rng.standard_normal((t, router.num_experts)), _noisy_top_k),
+    "softmax": GateReference(lambda router, t, rng: None, _softmax),
+    "batchwise": GateReference(lambda router, t, rng: None, _batchwise),
+    "hierarchical": GateReference(_hierarchical_draws, _hierarchical),
+}
+
+
+def _poisoned(noise, valid):
+    """The draws with NaN at masked tokens (a router must not read them)."""
+    if noise is None:
+        return None
+    if isinstance(noise, tuple):
+        return tuple(_poisoned(part, valid) for part in noise)
+    poisoned = noise.astype("float32")
+    poisoned[~valid] = np.nan
+    return poisoned
+
+
+def check_routing_equals_the_reference(case, reference):
+    rng = np.random.default_rng(case.seed + 2)
+    router = case.layer.build()
+    router.build((None, case.units))
+    randomise_weights(router, case.seed)
+    inputs = make_inputs(case, 1)
+    valid = inputs.valid
+    noise = reference.draws(router, case.num_tokens, rng)
+    kwargs = {} if noise is None else {"noise": _poisoned(noise, valid)}
+    try:
+        routing = router(as_input(inputs.poisoned, case), training=case.training, mask=inputs.mask, **kwargs)
+    except ValueError as error:
+        documented_error(error, router)
+        return
+    x = as_seen(inputs.clean, case, router)
+    expected = reference.expected(router, x, valid, case.training, noise)
+    n, num_tokens = router.num_experts, case.num_tokens
+    token_id, expert_id, weight = (np.asarray(t) for t in (routing.token_id, routing.expert_id, routing.weight))
+    assert np.all((expert_id >= 0) & (expert_id <= n))
+    np.testing.assert_array_equal(weight[expert_id == n], 0.0)
+    dense = ref.dense_gates(token_id, expert_id, weight, num_tokens, n)
+    np.testing.assert_allclose(dense, expected.gates, rtol=1e-5, atol=1e-5)
+    if expected.ranked is not None:
+        # Token choice: all first choices, then all second choices, ...
+        k = router.k
+        np.testing.assert_array_equal(token_id, np.tile(np.arange(num_tokens), k))
+        np.testing.assert_array_equal(
+            expert_id.reshape(k, num_tokens).T, np.where(valid[:, None], expected.ranked, n)
+        )
+    np.testing.assert_allclose(routing.importance, expected.importance, rtol=1e-4, atol=1e-5)
+    np.testing.assert_allclose(routing.load, expected.load, rtol=1e-4, atol=1e-4)
+    assert float(routing.dropped) == expected.dropped
+    assert set(routing.losses) == set(expected.losses)
+    for name, value in expected.losses.items():
+        np.testing.assert_allclose(float(routing.losses[name]), value, rtol=1e-4, atol=1e-6)
+    assert set(routing.metrics) == set(router.metric_names)
+
+
+@pytest.mark.parametrize("profile", PROFILES)
+@pytest.mark.parametrize("name", sorted(GATE_REFERENCES))
+def test_routing_equals_the_reference(name, profile):
+    reference = GATE_REFERENCES[name]
+    run_property(
+        profile,
+        cases(ROUTERS[name], policies=("float32",), max_leading=1),
+        lambda case: check_routing_equals_the_reference(case, reference),
+    )
