@@ -5,6 +5,7 @@ import numpy as np
 import tensorflow as tf
 
 from tf_moe import routers
+from tf_moe._tf_internals import in_xla_compilation
 from tf_moe.layers.checks import check_capacity_factor, check_non_negative, check_positive_int
 from tf_moe.layers.feed_forward_experts import FeedForwardExperts
 from tf_moe.layers.replica_losses import use_thread_local_losses
@@ -102,7 +103,11 @@ class MoELayer(keras.layers.Layer):
         importance_weight: finite float >= 0, w_importance.
         load_weight: finite float >= 0, w_load.
         capacity_factor: None for exact, dropless dispatch (each expert's
-            buffer grows to its token count: a dynamic shape). A finite
+            buffer grows to its token count: a dynamic shape; compiled by
+            XLA, the buffer instead takes the smallest of a few static
+            sizes that holds every expert, and the backward pass reruns
+            the experts' forward pass, see
+            `tf_moe.ops.dispatch.dropless_static`). A finite
             float > 0 gives every expert a static capacity of
             `ceil(capacity_factor * k * tokens / num_experts)` slots
             (computed exactly, at least one for a non-empty batch), the
@@ -255,17 +260,25 @@ class MoELayer(keras.layers.Layer):
                 f"{type(self.router).__name__} returned the metrics {sorted(routing.metrics)}, "
                 f"not its `metric_names` {sorted(self.router.metric_names)}."
             )
-        capacity = None
-        if self.capacity_factor is not None:
-            capacity = dispatch_ops.static_capacity(
-                self.capacity_factor, self.k * num_tokens, self.num_experts
+        if self.capacity_factor is None and in_xla_compilation():
+            # Dropless with static shapes: XLA cannot compile a capacity read from the data.
+            outputs = dispatch_ops.dropless_static(
+                tokens, routing.token_id, routing.expert_id, routing.weight, self.num_experts,
+                num_tokens, self.experts,
             )
-        buffer, slot, kept, _ = dispatch_ops.dispatch(
-            tokens, routing.token_id, routing.expert_id, self.num_experts, capacity
-        )
-        outputs = dispatch_ops.combine(
-            self.experts(buffer), slot, kept, routing.token_id, routing.weight, num_tokens
-        )
+            kept = routing.expert_id < self.num_experts
+        else:
+            capacity = None
+            if self.capacity_factor is not None:
+                capacity = dispatch_ops.static_capacity(
+                    self.capacity_factor, self.k * num_tokens, self.num_experts
+                )
+            buffer, slot, kept, _ = dispatch_ops.dispatch(
+                tokens, routing.token_id, routing.expert_id, self.num_experts, capacity
+            )
+            outputs = dispatch_ops.combine(
+                self.experts(buffer), slot, kept, routing.token_id, routing.weight, num_tokens
+            )
         self._add_losses_and_track(routing, kept, valid, num_tokens, training)
         return tf.reshape(outputs, tf.concat([tf.shape(inputs)[:-1], [outputs.shape[-1]]], 0))
 
