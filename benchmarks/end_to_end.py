@@ -62,6 +62,7 @@ def main():
                         help="leave glibc malloc as it is (default: tf_moe.performance.configure_allocator())")
     args = parser.parse_args()
 
+    os.environ.setdefault("TF_CPP_MIN_LOG_LEVEL", "3")
     import tf_moe
     from tf_moe import performance
 
