@@ -3,7 +3,16 @@
 Each configuration runs in a fresh subprocess so its peak memory (host RSS
 on CPU, the allocator's peak on GPU) is its own. Every time is reported as a
 ratio to the dense FFN of the same active FLOPs (hidden width k*h), timed
-alternately with it in the same process.
+alternately with it in the same process, and to the configuration's
+roofline: max(FLOPs / GEMM rate, bytes / memory bandwidth), with both rates
+measured by probes in the same process (the best of several runs of a
+2048^3 matmul in the compute dtype, and of an in-place add of two 256 MiB
+float32 arrays). FLOPs are those of the gate's two matmuls and the k
+experts per token, forward and backward (3x forward); the bytes are the
+float32 weights read by the forward pass and again by the backward pass and
+their gradients written (12 bytes per parameter): no step can cost less.
+Each child applies `tf_moe.performance.configure_allocator()` first, as the
+`tf-moe` command does, unless --default-allocator.
 
 Dispatchers compared:
   moe            tf_moe.MoELayer, dropless (sort-based dispatch, dynamic capacity)
@@ -21,12 +30,14 @@ Usage:
   python benchmarks/dispatch.py                     # the BENCHMARKS.md table
   python benchmarks/dispatch.py --experts 4 16 --tokens 1024   # quicker
   python benchmarks/dispatch.py --jit-compile --methods moe_cf1.25 experts_only
+  python benchmarks/dispatch.py --policy mixed_bfloat16 --methods moe experts_only
 """
 
 import argparse
 import json
 import os
 import resource
+import statistics
 import subprocess
 import sys
 import time
@@ -50,7 +61,7 @@ def _build(method, n, k, d, h, tokens, jit_compile=False):
     elif method in ("moe", "moe_cf1.25"):
         layer = tf_moe.MoELayer(n, k, h, capacity_factor=1.25 if method == "moe_cf1.25" else None)
         layer.build((None, d))
-        forward = lambda x: layer(x, training=True) + 0.0 * tf.add_n(layer.losses)  # noqa: E731
+        forward = lambda x: tf.cast(layer(x, training=True), tf.float32) + 0.0 * tf.add_n(layer.losses)  # noqa: E731
     elif method == "experts_only":
         if (k * tokens) % n:
             raise ValueError(f"experts_only needs k * tokens divisible by n, got {k * tokens} and {n}")
@@ -58,6 +69,8 @@ def _build(method, n, k, d, h, tokens, jit_compile=False):
         layer.build((n, None, d))
         forward = lambda x: layer(tf.reshape(tf.tile(x, [k, 1]), [n, k * tokens // n, d]))  # noqa: E731
     else:
+        if keras.mixed_precision.global_policy().name != "float32":
+            raise ValueError(f"{method} is written for float32 only")
         # The comparison dispatchers share tf_moe's router and stacked experts,
         # so only the dispatch differs.
         gate = tf_moe.NoisyTopKRouter(n, k)
@@ -105,31 +118,86 @@ def _build(method, n, k, d, h, tokens, jit_compile=False):
     @tf.function(jit_compile=jit_compile)
     def step(x):
         with tf.GradientTape() as tape:
-            loss = tf.reduce_mean(tf.square(forward(x)))
+            loss = tf.reduce_mean(tf.square(tf.cast(forward(x), tf.float32)))
         return tape.gradient(loss, variables)
 
     return step
 
 
-def _time(step, x):
+def _time(step, x, fetch=False):
+    """Seconds and minor page faults of one step.
+
+    The step returns when its gradients are computed (eager execution is
+    synchronous); `fetch` also copies each to NumPy, which maps fresh
+    memory for every copy.
+    """
+    faults = resource.getrusage(resource.RUSAGE_SELF).ru_minflt
     start = time.perf_counter()
-    [g.numpy() for g in step(x) if g is not None]
-    return time.perf_counter() - start
+    grads = step(x)
+    if fetch:
+        [g.numpy() for g in grads if g is not None]
+    seconds = time.perf_counter() - start
+    return seconds, resource.getrusage(resource.RUSAGE_SELF).ru_minflt - faults
 
 
-def _measure(method, n, k, d, h, tokens, repeats, jit_compile=False):
+def machine_probes(dtype, size=2048, mib=256):
+    """`probe(repeats) -> (FLOP/s, bytes/s)`: the best of `repeats` runs of each probe.
+
+    FLOP/s: a size^3 matmul in `dtype`. Bytes/s: `v += w` on two float32
+    arrays of `mib` MiB (reads two, writes one).
+    """
+    import tensorflow as tf
+
+    a = tf.cast(tf.random.normal([size, size]), dtype)
+    matmul = tf.function(lambda a: [tf.matmul(a, a)])
+    length = mib * 2**18
+    v = tf.Variable(tf.zeros([length]))
+    w = tf.ones([length])
+
+    @tf.function
+    def add(w):
+        v.assign_add(w, read_value=False)
+        return []
+
+    matmul(a)
+    add(w)
+
+    def probe(repeats):
+        gemm = min(_time(matmul, a)[0] for _ in range(repeats))
+        copy = min(_time(add, w)[0] for _ in range(repeats))
+        return 2 * size**3 / gemm, 3 * length * 4 / copy
+
+    return probe
+
+
+def roofline(n, k, d, h, tokens, gemm, bandwidth):
+    """`(seconds, bound)`: the least time of one MoE step and what bounds it.
+
+    FLOPs: forward and backward (3x the forward's 2 per multiply-add) of
+    the gate's x W_g and x W_noise and of each token's k experts. Bytes:
+    every float32 weight read forward, read again backward and its gradient
+    written.
+    """
+    flops = 3 * 2 * (tokens * d * 2 * n + k * tokens * (d * h + h * d))
+    params = n * (d * h + h + h * d + d) + 2 * d * n
+    compute, memory = flops / gemm, 12 * params / bandwidth
+    return (compute, "FLOPs") if compute >= memory else (memory, "bytes")
+
+
+def _measure(method, n, k, d, h, tokens, repeats, jit_compile=False, fetch=False):
     """Times `method` and the dense FFN alternately in one process.
 
     Alternating the two keeps their ratio honest on a shared machine whose
     load changes during the run. Peak memory is read after the method's
     warm-up, before the dense baseline is built.
     """
+    import keras
     import tensorflow as tf
 
     x = tf.random.normal([tokens, d], seed=0)
     step = _build(method, n, k, d, h, tokens, jit_compile)
     for _ in range(2):  # trace and warm up
-        _time(step, x)
+        _time(step, x, fetch)
     gpus = tf.config.list_logical_devices("GPU")
     if gpus:
         peak = tf.config.experimental.get_memory_info("GPU:0")["peak"] / 2**20
@@ -137,16 +205,28 @@ def _measure(method, n, k, d, h, tokens, repeats, jit_compile=False):
         peak = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 2**10
     dense = _build("dense", n, k, d, h, tokens, jit_compile)
     for _ in range(2):
-        _time(dense, x)
-    times, dense_times = [], []
+        _time(dense, x, fetch)
+    probe = machine_probes(keras.mixed_precision.global_policy().compute_dtype)
+    times, dense_times, faults, bounds, probes = [], [], [], [], []
     for _ in range(repeats):
-        times.append(_time(step, x))
-        dense_times.append(_time(dense, x))
-    ratios = sorted(t / b for t, b in zip(times, dense_times))
+        seconds, step_faults = _time(step, x, fetch)
+        times.append(seconds)
+        faults.append(step_faults)
+        dense_times.append(_time(dense, x, fetch)[0])
+        # The probes run beside the steps, so the bound sees the same load.
+        probes.append(probe(repeats=2))
+        bounds.append(roofline(n, k, d, h, tokens, *probes[-1]))
+    gemm, bandwidth = (statistics.median(p) for p in zip(*probes))
     return {
-        "seconds": sorted(times)[len(times) // 2],
-        "dense_seconds": sorted(dense_times)[len(dense_times) // 2],
-        "ratio": ratios[len(ratios) // 2],
+        "seconds": statistics.median(times),
+        "dense_seconds": statistics.median(dense_times),
+        "ratio": statistics.median(t / b for t, b in zip(times, dense_times)),
+        "roofline_seconds": statistics.median(b for b, _ in bounds),
+        "bound_by": "/".join(sorted({by for _, by in bounds})),
+        "roofline_ratio": statistics.median(t / b for t, (b, _) in zip(times, bounds)),
+        "faults": statistics.median(faults),
+        "gemm_gflops": gemm / 1e9,
+        "bandwidth_gbs": bandwidth / 1e9,
         "peak_mib": peak,
         "device": "GPU" if gpus else "CPU",
     }
@@ -154,7 +234,11 @@ def _measure(method, n, k, d, h, tokens, repeats, jit_compile=False):
 
 def _run_child(args, method, n):
     cmd = [sys.executable, __file__, "--child", method, str(n), "--k", str(args.k), "--d", str(args.d),
-           "--h", str(args.h), "--tokens", str(args.tokens), "--repeats", str(args.repeats)] + ["--jit-compile"] * args.jit_compile
+           "--h", str(args.h), "--tokens", str(args.tokens), "--repeats", str(args.repeats),
+           "--policy", args.policy]
+    for flag in ("jit_compile", "default_allocator", "fetch_gradients"):
+        if getattr(args, flag):
+            cmd.append("--" + flag.replace("_", "-"))
     env = dict(os.environ, TF_CPP_MIN_LOG_LEVEL="3")
     out = subprocess.run(cmd, capture_output=True, text=True, env=env, timeout=args.timeout)
     if out.returncode < 0:
@@ -178,31 +262,56 @@ def main():
                         help="skip every_expert above this expert count (its cost grows as n/k)")
     parser.add_argument("--timeout", type=int, default=900)
     parser.add_argument("--jit-compile", action="store_true",
-                        help="compile every step, the dense baseline's too, with XLA (static-shape methods only)")
+                        help="compile every step, the dense baseline's too, with XLA")
+    parser.add_argument("--policy", default="float32", choices=["float32", "mixed_bfloat16", "mixed_float16"],
+                        help="Keras dtype policy of every layer, the dense baseline's too")
+    parser.add_argument("--default-allocator", action="store_true",
+                        help="leave TensorFlow's CPU allocator as the build chose it (no configure_allocator)")
+    parser.add_argument("--fetch-gradients", action="store_true",
+                        help="copy every gradient to NumPy after each step (this benchmark's first version did)")
     parser.add_argument("--child", nargs=2, metavar=("METHOD", "N"), help=argparse.SUPPRESS)
     args = parser.parse_args()
 
     if args.child:
         method, n = args.child[0], int(args.child[1])
-        print(json.dumps(_measure(method, n, args.k, args.d, args.h, args.tokens, args.repeats, args.jit_compile)))
+        import tf_moe
+
+        if not args.default_allocator:
+            tf_moe.performance.configure_allocator()
+        import keras
+
+        keras.mixed_precision.set_global_policy(args.policy)
+        result = _measure(method, n, args.k, args.d, args.h, args.tokens, args.repeats, args.jit_compile,
+                          args.fetch_gradients)
+        print(json.dumps(result))
         return
 
-    print(f"# tokens={args.tokens} d={args.d} h={args.h} k={args.k} jit_compile={args.jit_compile}; ratio = median of "
-          f"(method / dense FFN of hidden {args.k * args.h}) over {args.repeats} alternating runs")
-    print("| experts | method | ms/step | dense ms/step | ratio to dense | peak MiB |")
-    print("|---|---|---|---|---|---|")
+    print(f"# tokens={args.tokens} d={args.d} h={args.h} k={args.k} policy={args.policy} "
+          f"jit_compile={args.jit_compile} allocator={'default' if args.default_allocator else 'configured'}"
+          f"{' fetch_gradients' if args.fetch_gradients else ''}; ratios = medians over {args.repeats} "
+          f"alternating runs of method / dense FFN of hidden {args.k * args.h}, and of method / roofline")
+    print("| experts | method | ms/step | dense ms/step | ratio to dense | roofline ms (bound) | ratio to roofline "
+          "| faults/step | peak MiB |")
+    print("|---|---|---|---|---|---|---|---|---|")
+    probes = []
     for n in args.experts:
         for method in args.methods:
             if method == "every_expert" and n > args.every_expert_max:
-                print(f"| {n} | {method} | skipped (n/k = {n // args.k}x dense FLOPs) | | | |")
+                print(f"| {n} | {method} | skipped (n/k = {n // args.k}x dense FLOPs) | | | | | | |")
                 continue
             r = _run_child(args, method, n)
             if "error" in r:
-                print(f"| {n} | {method} | error: {r['error'][:80]} | | | |")
+                print(f"| {n} | {method} | error: {r['error'][:80]} | | | | | | |")
                 continue
+            probes.append(r)
             print(f"| {n} | {method} | {r['seconds'] * 1e3:.1f} | {r['dense_seconds'] * 1e3:.1f} "
-                  f"| {r['ratio']:.2f} | {r['peak_mib']:.0f} |", flush=True)
-    print(f"# device: {r.get('device', '?')}")
+                  f"| {r['ratio']:.2f} | {r['roofline_seconds'] * 1e3:.1f} ({r['bound_by']}) "
+                  f"| {r['roofline_ratio']:.2f} | {r['faults']:.0f} | {r['peak_mib']:.0f} |", flush=True)
+    if probes:
+        gemm = [r["gemm_gflops"] for r in probes]
+        bandwidth = [r["bandwidth_gbs"] for r in probes]
+        print(f"# device: {probes[-1]['device']}; GEMM rate {min(gemm):.0f}-{max(gemm):.0f} GFLOP/s, memory "
+              f"bandwidth {min(bandwidth):.1f}-{max(bandwidth):.1f} GB/s (per run; the roofline uses each run's own)")
 
 
 if __name__ == "__main__":

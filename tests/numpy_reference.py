@@ -72,6 +72,22 @@ def expert(x, w_in, b_in, w_out, b_out, activation=relu):
     return out + (0 if b_out is None else b_out)
 
 
+def expert_gradients(x, w_in, b_in, w_out, b_out, d_out, activation, activation_derivative):
+    """Gradients of `sum(expert(x) * d_out)` for one expert, by the chain rule.
+
+    `activation_derivative(pre)` is the activation's derivative at the
+    pre-activation `pre = x W1 + b1`. Returns `(dx, dW1, dW2, db1, db2)`,
+    the bias gradients None where the biases are.
+    """
+    pre = x @ w_in + (0 if b_in is None else b_in)
+    hidden = activation(pre)
+    d_hidden = d_out @ w_out.T
+    d_pre = d_hidden * activation_derivative(pre)
+    db1 = None if b_in is None else d_pre.sum(axis=0)
+    db2 = None if b_out is None else d_out.sum(axis=0)
+    return d_pre @ w_in.T, x.T @ d_pre, hidden.T @ d_out, db1, db2
+
+
 def dense_moe(x, gates, w_in, b_in, w_out, b_out, activation=relu):
     """Every expert on every token, weighted by the (sparse) gates."""
     out = 0.0

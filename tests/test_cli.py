@@ -139,6 +139,8 @@ def test_launcher_sets_tensorflows_log_level_from_v(monkeypatch):
     assert _tf_moe_launcher.verbosity(["train", "lm", "--vocab-size", "100"]) == 0
     levels = []
     monkeypatch.setattr(cli, "main", lambda argv: levels.append(os.environ["TF_CPP_MIN_LOG_LEVEL"]) or 0)
+    # Restored afterwards; that the launcher's setting works is tests/test_performance.py's.
+    monkeypatch.delenv("TF_CPU_ALLOCATOR_USE_BFC", raising=False)
     for argv, environment, level in [
         ([], None, "3"),  # default: TensorFlow's C++ logs hidden
         (["-v"], None, "1"),  # warnings and errors
@@ -151,6 +153,7 @@ def test_launcher_sets_tensorflows_log_level_from_v(monkeypatch):
             monkeypatch.setenv("TF_CPP_MIN_LOG_LEVEL", environment)
         assert _tf_moe_launcher.main(["train", "lm", *argv]) == 0
         assert levels.pop() == level
+        assert os.environ["TF_CPU_ALLOCATOR_USE_BFC"] == "1"
 
 
 def test_help_and_version_start_quietly(tmp_path):

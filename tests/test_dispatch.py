@@ -167,3 +167,58 @@ def test_capacity_path_compiles_with_xla():
     out = step(tokens, tf.range(8), ids)
     want = tokens.numpy() * np.array([1, 1, 1, 1, 1, 1, 0, 0])[:, None]
     np.testing.assert_allclose(out, want, rtol=1e-6)
+
+
+@pytest.mark.parametrize("experts", [1, 2, 3, 16, 256])
+def test_dropless_capacity_factors_cover_every_batch(experts):
+    factors = dispatch.dropless_capacity_factors(experts)
+    assert factors == sorted(set(factors))
+    # The mean load to twice it in eighths, and the last holds all assignments.
+    assert [f for f in factors if 1 <= f <= 2] == [1 + i / 8 for i in range(9) if 1 + i / 8 <= experts]
+    assert factors[-1] == experts
+    assert len(factors) <= 10 + math.log2(experts)
+
+
+def _experts_bank(n, d, o, seed):
+    """A tiny stacked expert bank: tanh(x W_e), with its variable."""
+    kernel = tf.Variable(np.random.default_rng(seed).standard_normal((n, d, o)).astype(np.float32))
+    return kernel, lambda buffer: tf.tanh(tf.matmul(buffer, kernel))
+
+
+@pytest.mark.parametrize("skew", ["random", "one_expert", "unrouted"])
+def test_dropless_static_equals_dropless_dispatch_with_xla_and_without(skew):
+    rng = np.random.default_rng(2)
+    t, d, n, k = 24, 5, 4, 2
+    tokens = tf.constant(rng.standard_normal((t, d)).astype(np.float32))
+    token_id = tf.constant(np.tile(np.arange(t), k).astype(np.int32))
+    expert_id = rng.integers(0, n, size=k * t)
+    if skew == "one_expert":  # the largest expert takes every first choice: the top bucket
+        expert_id[:t] = 1
+    if skew == "unrouted":  # half the assignments go nowhere: a bucket below the mean
+        expert_id[::2] = n
+    expert_id = tf.constant(expert_id.astype(np.int32))
+    weight = tf.constant(rng.random(k * t).astype(np.float32))
+    kernel, experts = _experts_bank(n, d, 3, seed=3)
+    d_out = tf.constant(rng.standard_normal((t, 3)).astype(np.float32))
+
+    def step(use_static):
+        def fn(tokens, weight):
+            with tf.GradientTape() as tape:
+                tape.watch([tokens, weight])
+                if use_static:
+                    out = dispatch.dropless_static(tokens, token_id, expert_id, weight, n, t, experts)
+                else:
+                    buffer, slot, kept, _ = dispatch.dispatch(tokens, token_id, expert_id, n)
+                    out = dispatch.combine(experts(buffer), slot, kept, token_id, weight, t)
+                loss = tf.reduce_sum(out * d_out)
+            return [out] + [tf.convert_to_tensor(g) for g in tape.gradient(loss, [tokens, weight, kernel])]
+
+        return fn
+
+    want = step(False)(tokens, weight)
+    runs = [step(True)(tokens, weight)]
+    if skew == "random":  # compiling every branch takes a while: once
+        runs.append(tf.function(step(True), jit_compile=True)(tokens, weight))
+    for got in runs:
+        for g, w in zip(got, want):
+            np.testing.assert_allclose(g.numpy(), w.numpy(), rtol=1e-5, atol=1e-5)

@@ -375,7 +375,8 @@ def test_tiny_capacity_factors_keep_one_slot(capacity_factor):
 @pytest.mark.parametrize(
     "layer, jittable",
     [
-        (lambda: tf_moe.MoELayer(4, 2, 8), False),
+        # Dropless: XLA runs the static-capacity branches of `dropless_static`.
+        (lambda: tf_moe.MoELayer(4, 2, 8), True),
         (lambda: tf_moe.MoELayer(4, 2, 8, capacity_factor=1.0), True),
         (lambda: tf_moe.MoE(4, 2, 8, gate="batchwise", capacity_factor=1.0), True),
         (lambda: tf_moe.HierarchicalMoE(2, 2, hidden_units=8), False),
@@ -385,10 +386,11 @@ def test_tiny_capacity_factors_keep_one_slot(capacity_factor):
     ],
 )
 def test_supports_jit_only_with_static_shapes(layer, jittable):
-    """Found by the property suite: dropless layers kept Keras's default
-    `supports_jit=True`, so `compile(jit_compile="auto")` on a GPU would
-    compile them with XLA, which fails inside TensorFlow ("Input 0 to node
-    Fill must be a compile-time constant")."""
+    """Found by the property suite: layers whose buffers are sized by the
+    routing kept Keras's default `supports_jit=True`, so
+    `compile(jit_compile="auto")` on a GPU would compile them with XLA, which
+    fails inside TensorFlow ("Input 0 to node Fill must be a compile-time
+    constant"). The dropless MoELayer compiles through static branches."""
     layer = layer()
     assert layer.supports_jit is jittable
     layer.build((None, 4, 5))
@@ -440,15 +442,20 @@ def test_no_nan_with_zero_noise_scale():
         assert np.all(np.isfinite(list(layer.balance.result().values())))
 
 
-def test_capacity_path_trains_under_xla_as_without():
-    """The same fit with and without XLA: equal losses, balance and weights."""
+@pytest.mark.parametrize("capacity_factor", [1.0, None])
+def test_trains_under_xla_as_without(capacity_factor):
+    """The same fit with and without XLA: equal losses, balance and weights.
+
+    Dropless (None), XLA runs `dispatch.dropless_static`: static buffers and
+    a backward pass that recomputes the experts.
+    """
 
     def model_fn(jit):
         keras.utils.set_random_seed(1)
         inputs = keras.Input((6, 8), batch_size=16)
         # A random noise-free gate: the routing and its drops are deterministic.
         router = tf_moe.NoisyTopKRouter(4, 2, noisy=False)
-        moe = tf_moe.MoELayer(hidden_units=16, capacity_factor=1.0, router=router, name="moe")
+        moe = tf_moe.MoELayer(hidden_units=16, capacity_factor=capacity_factor, router=router, name="moe")
         model = keras.Model(inputs, moe(inputs))
         router.w_gate.assign(np.random.default_rng(0).standard_normal((8, 4)).astype("float32"))
         model.compile(keras.optimizers.SGD(0.1), "mse", jit_compile=jit)
@@ -461,7 +468,7 @@ def test_capacity_path_trains_under_xla_as_without():
     np.testing.assert_allclose(xla.predict(x, batch_size=16, verbose=0), plain.predict(x, batch_size=16, verbose=0), rtol=1e-4, atol=1e-5)
     got = xla.fit(x, x, batch_size=16, epochs=2, shuffle=False, verbose=0).history
     want = plain.fit(x, x, batch_size=16, epochs=2, shuffle=False, verbose=0).history
-    assert want["moe_dropped_fraction"][0] > 0
+    assert (want["moe_dropped_fraction"][0] > 0) == (capacity_factor is not None)
     for key in ("loss", "moe_cv_load", "moe_cv_importance", "moe_dropped_fraction", "moe_aux_loss"):
         np.testing.assert_allclose(got[key], want[key], rtol=1e-4, atol=1e-6)
     for a, b in zip(xla.get_weights(), plain.get_weights()):

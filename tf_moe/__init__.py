@@ -15,4 +15,5 @@ from tf_moe.distribute import ExpertParallelMoE  # also tf_moe.distribute.get_st
 from tf_moe.metrics import LoadBalanceMetrics
 from tf_moe.ops.gating import cv_squared
 from tf_moe import models, training  # the paper's models and training loop
+from tf_moe import performance  # performance.configure_allocator()
 

@@ -1,9 +1,11 @@
 """A bank of feed-forward experts with stacked weights."""
 
 import keras
+import tensorflow as tf
 from keras import ops
 
 from tf_moe.layers.checks import check_positive_int
+from tf_moe.ops.expert_matmul import stacked_feed_forward
 
 
 @keras.saving.register_keras_serializable(package="tf_moe")
@@ -13,7 +15,9 @@ class FeedForwardExperts(keras.layers.Layer):
     Every expert is `activation(x W1_e + b1_e) W2_e + b2_e` (the experts of
     Shazeer et al. 2017, section 2). Their weights are stacked along a leading expert axis
     ([n, d, h], [n, h, o]) so all experts run in one batched matmul on a
-    dispatch buffer, whatever their number.
+    dispatch buffer, whatever their number; their gradient is written out
+    (`tf_moe.ops.expert_matmul`), so the backward pass costs twice the
+    forward's matmuls, as a dense layer's does.
 
     Args:
         num_experts: int, number of experts n.
@@ -120,14 +124,14 @@ class FeedForwardExperts(keras.layers.Layer):
             )
 
     def call(self, inputs):
-        hidden = ops.matmul(inputs, self.kernel_in)
+        weights = [self.kernel_in, self.kernel_out]
         if self.use_bias:
-            hidden = hidden + self.bias_in
-        hidden = self.activation(hidden)
-        outputs = ops.matmul(hidden, self.kernel_out)
-        if self.use_bias:
-            outputs = outputs + self.bias_out
-        return outputs
+            weights += [self.bias_in, self.bias_out]
+        # Read here, as tensors in the compute dtype (Keras autocasts them),
+        # so their gradients flow back through the reads to the variables.
+        weights = [tf.convert_to_tensor(w) for w in weights]
+        inputs = ops.cast(inputs, self.compute_dtype)
+        return stacked_feed_forward(inputs, *weights, activation=self.activation)
 
     def ops_per_token(self):
         """Multiply-adds of one expert on one token (both kernels; needs the layer built)."""

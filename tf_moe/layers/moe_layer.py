@@ -8,6 +8,7 @@ import numpy as np
 import tensorflow as tf
 
 from tf_moe import routers
+from tf_moe._tf_internals import in_xla_compilation
 from tf_moe.layers.checks import check_capacity_factor, check_non_negative, check_positive_int
 from tf_moe.layers.feed_forward_experts import FeedForwardExperts
 from tf_moe.layers.replica_losses import use_thread_local_losses
@@ -146,8 +147,11 @@ class MoELayer(keras.layers.Layer):
         importance_weight: finite float >= 0, w_importance.
         load_weight: finite float >= 0, w_load.
         capacity_factor: None for exact, dropless dispatch (each expert's
-            buffer grows to its token count: a dynamic shape, so the layer
-            cannot compile with XLA and says so in `supports_jit`). A finite
+            buffer grows to its token count: a dynamic shape; compiled by
+            XLA, the buffer instead takes the smallest of a few static
+            sizes that holds every expert, and the backward pass reruns
+            the experts' forward pass, see
+            `tf_moe.ops.dispatch.dropless_static`). A finite
             float > 0 gives every expert a static capacity of
             `ceil(capacity_factor * k * tokens / num_experts)` slots
             (computed exactly, at least one for a non-empty batch), the
@@ -265,9 +269,10 @@ class MoELayer(keras.layers.Layer):
         self.kernel_regularizer = kernel_regularizer
         self.bias_regularizer = bias_regularizer
         self.supports_masking = True
-        # Dropless buffers are sized by the routing, which XLA cannot compile;
-        # Keras's default `jit_compile="auto"` then leaves the model unjitted.
-        self.supports_jit = self.capacity_factor is not None and self.router.supports_jit
+        # Dropless dispatch compiles (`dispatch_ops.dropless_static`); a router
+        # whose own buffers are sized by the routing does not, and Keras's
+        # default `jit_compile="auto"` then leaves the model unjitted.
+        self.supports_jit = self.router.supports_jit
         use_thread_local_losses(self)
         self.balance = LoadBalanceMetrics(name=self.name, router_metrics=self.router.metric_names)
 
@@ -339,16 +344,24 @@ class MoELayer(keras.layers.Layer):
                 f"{type(self.router).__name__} returned the metrics {sorted(routing.metrics)}, "
                 f"not its `metric_names` {sorted(self.router.metric_names)}."
             )
-        capacity = None
         capacity_factor = self.capacity_factor if training else self.inference_capacity_factor
-        if capacity_factor is not None:
-            capacity = dispatch_ops.static_capacity(capacity_factor, self.k * num_tokens, self.num_experts)
-        buffer, slot, kept, _ = dispatch_ops.dispatch(
-            tokens, routing.token_id, routing.expert_id, self.num_experts, capacity
-        )
-        outputs = dispatch_ops.combine(
-            self.experts(buffer), slot, kept, routing.token_id, routing.weight, num_tokens
-        )
+        if capacity_factor is None and in_xla_compilation():
+            # Dropless with static shapes: XLA cannot compile a capacity read from the data.
+            outputs = dispatch_ops.dropless_static(
+                tokens, routing.token_id, routing.expert_id, routing.weight, self.num_experts,
+                num_tokens, self.experts,
+            )
+            kept = routing.expert_id < self.num_experts
+        else:
+            capacity = None
+            if capacity_factor is not None:
+                capacity = dispatch_ops.static_capacity(capacity_factor, self.k * num_tokens, self.num_experts)
+            buffer, slot, kept, _ = dispatch_ops.dispatch(
+                tokens, routing.token_id, routing.expert_id, self.num_experts, capacity
+            )
+            outputs = dispatch_ops.combine(
+                self.experts(buffer), slot, kept, routing.token_id, routing.weight, num_tokens
+            )
         if self.shared_experts is not None:
             outputs = outputs + self._shared_outputs(tokens, valid)
         self._add_losses_and_track(routing, kept, valid, num_tokens, training)

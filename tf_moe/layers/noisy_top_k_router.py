@@ -108,8 +108,8 @@ class NoisyTopKRouter(Router):
 
     def call(self, inputs, training=None, mask=None, noise=None):
         x, valid = self.masked_tokens(inputs, mask)
-        clean_logits = tf.matmul(x, self._scaled(self.w_gate))
-        stddev = self._noise_stddev(x) if self.noisy else None
+        clean_logits, noise_logits = self._logits(x)
+        stddev = None if noise_logits is None else gating.noise_stddev(noise_logits, self.noise_epsilon)
         add_noise = self.noisy and bool(training)
         logits = clean_logits
         if add_noise:
@@ -136,9 +136,17 @@ class NoisyTopKRouter(Router):
             metrics=metrics,
         )
 
-    def _noise_stddev(self, x):
-        """`Softplus(x W_noise) + noise_epsilon` (kept away from 0)."""
-        return gating.noise_stddev(tf.matmul(x, self._scaled(self.w_noise)), self.noise_epsilon)
+    def _logits(self, x):
+        """`(x W_g, x W_noise)`, the latter None without noise.
+
+        One matmul with the two matrices side by side ([d, 2n], built at
+        call time so the saved weights keep their names and shapes): x is
+        read once and the gradient takes two matmuls instead of four.
+        """
+        if not self.noisy:
+            return tf.matmul(x, self._scaled(self.w_gate)), None
+        both = tf.matmul(x, self._scaled(tf.concat([self.w_gate, self.w_noise], axis=1)))
+        return both[:, : self.num_experts], both[:, self.num_experts :]
 
     def _scaled(self, weight):
         return scaled_gate_weight(weight, self.learning_rate_multiplier)

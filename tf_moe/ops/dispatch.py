@@ -189,3 +189,82 @@ def combine(expert_outputs, slot, kept, token_id, weight, num_tokens):
     weight = tf.where(kept, tf.cast(weight, flat.dtype), tf.zeros((), flat.dtype))
     per_assignment = tf.gather(padded, slot) * weight[:, None]
     return tf.math.unsorted_segment_sum(per_assignment, token_id, num_tokens)
+
+
+def dropless_capacity_factors(num_experts):
+    """The capacities, in multiples of the mean load A / n, that `dropless_static` picks from.
+
+    Eighths from the mean to twice it (a balanced or lightly skewed batch
+    pads at most an eighth of the mean per expert), then powers of two up
+    to `num_experts`, where one expert holds every assignment, so every
+    batch fits one of them; half the mean for batches of mostly masked
+    tokens. Each is a branch to trace and compile, so they are few.
+    """
+    factors = [0.5] + [1 + i / 8 for i in range(9)]
+    step = 4.0
+    while step < num_experts:
+        factors.append(step)
+        step *= 2
+    return [f for f in factors if f < num_experts] + [float(num_experts)]
+
+
+def dropless_static(tokens, token_id, expert_id, weight, num_experts, num_tokens, experts):
+    """Dropless dispatch, experts and combine with static shapes, for XLA.
+
+    The dropless capacity (the largest expert's count) is data-dependent,
+    which XLA cannot compile. Here each capacity of
+    `dropless_capacity_factors` is a branch of one `tf.switch_case` with
+    static shapes, and the smallest that holds the largest expert runs: the
+    same outputs as `dispatch(..., capacity=None)`, with a little more
+    zero padding. XLA allocates the saved activations of every branch of a
+    differentiated switch, so the gradient is written here: its own switch
+    recomputes the chosen branch's forward pass, at the price of one more
+    forward pass through the experts.
+
+    Args:
+        tokens: [T, d].
+        token_id, expert_id, weight: the [A] assignments (`expert_id ==
+            num_experts`: not routed).
+        num_experts: n.
+        num_tokens: T, an int or a scalar tensor.
+        experts: callable mapping an [n, capacity, d] buffer to [n, capacity, o]
+            (e.g. `FeedForwardExperts`); its variables get gradients.
+
+    Returns:
+        [T, o], as `combine(experts(buffer), ...)` after a dropless `dispatch`.
+    """
+    num_assignments = tf.size(expert_id) if expert_id.shape[0] is None else int(expert_id.shape[0])
+    capacities = [
+        static_capacity(factor, num_assignments, num_experts)
+        for factor in dropless_capacity_factors(num_experts)
+    ]
+    _, counts = expert_positions(expert_id, num_experts)
+    largest = tf.reduce_max(tf.concat([counts, [0]], axis=0))
+    branch = tf.reduce_sum(tf.cast(tf.stack(capacities) < largest, tf.int32))
+
+    def run(capacity, tokens, weight):
+        buffer, slot, kept, _ = dispatch(tokens, token_id, expert_id, num_experts, capacity)
+        return combine(experts(buffer), slot, kept, token_id, weight, num_tokens)
+
+    @tf.custom_gradient
+    def forward(tokens, weight):
+        outputs = tf.switch_case(branch, [lambda c=c: run(c, tokens, weight) for c in capacities])
+
+        def gradient(d_outputs, variables=()):
+            def recompute(capacity):
+                with tf.GradientTape() as tape:
+                    tape.watch([tokens, weight])
+                    out = run(capacity, tokens, weight)
+                grads = tape.gradient(
+                    out, [tokens, weight, *variables], output_gradients=d_outputs,
+                    unconnected_gradients=tf.UnconnectedGradients.ZERO,
+                )
+                # Dense here, where the shapes are static (a gather's gradient is sparse).
+                return [tf.convert_to_tensor(g) for g in grads]
+
+            grads = tf.switch_case(branch, [lambda c=c: recompute(c) for c in capacities])
+            return grads[:2], grads[2:]
+
+        return outputs, gradient
+
+    return forward(tokens, weight)

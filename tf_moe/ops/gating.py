@@ -80,11 +80,10 @@ def smooth_load(clean_logits, noisy_logits, stddev, k, valid=None):
     top_values, _ = tf.math.top_k(noisy_logits, k=k + 1, sorted=True)
     threshold_if_in = top_values[..., k : k + 1]
     threshold_if_out = top_values[..., k - 1 : k]
-    is_in = noisy_logits > threshold_if_in
+    # The threshold is picked before the (elementwise) CDF, so it runs once.
+    threshold = tf.where(noisy_logits > threshold_if_in, threshold_if_in, threshold_if_out)
     normal = tf.constant(2.0**0.5, tf.float32)
-    prob_if_in = 0.5 * tf.math.erfc(-(clean_logits - threshold_if_in) / (stddev * normal))
-    prob_if_out = 0.5 * tf.math.erfc(-(clean_logits - threshold_if_out) / (stddev * normal))
-    prob = tf.where(is_in, prob_if_in, prob_if_out)
+    prob = 0.5 * tf.math.erfc(-(clean_logits - threshold) / (stddev * normal))
     if valid is not None:
         prob = tf.where(valid[..., None], prob, 0.0)
     return tf.reduce_sum(prob, axis=-2)

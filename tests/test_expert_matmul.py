@@ -1,0 +1,150 @@
+"""The stacked experts' hand-written gradient against numpy and against autodiff."""
+
+import math
+
+import keras
+import numpy as np
+import pytest
+import tensorflow as tf
+
+import tf_moe
+from tests import numpy_reference as ref
+from tf_moe.ops.expert_matmul import stacked_feed_forward
+
+N, C, D, H, O = 3, 5, 4, 6, 2
+
+
+def _sigmoid(v):
+    return 1 / (1 + np.exp(-v))
+
+
+def _normal_pdf(v):
+    return np.exp(-0.5 * v**2) / math.sqrt(2 * math.pi)
+
+
+# name -> (TensorFlow activation, numpy activation, numpy derivative)
+ACTIVATIONS = {
+    "relu": (tf.nn.relu, ref.relu, lambda p: (p > 0).astype(p.dtype)),
+    "tanh": (tf.tanh, np.tanh, lambda p: 1 - np.tanh(p) ** 2),
+    "sigmoid": (tf.sigmoid, _sigmoid, lambda p: _sigmoid(p) * (1 - _sigmoid(p))),
+    "linear": (lambda v: v, lambda v: v, np.ones_like),
+    "gelu": (
+        keras.activations.gelu,
+        lambda p: p * ref.normal_cdf(p),
+        lambda p: ref.normal_cdf(p) + p * _normal_pdf(p),
+    ),
+}
+
+
+def _arrays(use_bias, capacity=C, seed=0):
+    rng = np.random.default_rng(seed)
+    shapes = [(N, capacity, D), (N, D, H), (N, H, O)] + ([(N, 1, H), (N, 1, O)] if use_bias else [])
+    return [rng.standard_normal(shape).astype("float32") for shape in shapes]
+
+
+def _plain(x, w_in, w_out, b_in=None, b_out=None, activation=tf.nn.relu):
+    """The same function in plain TensorFlow ops, left to autodiff."""
+    hidden = tf.matmul(x, w_in) + (0.0 if b_in is None else b_in)
+    outputs = tf.matmul(activation(hidden), w_out)
+    return outputs + (0.0 if b_out is None else b_out)
+
+
+def _values_and_gradients(fn, arrays, d_out, activation):
+    tensors = [tf.constant(a) for a in arrays]
+    with tf.GradientTape() as tape:
+        tape.watch(tensors)
+        outputs = fn(*tensors, activation=activation)
+        loss = tf.reduce_sum(outputs * d_out)
+    return [outputs.numpy()] + [g.numpy() for g in tape.gradient(loss, tensors)]
+
+
+@pytest.mark.parametrize("activation", sorted(ACTIVATIONS))
+@pytest.mark.parametrize("use_bias", [True, False])
+def test_values_and_gradients_match_numpy(activation, use_bias):
+    tf_activation, np_activation, derivative = ACTIVATIONS[activation]
+    arrays = _arrays(use_bias)
+    d_out = np.random.default_rng(1).standard_normal((N, C, O)).astype("float32")
+    got = _values_and_gradients(stacked_feed_forward, arrays, d_out, tf_activation)
+    x, w_in, w_out = arrays[:3]
+    b_in, b_out = arrays[3:] if use_bias else (None, None)
+    for e in range(N):
+        bias = (b_in[e, 0], b_out[e, 0]) if use_bias else (None, None)
+        want_y = ref.expert(x[e], w_in[e], bias[0], w_out[e], bias[1], np_activation)
+        dx, dw_in, dw_out, db_in, db_out = ref.expert_gradients(
+            x[e], w_in[e], bias[0], w_out[e], bias[1], d_out[e], np_activation, derivative
+        )
+        want = [want_y, dx, dw_in, dw_out] + ([db_in[None], db_out[None]] if use_bias else [])
+        for name, g, w in zip(["y", "x", "kernel_in", "kernel_out", "bias_in", "bias_out"], got, want):
+            np.testing.assert_allclose(g[e], w, rtol=1e-4, atol=1e-4, err_msg=f"{activation}: {name}")
+
+
+@pytest.mark.parametrize("capacity", [C, 1, 0])
+@pytest.mark.parametrize("use_bias", [True, False])
+def test_gradients_equal_autodiff_of_the_plain_ops(capacity, use_bias):
+    arrays = _arrays(use_bias, capacity, seed=2)
+    d_out = np.random.default_rng(3).standard_normal((N, capacity, O)).astype("float32")
+    for activation in (tf.nn.relu, tf.tanh):
+        got = _values_and_gradients(stacked_feed_forward, arrays, d_out, activation)
+        want = _values_and_gradients(_plain, arrays, d_out, activation)
+        for g, w in zip(got, want):
+            assert g.shape == w.shape
+            np.testing.assert_allclose(g, w, rtol=1e-5, atol=1e-5)
+
+
+def test_xla_and_dynamic_capacity_give_the_same_gradients():
+    arrays = [tf.constant(a) for a in _arrays(use_bias=True, seed=4)]
+    d_out = tf.random.stateless_normal((N, C, O), seed=[0, 1])
+
+    def step(*tensors):
+        with tf.GradientTape() as tape:
+            tape.watch(tensors)
+            loss = tf.reduce_sum(stacked_feed_forward(*tensors, activation=tf.nn.gelu) * d_out)
+        return tape.gradient(loss, tensors)
+
+    eager = step(*arrays)
+    compiled = tf.function(step, jit_compile=True)(*arrays)
+    signature = [tf.TensorSpec((N, None, D))] + [tf.TensorSpec(a.shape) for a in arrays[1:]]
+    dynamic = tf.function(step, input_signature=signature)(*arrays)
+    for e, x, y in zip(eager, compiled, dynamic):
+        np.testing.assert_allclose(x.numpy(), e.numpy(), rtol=1e-5, atol=1e-5)
+        np.testing.assert_allclose(y.numpy(), e.numpy(), rtol=1e-5, atol=1e-5)
+
+
+def test_the_gradient_can_be_taken_twice():
+    arrays = [tf.constant(a) for a in _arrays(use_bias=True, seed=5)]
+    with tf.GradientTape(persistent=True) as tape:
+        tape.watch(arrays)
+        loss = tf.reduce_sum(stacked_feed_forward(*arrays) ** 2)
+    first, second = tape.gradient(loss, arrays), tape.gradient(loss, arrays)
+    for a, b in zip(first, second):
+        np.testing.assert_array_equal(a.numpy(), b.numpy())
+
+
+@pytest.mark.parametrize("policy, tolerance", [("mixed_float16", 1e-2), ("mixed_bfloat16", 5e-2)])
+def test_layer_gradients_under_mixed_precision_follow_float32(policy, tolerance):
+    x = np.random.default_rng(6).standard_normal((N, C, D)).astype("float32")
+    results = {}
+    try:
+        for name in ("float32", policy):
+            keras.mixed_precision.set_global_policy(name)
+            experts = tf_moe.FeedForwardExperts(N, H, O, activation="tanh")
+            experts.build((N, None, D))
+            for variable, value in zip(experts.weights, _arrays(use_bias=True, seed=7)[1:]):
+                variable.assign(value)
+            with tf.GradientTape() as tape:
+                outputs = experts(x)
+                loss = tf.reduce_sum(tf.cast(outputs, tf.float32) ** 2)
+            grads = tape.gradient(loss, experts.trainable_variables)
+            assert outputs.dtype == keras.mixed_precision.global_policy().compute_dtype
+            assert all(g.dtype == tf.float32 for g in grads)
+            results[name] = [outputs.numpy().astype("float32")] + [g.numpy() for g in grads]
+    finally:
+        keras.mixed_precision.set_global_policy("float32")
+    for want, got in zip(results["float32"], results[policy]):
+        np.testing.assert_allclose(got, want, atol=tolerance * np.abs(want).max())
+
+
+def test_one_bias_without_the_other_is_an_error():
+    x, w_in, w_out, b_in, _ = (tf.constant(a) for a in _arrays(use_bias=True))
+    with pytest.raises(ValueError, match="`bias_in` and `bias_out`"):
+        stacked_feed_forward(x, w_in, w_out, bias_in=b_in)
