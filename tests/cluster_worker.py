@@ -67,7 +67,8 @@ def _distributed(strategy, x, y, steps):
             for replica in range(local)
             for i in range(per_replica)
         ]
-        return tf.data.Dataset.from_tensor_slices((x[rows], y[rows])).batch(per_replica)
+        # Repeated: `fit` with `steps_per_epoch` keeps one iterator over all epochs.
+        return tf.data.Dataset.from_tensor_slices((x[rows], y[rows])).batch(per_replica).repeat()
 
     assert len(x) >= steps * GLOBAL_BATCH and np.shape(x)[0] == np.shape(y)[0]
     return strategy.distribute_datasets_from_function(dataset)

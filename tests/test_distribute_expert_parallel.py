@@ -123,12 +123,14 @@ def test_outputs_equal_single_device_moe(replicas, capacity_factor):
     np.testing.assert_allclose(got, expected, rtol=1e-5, atol=1e-6)
 
 
+@pytest.mark.parametrize("exchange", ["all_to_all", "all_gather"])
 @pytest.mark.parametrize("replicas", [2, 4])
-def test_exchange_runs_every_replica_buffer_through_its_expert(replicas):
+def test_exchange_runs_every_replica_buffer_through_its_expert(replicas, exchange):
     """Slots of every replica reach the replica holding their expert and come back."""
     strategy = _strategy(replicas)
     with strategy.scope():
         experts = _ShardedExperts(N // replicas, hidden_units=8, output_units=5, name="experts")
+        experts.exchange = exchange
         experts.build((N // replicas, None, D))
     w_in, w_out, b_in, b_out = (gather_shards(w) for w in experts.weights)
     buffers = np.random.default_rng(5).standard_normal((replicas, N, 3, D)).astype("float32")
@@ -194,6 +196,13 @@ def test_plain_optimizer_mixes_shards_so_wrapper_is_needed():
     model.fit(x, y, batch_size=32, epochs=1, verbose=0)
     kernel = model.get_layer("moe").experts.kernel_in
     assert not np.allclose(gather_shards(kernel), reference.get_layer("moe").experts.kernel_in.numpy(), atol=1e-4)
+
+
+def test_exchange_argument_is_checked_and_saved():
+    with pytest.raises(ValueError, match="`exchange` must be one of"):
+        ExpertParallelMoE(num_experts=4, k=2, hidden_units=8, exchange="ring")
+    layer = ExpertParallelMoE(num_experts=4, k=2, hidden_units=8, exchange="all_gather")
+    assert ExpertParallelMoE.from_config(layer.get_config()).exchange == "all_gather"
 
 
 def test_num_experts_must_divide_over_replicas():

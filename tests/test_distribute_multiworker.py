@@ -87,3 +87,53 @@ def test_two_workers_equal_the_single_device_layer(tmp_path, local_devices):
         np.testing.assert_allclose(
             restored.predict(batch, batch_size=GLOBAL_BATCH, verbose=0), got["outputs"], rtol=1e-5, atol=1e-6
         )
+
+
+# What the surviving worker reports when its peer died: the coordination
+# service's missed heartbeats, or the failed collective itself.
+_PEER_LOST = ("unhealthy", "UnavailableError", "Collective ops is aborted", "DeadlineExceeded")
+
+
+def _start_until_marked(commands, log_dir, marker, timeout=500, attempts=3):
+    """Starts a cluster and waits for `marker`; restarts it when a port was taken."""
+    for _ in range(attempts):
+        run = cluster.Cluster(commands, log_dir)
+        deadline = time.monotonic() + timeout
+        while not os.path.exists(marker):
+            if any(p.poll() is not None for p in run.processes) or time.monotonic() > deadline:
+                run.stop()
+                if run.port_was_taken():
+                    break
+                raise AssertionError(f"the cluster stopped before {marker}:\n{run.outputs_text()}")
+            time.sleep(0.2)
+        else:
+            return run
+    raise AssertionError(f"no free ports in {attempts} attempts:\n{run.outputs_text()}")
+
+
+@pytest.mark.slow
+def test_a_killed_worker_stops_the_run_which_resumes_from_its_backup(tmp_path):
+    """SIGKILL worker 1 in epoch 2: worker 0 fails with a clear error, not a hang; a
+    restarted cluster resumes from the backup and ends at the weights of an
+    uninterrupted run."""
+    reference, x, y = _prepare(tmp_path)
+    commands = _commands("resume", 2, tmp_path)
+    (tmp_path / "killed").mkdir()
+    run = _start_until_marked(commands, tmp_path / "killed", tmp_path / "worker1-epoch1")
+    try:
+        time.sleep(1.0)  # into epoch 2 (worker 1 sleeps 0.5 s after each step)
+        run.kill(1)
+        # The chief must stop by itself: it gets the whole grace period.
+        (code, output), _ = run.wait(timeout=300, grace=240)
+    finally:
+        run.stop()
+    assert code not in (0, -9), f"worker 0 did not fail by itself ({code}):\n{output[-4000:]}"
+    assert any(message in output for message in _PEER_LOST), output[-4000:]
+    assert not (tmp_path / "results.npz").exists()
+
+    (tmp_path / "resumed").mkdir()
+    cluster.run_cluster(commands, tmp_path / "resumed", timeout=600)
+    got = np.load(tmp_path / "results.npz")
+    assert 1 <= int(got["initial_epoch"]) < EPOCHS  # resumed, not restarted or skipped
+    reference.fit(x, y, batch_size=GLOBAL_BATCH, epochs=EPOCHS, shuffle=False, verbose=0)
+    _assert_same_state(_restore(tmp_path / "trained.weights.h5", 1), reference)

@@ -176,6 +176,8 @@ def exchange(tensor, method="auto"):
         _record(method, replica, "forward", x, replicas)
 
         def gradient(upstream):
+            # The gradient has the forward tensor's shape, static or not.
+            upstream = tf.ensure_shape(upstream, x.shape)
             _record(method, replica, "backward", upstream, replicas)
             return send(upstream)
 
