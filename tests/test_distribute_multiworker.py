@@ -13,7 +13,6 @@ error and resume from its backup to the weights of an uninterrupted run.
 import os
 import time
 
-import keras
 import numpy as np
 import pytest
 import tensorflow as tf
