@@ -18,11 +18,13 @@ _SHARDING_STRATEGIES = (
 )
 
 
+def _tf_variable(variable):
+    return variable.value if isinstance(variable, keras.Variable) else variable
+
+
 def is_replica_local(variable):
     """Whether `variable` holds a different value on each replica (a shard)."""
-    if isinstance(variable, keras.Variable):
-        variable = variable.value
-    return getattr(variable, "synchronization", None) == tf.VariableSynchronization.ON_READ
+    return getattr(_tf_variable(variable), "synchronization", None) == tf.VariableSynchronization.ON_READ
 
 
 def _replica_local_creator(next_creator, **kwargs):
@@ -39,14 +41,12 @@ def replica_local_variables():
 
 
 def _strategy_of(variable):
-    variable = variable.value if isinstance(variable, keras.Variable) else variable
-    return variable.distribute_strategy
+    return _tf_variable(variable).distribute_strategy
 
 
 def _components(variable):
-    return _strategy_of(variable).experimental_local_results(
-        variable.value if isinstance(variable, keras.Variable) else variable
-    )
+    """This worker's per-replica components of a variable."""
+    return _strategy_of(variable).experimental_local_results(_tf_variable(variable))
 
 
 def shard_ids(strategy):
