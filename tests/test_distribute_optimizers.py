@@ -27,8 +27,10 @@ OPTIMIZERS = {
 }
 
 
+# The default run takes loss scaling (mixed precision, a skipped step);
+# the others take about 20 s each on two shared cores.
 @pytest.mark.parametrize(
-    "name", ["ema", "loss_scale"] + [pytest.param(n, marks=pytest.mark.slow) for n in ("adamw", "momentum")]
+    "name", ["loss_scale"] + [pytest.param(n, marks=pytest.mark.slow) for n in ("adamw", "momentum", "ema")]
 )
 def test_variant_equals_single_device_training(name):
     policy = keras.config.dtype_policy()
