@@ -123,12 +123,14 @@ def test_outputs_equal_single_device_moe(replicas, capacity_factor):
     np.testing.assert_allclose(got, expected, rtol=1e-5, atol=1e-6)
 
 
+@pytest.mark.parametrize("exchange", ["all_to_all", "all_gather"])
 @pytest.mark.parametrize("replicas", [2, 4])
-def test_exchange_runs_every_replica_buffer_through_its_expert(replicas):
+def test_exchange_runs_every_replica_buffer_through_its_expert(replicas, exchange):
     """Slots of every replica reach the replica holding their expert and come back."""
     strategy = _strategy(replicas)
     with strategy.scope():
         experts = _ShardedExperts(N // replicas, hidden_units=8, output_units=5, name="experts")
+        experts.exchange = exchange
         experts.build((N // replicas, None, D))
     w_in, w_out, b_in, b_out = (gather_shards(w) for w in experts.weights)
     buffers = np.random.default_rng(5).standard_normal((replicas, N, 3, D)).astype("float32")
@@ -232,19 +234,23 @@ def test_dropless_buffers_of_different_sizes_run_eagerly():
         np.testing.assert_allclose(got, reference(half, mask=half_mask).numpy(), rtol=1e-5, atol=1e-6)
 
 
+@pytest.mark.parametrize("exchange", ["all_to_all", "all_gather"])
 @pytest.mark.parametrize("capacity_factor", [None, 0.5])
-def test_an_empty_batch_on_every_replica_gives_empty_outputs(capacity_factor):
+def test_an_empty_batch_on_every_replica_gives_empty_outputs(capacity_factor, exchange):
     """Found by the property suite (a process crash): the exchange all-gathered
     empty buffers, and TensorFlow's collective gather segfaults on those."""
     strategy = _strategy(2)
     with strategy.scope():
-        layer = ExpertParallelMoE(hidden_units=8, router=_router(), capacity_factor=capacity_factor)
+        layer = ExpertParallelMoE(
+            hidden_units=8, router=_router(), capacity_factor=capacity_factor, exchange=exchange
+        )
         layer.build((None, 3, D))
     outputs = _run_on_halves(strategy, layer, np.zeros((0, 3, D), "float32"))
     assert [y.shape for y in outputs] == [(0, 3, D)] * 2
 
 
-def test_mixed_bfloat16_equals_the_single_device_layer():
+@pytest.mark.parametrize("exchange", ["all_to_all", "all_gather"])
+def test_mixed_bfloat16_equals_the_single_device_layer(exchange):
     """Found by the property suite: the collective gather has no bfloat16
     kernel (a TypeError inside TensorFlow under `mixed_bfloat16`)."""
     x, _ = _data()
@@ -253,13 +259,20 @@ def test_mixed_bfloat16_equals_the_single_device_layer():
     randomise_weights(reference, seed=0, scale=1.0)
     strategy = _strategy(2)
     with strategy.scope():
-        layer = ExpertParallelMoE(hidden_units=8, router=_router(), dtype="mixed_bfloat16")
+        layer = ExpertParallelMoE(hidden_units=8, router=_router(), dtype="mixed_bfloat16", exchange=exchange)
         layer.build((None, 3, D))
         layer.router.set_weights(reference.router.get_weights())
         layer.experts.load_own_variables({str(i): w.numpy() for i, w in enumerate(reference.experts.weights)})
     for half, got in zip(np.split(x, 2), _run_on_halves(strategy, layer, x)):
         want = tf.cast(reference(half), tf.float32).numpy()
         np.testing.assert_allclose(got, want, rtol=0, atol=2e-2 * np.abs(want).max())
+
+
+def test_exchange_argument_is_checked_and_saved():
+    with pytest.raises(ValueError, match="`exchange` must be one of"):
+        ExpertParallelMoE(num_experts=4, k=2, hidden_units=8, exchange="ring")
+    layer = ExpertParallelMoE(num_experts=4, k=2, hidden_units=8, exchange="all_gather")
+    assert ExpertParallelMoE.from_config(layer.get_config()).exchange == "all_gather"
 
 
 def test_num_experts_must_divide_over_replicas():

@@ -4,15 +4,27 @@ import keras
 import tensorflow as tf
 from keras.src.backend.common.symbolic_scope import in_symbolic_scope
 
+from tf_moe.distribute.exchange import EXCHANGES, exchange, resolve_exchange
 from tf_moe.layers.feed_forward_experts import FeedForwardExperts
 from tf_moe.layers.moe_layer import MoELayer
+
+# Strategies whose replicas can each hold a shard (replica-local variables
+# and replica-context collectives).
+_SHARDING_STRATEGIES = (
+    tf.distribute.MirroredStrategy,
+    tf.distribute.MultiWorkerMirroredStrategy,
+    tf.distribute.TPUStrategy,
+    tf.distribute.experimental.TPUStrategy,
+)
+
+
+def _tf_variable(variable):
+    return variable.value if isinstance(variable, keras.Variable) else variable
 
 
 def is_replica_local(variable):
     """Whether `variable` holds a different value on each replica (a shard)."""
-    if isinstance(variable, keras.Variable):
-        variable = variable.value
-    return getattr(variable, "synchronization", None) == tf.VariableSynchronization.ON_READ
+    return getattr(_tf_variable(variable), "synchronization", None) == tf.VariableSynchronization.ON_READ
 
 
 def _replica_local_creator(next_creator, **kwargs):
@@ -28,31 +40,99 @@ def replica_local_variables():
     return tf.variable_creator_scope(_replica_local_creator)
 
 
+def _strategy_of(variable):
+    return _tf_variable(variable).distribute_strategy
+
+
 def _components(variable):
-    variable = variable.value if isinstance(variable, keras.Variable) else variable
-    return variable.distribute_strategy.experimental_local_results(variable)
+    """This worker's per-replica components of a variable."""
+    return _strategy_of(variable).experimental_local_results(_tf_variable(variable))
+
+
+def shard_ids(strategy):
+    """The global shard index of each of this worker's replicas.
+
+    A replica's shard index is its `replica_id_in_sync_group`: replica `r`
+    of the whole cluster holds experts `r * m ... (r + 1) * m - 1`. Listed
+    in the order of the local components of a replica-local variable.
+    """
+    ids = strategy.experimental_distribute_values_from_function(
+        lambda context: context.replica_id_in_sync_group
+    )
+    return [int(i) for i in strategy.experimental_local_results(ids)]
 
 
 def gather_shards(variable):
-    """The full value of a variable: its shards concatenated on axis 0."""
-    if not is_replica_local(variable):
-        return keras.ops.convert_to_numpy(variable)
-    return tf.concat(_components(variable), axis=0).numpy()
+    """The full value of a variable: the shards of all replicas on axis 0.
+
+    Shards held by other workers are gathered with a collective, so under
+    MultiWorkerMirroredStrategy every worker must call this (as every
+    worker calls `save_weights`).
+    """
+    return gather_all_shards([variable])[0]
+
+
+def gather_all_shards(variables):
+    """`gather_shards` of each of `variables`, with one collective per dtype.
+
+    Returns:
+        A list of numpy arrays, one per variable.
+    """
+    values = [None] * len(variables)
+    remote = {}  # dtype -> indices of variables with shards on other workers
+    for index, variable in enumerate(variables):
+        if not is_replica_local(variable):
+            values[index] = keras.ops.convert_to_numpy(variable)
+            continue
+        strategy = _strategy_of(variable)
+        components = _components(variable)
+        if len(components) == strategy.num_replicas_in_sync:
+            ids = shard_ids(strategy)
+            values[index] = tf.concat([components[ids.index(i)] for i in range(len(ids))], axis=0).numpy()
+        else:
+            remote.setdefault(variable.dtype, []).append(index)
+    for indices in remote.values():
+        gathered = _gather_flat([variables[i] for i in indices])
+        for index, value in zip(indices, gathered):
+            values[index] = value
+    return values
+
+
+def _gather_flat(variables):
+    """Full values of replica-local variables of one dtype, in one `strategy.gather`."""
+    strategy = _strategy_of(variables[0])
+    components = [_components(v) for v in variables]
+    ids = shard_ids(strategy)
+
+    def local_flat(context):
+        replica = ids.index(context.replica_id_in_sync_group)
+        return tf.concat([tf.reshape(c[replica], [-1]) for c in components], axis=0)
+
+    flat = strategy.gather(strategy.experimental_distribute_values_from_function(local_flat), axis=0)
+    per_replica = tf.split(flat, strategy.num_replicas_in_sync)
+    sizes = [c[0].shape.num_elements() for c in components]
+    shards = [tf.split(replica, sizes) for replica in per_replica]
+    return [
+        tf.concat([tf.reshape(shard[i], c[0].shape) for shard in shards], axis=0).numpy()
+        for i, c in enumerate(components)
+    ]
 
 
 def assign_shards(variable, full_value):
-    """Splits `full_value` on axis 0 over the shards of `variable`."""
+    """Splits `full_value` on axis 0 over the shards of `variable` (this worker's)."""
     if not is_replica_local(variable):
         variable.assign(full_value)
         return
+    strategy = _strategy_of(variable)
     components = _components(variable)
+    shards = strategy.num_replicas_in_sync
     local = components[0].shape[0] if components[0].shape.rank else None
-    if local is None or full_value.shape[0] != local * len(components):
+    if local is None or full_value.shape[0] != local * shards:
         raise ValueError(
-            f"Cannot split a value of shape {full_value.shape} over {len(components)} "
+            f"Cannot split a value of shape {full_value.shape} over {shards} "
             f"shards of shape {components[0].shape} ({variable.name})."
         )
-    for shard, component in enumerate(components):
+    for shard, component in zip(shard_ids(strategy), components):
         component.assign(full_value[shard * local : (shard + 1) * local])
 
 
@@ -66,28 +146,23 @@ def _reseeded(initializer, shard):
     return type(initializer).from_config(config)
 
 
-def _all_gather(context, value):
-    """`value` [1, ...] of every replica, concatenated on axis 0.
-
-    TensorFlow's collective gather has no bfloat16 kernel, so bfloat16
-    values travel as float32 (exactly) and come back as bfloat16.
-    """
-    if value.dtype != tf.bfloat16:
-        return context.all_gather(value, axis=0)
-    return tf.cast(context.all_gather(tf.cast(value, tf.float32), axis=0), tf.bfloat16)
-
-
 @keras.saving.register_keras_serializable(package="tf_moe")
 class _ShardedExperts(FeedForwardExperts):
     """Expert bank of which each replica holds `num_experts` (its shard).
 
     Called in a replica context on that replica's full dispatch buffer
-    [num_shards * num_experts, capacity, d]: the buffers of all replicas are
-    exchanged so that each replica runs its own experts on the slots that
-    every replica routed to them, then the outputs go back to the replicas
-    their tokens came from. Saved and loaded as the full stacked bank, so a
-    checkpoint restores onto any number of replicas.
+    [num_shards * num_experts, capacity, d]: the buffers are exchanged
+    (`tf_moe.distribute.exchange`) so that each replica runs its own
+    experts once on the slots that every replica of the cluster routed to
+    them, then the outputs go back to the replicas their tokens came from.
+    Replica `r` (its `replica_id_in_sync_group`, over all workers) holds
+    shard `r`. Saved and loaded as the full stacked bank, so a checkpoint
+    restores onto any number of replicas and workers.
     """
+
+    # How buffers travel between replicas, one of `exchange.EXCHANGES`;
+    # set by ExpertParallelMoE.
+    exchange = "auto"
 
     def build(self, input_shape):
         strategy = tf.distribute.get_strategy()
@@ -95,11 +170,10 @@ class _ShardedExperts(FeedForwardExperts):
         if self.num_shards == 1:
             super().build(input_shape)
             return
-        if len(strategy.extended.worker_devices) != self.num_shards:
+        if not isinstance(strategy, _SHARDING_STRATEGIES):
             raise NotImplementedError(
-                "Expert parallelism needs every replica on this worker (e.g. MirroredStrategy); "
-                f"got {type(strategy).__name__} with {self.num_shards} replicas over "
-                f"{len(strategy.extended.worker_devices)} local devices."
+                "Expert parallelism needs MirroredStrategy, MultiWorkerMirroredStrategy or "
+                f"TPUStrategy; got {type(strategy).__name__} with {self.num_shards} replicas."
             )
         if not tf.distribute.in_cross_replica_context():
             raise RuntimeError(
@@ -109,8 +183,9 @@ class _ShardedExperts(FeedForwardExperts):
         with replica_local_variables():
             super().build(input_shape)
         # The strategy copies replica 0's initial value to every replica.
+        ids = shard_ids(strategy)
         for variable, initializer in self._initializers():
-            for shard, component in enumerate(_components(variable)):
+            for shard, component in zip(ids, _components(variable)):
                 if shard:
                     init = _reseeded(initializer, shard)
                     component.assign(init(variable.shape, dtype=variable.dtype))
@@ -136,8 +211,8 @@ class _ShardedExperts(FeedForwardExperts):
         shards, local = self.num_shards, self.num_experts
         units = inputs.shape[-1]
         capacity = inputs.shape[1]
-        # At least one (zero) slot: TensorFlow's all-gather of an empty
-        # tensor kills the process (an empty batch on every replica).
+        # At least one (zero) slot: TensorFlow's collective gather of an
+        # empty tensor kills the process (an empty batch on every replica).
         if capacity is None or tf.executing_eagerly():
             # Dropless buffers differ per replica (and run eagerly, their
             # shapes are known): pad all to the largest.
@@ -146,23 +221,23 @@ class _ShardedExperts(FeedForwardExperts):
         else:
             padded_capacity = max(capacity, 1)
         inputs = tf.pad(inputs, [[0, 0], [0, padded_capacity - capacity], [0, 0]])
-        replica = context.replica_id_in_sync_group
-        # [sources, owners, local, C, d]: tf.distribute has no all-to-all, so
-        # every replica gathers all buffers and keeps its own experts' slots.
-        sent = tf.reshape(inputs, [1, shards, local, padded_capacity, units])
-        received = tf.gather(_all_gather(context, sent), replica, axis=1)
+        # [owners, local, C, d] -> [sources, local, C, d]: every replica's
+        # slots of this replica's experts.
+        received = exchange(tf.reshape(inputs, [shards, local, padded_capacity, units]), self.exchange)
         # Each local expert runs once on the slots of all replicas.
         batch = tf.reshape(tf.transpose(received, [1, 0, 2, 3]), [local, -1, units])
         outputs = super().call(batch)
         out_units = outputs.shape[-1]
         outputs = tf.transpose(tf.reshape(outputs, [local, shards, padded_capacity, out_units]), [1, 0, 2, 3])
-        returned = tf.gather(_all_gather(context, outputs[None]), replica, axis=1)
+        # [sources, local, C, o] -> [owners, local, C, o]: back where the tokens came from.
+        returned = exchange(outputs, self.exchange)
         returned = tf.reshape(returned, [shards * local, padded_capacity, out_units])
         return returned[:, :capacity]
 
     def save_own_variables(self, store):
-        for i, variable in enumerate(self._trainable_variables + self._non_trainable_variables):
-            store[f"{i}"] = gather_shards(variable)
+        variables = self._trainable_variables + self._non_trainable_variables
+        for i, value in enumerate(gather_all_shards(variables)):
+            store[f"{i}"] = value
 
     def load_own_variables(self, store):
         self._check_load_own_variables(store)
@@ -175,25 +250,34 @@ class ExpertParallelMoE(MoELayer):
     """MoE layer whose experts are sharded across data-parallel replicas.
 
     The mix of data and model parallelism of section 3.1: under a
-    `tf.distribute` strategy with R replicas, the router and the rest of the
-    model are replicated (data parallel) while each replica holds
-    `num_experts / R` experts. In every step the per-replica dispatch
-    buffers are exchanged with cross-replica all-gathers, so each expert
-    runs once on the tokens routed to it from the whole global batch (a
-    batch of about `k * B / n` for a global batch of B tokens instead of
-    `k * B / (n R)`), and the outputs return to their replicas. With one
+    `tf.distribute` strategy with R replicas (on one worker or many), the
+    router and the rest of the model are replicated (data parallel) while
+    each replica holds `num_experts / R` experts, each expert on exactly
+    one replica of the cluster. In every step each replica sends the slots
+    it routed to an expert to that expert's replica and gets the outputs
+    back (an all-to-all each way), so each expert runs once on the tokens
+    routed to it from the whole global batch (a batch of about `k * B / n`
+    for a global batch of B tokens instead of `k * B / (n R)`). With one
     replica it is exactly `MoELayer`. It works with every router, the
     hierarchical one included: routing happens on each replica before the
-    exchange. Expert weights are per-replica (ON_READ)
-    variables: train with an optimizer wrapped by
-    `tf_moe.distribute.expert_parallel_optimizer`, which leaves their
-    gradients local instead of summing them over replicas. Weights are
-    saved as the full `[num_experts, ...]` bank, so they load onto any
-    replica count and into `MoELayer`.
+    exchange, and the balancing losses are those of the global batch.
+    Expert weights are per-replica (ON_READ) variables: train with an
+    optimizer wrapped by `tf_moe.distribute.expert_parallel_optimizer`,
+    which leaves their gradients local instead of summing them over
+    replicas. Weights are saved as the full `[num_experts, ...]` bank, so
+    they load onto any number of replicas and workers and into `MoELayer`.
 
     Args:
-        Those of `MoELayer`; `num_experts` must be a multiple of the number
-        of replicas of the strategy in scope when the layer is built.
+        *args, **kwargs: those of `MoELayer`; `num_experts` must be a
+            multiple of the number of replicas of the strategy in scope
+            when the layer is built.
+        exchange: how dispatch buffers travel between replicas:
+            `"all_to_all"` (each slot crosses the network once: TensorFlow's
+            collective all-to-all under MirroredStrategy and
+            MultiWorkerMirroredStrategy, XLA's under TPUStrategy),
+            `"all_gather"` (every replica gathers all buffers: `replicas`
+            times the traffic, but only needs `all_gather`), or `"auto"`
+            (the all-to-all where the strategy has one).
 
     Call arguments:
         As `MoELayer`, inside a replica context when there are several
@@ -214,11 +298,27 @@ class ExpertParallelMoE(MoELayer):
 
     experts_class = _ShardedExperts
 
+    def __init__(self, *args, exchange="auto", **kwargs):
+        super().__init__(*args, **kwargs)
+        if exchange not in EXCHANGES:
+            raise ValueError(f"`exchange` must be one of {EXCHANGES}, got {exchange!r}.")
+        self.exchange = exchange
+
     def _build_experts(self, num_experts, input_units):
-        shards = tf.distribute.get_strategy().num_replicas_in_sync
+        strategy = tf.distribute.get_strategy()
+        shards = strategy.num_replicas_in_sync
         if num_experts % shards:
             raise ValueError(
                 f"`num_experts` ({num_experts}) must be a multiple of the number of "
                 f"replicas ({shards}) for expert parallelism."
             )
-        return super()._build_experts(num_experts // shards, input_units)
+        if shards > 1:
+            resolve_exchange(strategy, self.exchange)  # an unavailable one fails now
+        experts = super()._build_experts(num_experts // shards, input_units)
+        experts.exchange = self.exchange
+        return experts
+
+    def get_config(self):
+        config = super().get_config()
+        config["exchange"] = self.exchange
+        return config

@@ -6,6 +6,8 @@ import os
 
 import tensorflow as tf
 
+from tf_moe.distribute import tf_internals
+
 STRATEGY_NAMES = ("auto", "default", "mirrored", "multiworker", "tpu")
 
 
@@ -27,8 +29,12 @@ def get_strategy(name="auto", tpu=None, devices=None):
             TPU VM, a name or a `grpc://` address); raises `RuntimeError` when
             none is reachable.
         tpu: optional TPU name or address for `"tpu"` and `"auto"`.
-        devices: optional device names for `"mirrored"` (e.g.
-            `["/cpu:0", "/cpu:1"]` on logical CPU devices).
+        devices: optional device names: for `"mirrored"` the devices to
+            use (e.g. `["/cpu:0", "/cpu:1"]` on logical CPU devices); for
+            `"multiworker"` the local devices of every worker (by default
+            all its GPUs, else its one CPU: MultiWorkerMirroredStrategy
+            runs a single replica per CPU-only worker otherwise; e.g.
+            `["/cpu:0", "/cpu:1"]` on logical CPU devices gives two).
 
     Returns:
         A `tf.distribute.Strategy`; build and compile models under its
@@ -52,7 +58,7 @@ def get_strategy(name="auto", tpu=None, devices=None):
             devices = [d.name for d in gpus] or [d.name for d in tf.config.list_logical_devices("CPU")]
         return _MirroredStrategy(devices)
     if name == "multiworker":
-        return _MultiWorkerMirroredStrategy()
+        return _MultiWorkerMirroredStrategy(devices)
     return tf.distribute.TPUStrategy(_connect_tpu(tpu))
 
 
@@ -84,7 +90,19 @@ class _MultiWorkerMirroredStrategy(tf.distribute.MultiWorkerMirroredStrategy):
     every step ("Invalid reduction dimension 0 for input with 0
     dimensions"). Each leaf is reduced on its own, and a scalar over the
     replicas only.
+
+    Args:
+        local_devices: optional device names of each worker's replicas
+            (default: the strategy's own choice).
     """
+
+    def __init__(self, local_devices=None):
+        if not local_devices:
+            super().__init__()
+            return
+        tf_internals.init_multi_worker_strategy(
+            self, local_devices, tf.distribute.experimental.CommunicationOptions()
+        )
 
     def reduce(self, reduce_op, value, axis=None):
         reduce_one = super().reduce

@@ -1,0 +1,106 @@
+"""The one place where tf_moe.distribute relies on private TensorFlow internals.
+
+* `tf.distribute` has no public all-to-all. TensorFlow's collective
+  all-to-all kernel (`CollectiveAllToAllV2`, CPU and GPU) needs a group
+  key, an instance key that every member of the group agrees on, and, to
+  run in the same order as the strategy's own collectives on each device,
+  the strategy's ordering token. MirroredStrategy and
+  MultiWorkerMirroredStrategy keep all three in one
+  `CollectiveReplicaLauncher` per local device, through which they launch
+  `ReplicaContext.all_reduce` and `all_gather`; the all-to-all is launched
+  through the same launcher, exactly as they launch an all-gather.
+* MultiWorkerMirroredStrategy runs one replica per worker on CPUs whatever
+  the logical devices; `multi_worker_strategy_extended` gives it a list of
+  local devices (several logical CPUs per worker, as GPUs would be).
+
+tests/test_distribute_tf_internals.py pins everything used here, so a
+TensorFlow release that changes it fails there first.
+"""
+
+import tensorflow as tf
+from tensorflow.python.distribute import collective_all_reduce_strategy, cross_device_ops
+from tensorflow.python.ops import collective_ops
+
+
+def _collective_all_reduce(strategy):
+    """The strategy's `CollectiveAllReduce`, which holds its launchers, or None."""
+    for attribute in ("_cross_device_ops", "_collective_ops"):
+        ops = getattr(strategy.extended, attribute, None)
+        if isinstance(ops, cross_device_ops.CollectiveAllReduce):
+            return ops
+    return None
+
+
+def has_collective_launchers(strategy):
+    """Whether `strategy` launches its collectives through `CollectiveReplicaLauncher`s.
+
+    True for MirroredStrategy and MultiWorkerMirroredStrategy; False for
+    TPUStrategy and the default strategy.
+    """
+    return _collective_all_reduce(strategy) is not None
+
+
+def collective_launcher(strategy, replica_id):
+    """The strategy's collective launcher for one of this worker's replicas.
+
+    Args:
+        strategy: a strategy for which `has_collective_launchers` is True.
+        replica_id: int, the replica's `replica_id_in_sync_group` (global).
+
+    Returns:
+        The `CollectiveReplicaLauncher` of the replica's device.
+    """
+    local = strategy.extended._get_local_replica_id(replica_id)
+    return _collective_all_reduce(strategy)._launchers[local]
+
+
+def launch_all_to_all(launcher, tensor):
+    """`CollectiveAllToAllV2` of `tensor` [group, ...] in the launcher's group.
+
+    Row `i` of every member's `tensor` goes to member `i`; row `i` of the
+    result came from member `i`. Forward only (the caller defines the
+    gradient). The instance key is taken at call time, as the strategy does
+    for its own collectives, so workers that trace at different moments
+    still agree.
+    """
+    instance_key = launcher._next_instance_key()
+    options = launcher._options
+    # All-to-all has one CPU/GPU implementation besides NCCL's: a hint such
+    # as "ring" (valid for all-reduce) would name none.
+    nccl = options.implementation == tf.distribute.experimental.CommunicationImplementation.NCCL
+    with tf.device(launcher._device):
+        return collective_ops.all_to_all_v2(
+            tensor,
+            launcher._group_size,
+            launcher._group_key,
+            instance_key,
+            communication_hint="nccl" if nccl else "auto",
+            timeout=options.timeout_seconds or 0,
+            ordering_token=launcher._get_ordering_token(),
+        )
+
+
+class _LocalDevicesExtended(collective_all_reduce_strategy.CollectiveAllReduceExtended):
+    """MultiWorkerMirroredStrategy's extended with given local devices on every worker."""
+
+    def __init__(self, container_strategy, communication_options, local_devices):
+        self._requested_local_devices = local_devices
+        super().__init__(container_strategy, None, communication_options)
+
+    def _initialize_local_devices(self, cluster_resolver, worker_device):
+        specs = [tf.DeviceSpec.from_string(device) for device in self._requested_local_devices]
+        return (
+            tuple(f"{worker_device}/device:{s.device_type}:{s.device_index}" for s in specs),
+            specs[0].device_type,
+        )
+
+
+def init_multi_worker_strategy(strategy, local_devices, communication_options):
+    """Initialises a `MultiWorkerMirroredStrategy` (from TF_CONFIG) over `local_devices`.
+
+    Stands for `MultiWorkerMirroredStrategy.__init__`, which cannot take
+    local devices and only adds usage gauges besides creating its extended.
+    """
+    tf.distribute.Strategy.__init__(
+        strategy, _LocalDevicesExtended(strategy, communication_options, local_devices)
+    )
