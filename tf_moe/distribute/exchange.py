@@ -26,7 +26,7 @@ from typing import NamedTuple, Optional
 
 import tensorflow as tf
 
-from tf_moe.distribute import tf_internals
+from tf_moe import _internals
 
 EXCHANGES = ("auto", "all_to_all", "all_gather")
 
@@ -105,7 +105,7 @@ def _is_tpu(strategy):
 
 def has_all_to_all(strategy):
     """Whether `exchange(..., "all_to_all")` works under `strategy`."""
-    return _is_tpu(strategy) or tf_internals.has_collective_launchers(strategy)
+    return _is_tpu(strategy) or _internals.has_collective_launchers(strategy)
 
 
 def resolve_exchange(strategy, method):
@@ -170,10 +170,10 @@ def exchange(tensor, method="auto"):
                 input=x, group_assignment=group, concat_dimension=0, split_dimension=0, split_count=replicas
             )
     else:
-        launcher = tf_internals.collective_launcher(strategy, replica)
+        launcher = _internals.collective_launcher(strategy, replica)
 
         def send(x):
-            return tf_internals.launch_all_to_all(launcher, x)
+            return _internals.launch_all_to_all(launcher, x)
 
     if tensor.dtype == tf.bfloat16 and not _is_tpu(strategy):
         # TensorFlow's CPU/GPU collectives have no bfloat16 kernel: travel as

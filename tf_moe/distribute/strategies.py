@@ -6,7 +6,7 @@ import os
 
 import tensorflow as tf
 
-from tf_moe.distribute import tf_internals
+from tf_moe import _internals
 
 STRATEGY_NAMES = ("auto", "default", "mirrored", "multiworker", "tpu")
 
@@ -100,7 +100,7 @@ class _MultiWorkerMirroredStrategy(tf.distribute.MultiWorkerMirroredStrategy):
         if not local_devices:
             super().__init__()
             return
-        tf_internals.init_multi_worker_strategy(
+        _internals.init_multi_worker_strategy(
             self, local_devices, tf.distribute.experimental.CommunicationOptions()
         )
 

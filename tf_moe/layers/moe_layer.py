@@ -8,7 +8,7 @@ import numpy as np
 import tensorflow as tf
 
 from tf_moe import routers
-from tf_moe._tf_internals import in_xla_compilation
+from tf_moe._internals import in_xla_compilation
 from tf_moe.layers.checks import check_capacity_factor, check_non_negative, check_positive_int
 from tf_moe.layers.feed_forward_experts import FeedForwardExperts
 from tf_moe.layers.replica_losses import use_thread_local_losses

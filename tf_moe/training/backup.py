@@ -12,7 +12,7 @@ import keras
 import numpy as np
 
 from tf_moe.layers.checks import check_positive_int
-from tf_moe.training.keras_internals import clear_resume_epoch, set_resume_epoch
+from tf_moe._internals import clear_resume_epoch, set_resume_epoch
 
 _WEIGHTS = "model.weights.h5"
 _STATE = "state.json"

@@ -1,6 +1,15 @@
-"""The one place where tf_moe.distribute relies on private TensorFlow internals.
+"""The private TensorFlow and Keras internals tf_moe relies on, in one place.
 
-* `tf.distribute` has no public all-to-all. TensorFlow's collective
+No public API does these; tests/test_internals.py pins every one, so a
+TensorFlow or Keras release that changes them fails there first, naming
+what moved.
+
+* XLA: whether the ops being built will be compiled by XLA
+  (`in_xla_compilation`), so the dropless MoE picks static shapes.
+* Keras: `keras.callbacks.BackupAndRestore` makes `fit` resume at the
+  restored epoch by setting `model._initial_epoch`, which `fit` reads
+  instead of its `initial_epoch` argument (`set_resume_epoch`).
+* tf.distribute has no public all-to-all. TensorFlow's collective
   all-to-all kernel (`CollectiveAllToAllV2`, CPU and GPU) needs a group
   key, an instance key that every member of the group agrees on, and, to
   run in the same order as the strategy's own collectives on each device,
@@ -10,16 +19,36 @@
   `ReplicaContext.all_reduce` and `all_gather`; the all-to-all is launched
   through the same launcher, exactly as they launch an all-gather.
 * MultiWorkerMirroredStrategy runs one replica per worker on CPUs whatever
-  the logical devices; `multi_worker_strategy_extended` gives it a list of
+  the logical devices; `init_multi_worker_strategy` gives it a list of
   local devices (several logical CPUs per worker, as GPUs would be).
-
-tests/test_distribute_tf_internals.py pins everything used here, so a
-TensorFlow release that changes it fails there first.
 """
 
 import tensorflow as tf
 from tensorflow.python.distribute import collective_all_reduce_strategy, cross_device_ops
-from tensorflow.python.ops import collective_ops
+from tensorflow.python.ops import collective_ops, control_flow_util
+
+
+def in_xla_compilation():
+    """Whether the ops being built now will be compiled by XLA.
+
+    True inside `tf.function(jit_compile=True)` (and Keras `jit_compile`),
+    also in functions and control flow nested in it; False in eager mode and
+    in functions left to TensorFlow's executor. XLA needs every shape known
+    at compile time, so data-dependent shapes must be avoided there.
+    """
+    if tf.executing_eagerly():
+        return False
+    return control_flow_util.GraphOrParentsInXlaContext(tf.compat.v1.get_default_graph())
+
+
+def set_resume_epoch(model, epoch):
+    """Makes the running `fit` (called before `on_train_begin`) start at `epoch`."""
+    model._initial_epoch = epoch
+
+
+def clear_resume_epoch(model):
+    """Lets a later `fit` on the same model start at its `initial_epoch` argument again."""
+    model._initial_epoch = None
 
 
 def _collective_all_reduce(strategy):

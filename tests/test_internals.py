@@ -1,0 +1,127 @@
+"""Pins the private TensorFlow and Keras internals that tf_moe/_internals.py uses.
+
+A TensorFlow or Keras release that renames or changes any of them fails
+here, with the name of what moved, before the tests of the layers, the
+backups and expert parallelism fail less clearly.
+"""
+
+import inspect
+
+import keras
+import numpy as np
+import tensorflow as tf
+from tensorflow.python.distribute import collective_all_reduce_strategy, cross_device_ops, cross_device_utils
+
+from tf_moe import _internals
+from tf_moe._internals import clear_resume_epoch, in_xla_compilation, set_resume_epoch
+from tf_moe.distribute import get_strategy
+
+
+def test_in_xla_compilation_is_true_only_under_jit_compile():
+    seen = {}
+
+    def probe(name):
+        def fn(x):
+            seen[name] = in_xla_compilation()
+            # Nested control flow and functions inherit the context.
+            def record(key):
+                seen[key] = in_xla_compilation()
+                return x
+
+            tf.cond(x > 0, lambda: record(name + "/cond"), lambda: x)
+            tf.function(lambda: record(name + "/inner"))()
+            return x
+
+        return fn
+
+    x = tf.constant(1.0)
+    probe("eager")(x)
+    tf.function(probe("graph"))(x)
+    tf.function(probe("xla"), jit_compile=True)(x)
+    assert seen == {
+        "eager": False, "eager/cond": False, "eager/inner": False,
+        "graph": False, "graph/cond": False, "graph/inner": False,
+        "xla": True, "xla/cond": True, "xla/inner": True,
+    }
+
+
+class _ResumeAt(keras.callbacks.Callback):
+    def __init__(self, epoch):
+        super().__init__()
+        self.epoch, self.begun = epoch, []
+
+    def on_train_begin(self, logs=None):
+        if self.epoch is not None:
+            set_resume_epoch(self.model, self.epoch)
+
+    def on_epoch_begin(self, epoch, logs=None):
+        self.begun.append(epoch)
+
+
+def test_fit_starts_at_the_epoch_set_in_on_train_begin():
+    model = keras.Sequential([keras.Input((2,)), keras.layers.Dense(1)])
+    model.compile("sgd", "mse")
+    x, y = np.ones((4, 2), "float32"), np.ones((4, 1), "float32")
+    resume = _ResumeAt(3)
+    history = model.fit(x, y, epochs=5, verbose=0, callbacks=[resume])
+    assert resume.begun == [3, 4] and history.epoch == [3, 4]
+    # Still set: a later fit would start there too, until cleared.
+    again = _ResumeAt(None)
+    model.fit(x, y, epochs=5, verbose=0, callbacks=[again])
+    assert again.begun == [3, 4]
+    clear_resume_epoch(model)
+    model.fit(x, y, epochs=2, verbose=0, callbacks=[again])
+    assert again.begun == [3, 4, 0, 1]
+
+
+def _mirrored(count):
+    return get_strategy("mirrored", devices=[d.name for d in tf.config.list_logical_devices("CPU")[:count]])
+
+
+def test_mirrored_strategy_launches_collectives_through_one_launcher_per_device():
+    strategy = _mirrored(2)
+    assert _internals.has_collective_launchers(strategy)
+    assert isinstance(strategy.extended._collective_ops, cross_device_ops.CollectiveAllReduce)
+    launchers = strategy.extended._collective_ops._launchers
+    assert [launcher._device for launcher in launchers] == [
+        tf.DeviceSpec.from_string(d).to_string() for d in strategy.extended.worker_devices
+    ]
+    for replica, launcher in enumerate(launchers):
+        assert _internals.collective_launcher(strategy, replica) is launcher
+        assert isinstance(launcher, cross_device_utils.CollectiveReplicaLauncher)
+        assert launcher._group_size == 2 and isinstance(launcher._group_key, int)
+        for name in ("_next_instance_key", "_get_ordering_token", "_options"):
+            assert hasattr(launcher, name), name
+    assert strategy.extended._get_local_replica_id(1) == 1
+
+
+def test_the_default_strategy_has_no_launchers():
+    assert not _internals.has_collective_launchers(tf.distribute.get_strategy())
+
+
+def test_launched_all_to_all_sends_row_i_to_replica_i():
+    strategy = _mirrored(4)
+    rows = np.arange(4 * 4 * 2, dtype="float32").reshape(4, 4, 2)  # [replica, row, 2]
+
+    def step():
+        context = tf.distribute.get_replica_context()
+        replica = int(tf.get_static_value(context.replica_id_in_sync_group))
+        launcher = _internals.collective_launcher(strategy, replica)
+        return _internals.launch_all_to_all(launcher, tf.constant(rows[replica]))
+
+    got = strategy.experimental_local_results(tf.function(lambda: strategy.run(step))())
+    for replica, received in enumerate(got):
+        np.testing.assert_array_equal(received.numpy(), rows[:, replica])
+
+
+def test_multi_worker_extended_takes_its_local_devices_from_one_method():
+    extended = collective_all_reduce_strategy.CollectiveAllReduceExtended
+    assert list(inspect.signature(extended._initialize_local_devices).parameters) == [
+        "self", "cluster_resolver", "worker_device",
+    ]
+    assert list(inspect.signature(extended.__init__).parameters)[:4] == [
+        "self", "container_strategy", "cluster_resolver", "communication_options",
+    ]
+    assert list(inspect.signature(extended._get_local_replica_id).parameters) == [
+        "self", "replica_id_in_sync_group",
+    ]
