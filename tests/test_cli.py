@@ -40,7 +40,12 @@ def test_flags_map_onto_the_config():
     config = cli.config_from_args(args)
     assert (config.experts, config.k, config.groups, config.steps, config.batch_size) == (32, 2, 4, None, 8)
     assert (config.dropout, config.load_weight, config.verbose, args.verbosity) == (0.25, 0.0, 2, 1)
-    assert config.epochs == Config().epochs
+    # `train lm` is the main job's word-level protocol unless --level says otherwise.
+    assert (config.level, config.epochs, config.vocab_size) == ("word", 1, 5000)
+    wordpiece = cli.config_from_args(cli._parser().parse_args(["train", "lm", "--level", "wordpiece"]))
+    assert (wordpiece.level, wordpiece.epochs, wordpiece.vocab_size) == ("wordpiece", Config().epochs, 4000)
+    sweep = cli.config_from_args(cli._parser().parse_args(["experiment", "experts"]))
+    assert sweep.level == "wordpiece"
     quick = cli.config_from_args(cli._parser().parse_args(["train", "mt", "--quick", "--epochs", "2"]))
     assert quick.corpus == "web-sparv" and quick.epochs == 2 and quick.steps == Config.quick().steps
     # -v before or after the command.
@@ -183,7 +188,10 @@ def _perplexity(model, dataset):
 
 def test_quick_lm_run_is_quiet_prints_its_plan_results_and_logs_and_saves_the_models(tmp_path):
     out = tmp_path / "saved"
-    result = run_tf_moe(["train", "lm", "--quick", "--progress", "0", "--output", str(out)], tmp_path)
+    # The wordpiece protocol; the default word-level one is tests/test_experiments.py's.
+    result = run_tf_moe(
+        ["train", "lm", "--quick", "--level", "wordpiece", "--progress", "0", "--output", str(out)], tmp_path
+    )
     assert result.returncode == 0, result.stderr
     # No TensorFlow C++ log line, no cuInit error: on stderr at most the
     # progress bars of slow steps and the corpus source of a new cache.

@@ -70,8 +70,8 @@ def test_word_level_main_job_saves_a_stateless_model_and_its_word_vocabulary(tmp
     from tf_moe.data import WordVocabulary, load_vocabulary
 
     config = experiments.Config(**{
-        **experiments.Config.WORD_LEVEL, **experiments.Config.QUICK,
-        "corpus": "web", "epochs": 1, "output": str(tmp_path), "verbose": 0,
+        **experiments.Config.MAIN_LM, **experiments.Config.QUICK,
+        "corpus": "web", "output": str(tmp_path), "verbose": 0,
     })
     rows = experiments.train_lm(config, models=["moe"])
     vocab = load_vocabulary(str(tmp_path / "lm_vocab.json"))

@@ -199,9 +199,10 @@ def _add_training_flags(sub):
                          f"mt: {', '.join(data.available_corpora('translation'))}); "
                          f"default {defaults.corpus} / web-sparv")
     add("--level", choices=("wordpiece", "word"),
-        help="lm: wordpieces of each text on its own (default), or the word-level stream protocol of "
-             "the Penn Treebank benchmark (10k words, <eos>, stateful LSTMs; its defaults: 13 full "
-             "epochs of 35-step segments)")
+        help="lm: wordpieces of each text on its own, or the word-level stream protocol of the Penn "
+             "Treebank benchmark (10k words, <eos>, stateful LSTMs; its defaults: 13 full epochs of "
+             "35-step segments). `train lm` defaults to word level with 5000 words and one epoch; "
+             "the lm experiments other than ptb to wordpieces")
     add("--experts", type=positive_int, help=f"experts per MoE layer (default {defaults.experts})")
     add("--k", type=positive_int, help=f"experts per token (per level if hierarchical; default {defaults.k})")
     add("--hierarchical", type=positive_int, metavar="GROUPS", dest="groups",
@@ -265,6 +266,8 @@ def config_from_args(args):
         settings.update(Config.WORD_LEVEL, corpus="ptb")
     elif flags.get("level") == "word":
         settings.update(Config.WORD_LEVEL)
+    elif args.command == "train" and args.task == "lm" and "level" not in flags:
+        settings.update(Config.MAIN_LM)
     if args.quick:
         settings.update(Config.QUICK)
     return Config(**{**settings, **flags})
