@@ -212,6 +212,7 @@ def test_quick_lm_run_is_quiet_prints_its_plan_results_and_logs_and_saves_the_mo
     start = lines.index(table[0])
     assert lines[start:start + len(table)] == table and len(table) == 4
     assert table[0].startswith("| model | params | ops_per_timestep | valid_perplexity |")
+    assert experiments.verdict(results["rows"]) in lines  # which model is ahead, in words
     moe, wide = results["rows"]
     assert (moe["model"], wide["model"].replace("-", "_")) == ("moe", "moe_1_wide")
     assert moe["cv_load"] >= 0 and moe["max_over_mean_load"] >= 1 and wide["cv_load"] is None

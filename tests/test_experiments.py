@@ -83,3 +83,14 @@ def test_word_level_main_job_saves_a_stateless_model_and_its_word_vocabulary(tmp
     # Any batch size: trained with batches of 16, served one text at a time.
     assert model(ids).shape == (1, ids.shape[1], vocab.vocabulary_size)
     assert rows[0]["train_tokens"] > 0
+
+
+def test_verdict_names_the_model_ahead_and_by_how_much():
+    moe = dict(model="moe", params=1_321_984, ops_per_timestep=526_336, valid_perplexity=48.3, cv_load=0.08)
+    wide = dict(model="moe-1-wide", params=526_464, ops_per_timestep=524_288, valid_perplexity=49.3, cv_load=None)
+    deep = dict(wide, model="moe-1-deep", valid_perplexity=52.0)
+    ahead = experiments.verdict([moe, wide, deep])
+    assert "48.3 against 49.3 for moe-1-wide" in ahead and ahead.endswith("the MoE is ahead by 1.0 (2.0%).")
+    behind = experiments.verdict([dict(moe, valid_perplexity=51.0), wide])
+    assert "the dense model is ahead by 1.7 (3.4%)" in behind and "--epochs" in behind
+    assert experiments.verdict([moe]) is None and experiments.verdict([wide]) is None

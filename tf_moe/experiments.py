@@ -515,6 +515,33 @@ def train_mt(config, save=True):
     return rows
 
 
+def verdict(rows):
+    """One plain sentence on the MoE row against the dense rows at matched ops.
+
+    The MoE row is the first with load-balance figures (`cv_load` not None);
+    the others are its dense baselines. Returns None without both.
+    """
+    moe = next((row for row in rows if row.get("cv_load") is not None), None)
+    dense = [row for row in rows if row.get("cv_load") is None]
+    if moe is None or not dense:
+        return None
+    best = min(dense, key=lambda row: row["valid_perplexity"])
+    gap = best["valid_perplexity"] - moe["valid_perplexity"]
+    share = abs(gap) / best["valid_perplexity"]
+    head = (
+        f"At {moe['ops_per_timestep']:,} vs {best['ops_per_timestep']:,} ops per token, the MoE "
+        f"({moe['params']:,} parameters) has validation perplexity {moe['valid_perplexity']:.1f} against "
+        f"{best['valid_perplexity']:.1f} for {best['model']} ({best['params']:,} parameters): "
+    )
+    if gap > 0:
+        return head + f"the MoE is ahead by {gap:.1f} ({share:.1%})."
+    return head + (
+        f"the dense model is ahead by {-gap:.1f} ({share:.1%}). With few training tokens per expert "
+        "the MoE's extra parameters have not paid off yet; train longer (--epochs) to see the "
+        "paper's effect (docs/results.md has the curves)."
+    )
+
+
 def _run_dir(config, run_name):
     return os.path.join(config.output, "runs", run_name)
 
@@ -548,6 +575,7 @@ def plot_curves(results_paths, output_path, title=None):
         import matplotlib
 
         matplotlib.use("Agg")
+        import matplotlib.ticker
         from matplotlib import pyplot
     except ImportError as e:
         raise ImportError("Plotting needs matplotlib: `pip install matplotlib`.") from e
@@ -569,6 +597,9 @@ def plot_curves(results_paths, output_path, title=None):
     axes.set_xlabel("training tokens (millions)")
     axes.set_ylabel("validation perplexity")
     axes.set_yscale("log")
+    # Plain perplexities on the log axis, not powers of ten.
+    for axis_formatter in (axes.yaxis.set_major_formatter, axes.yaxis.set_minor_formatter):
+        axis_formatter(matplotlib.ticker.FormatStrFormatter("%g"))
     axes.grid(True, which="both", alpha=0.3)
     axes.legend()
     axes.set_title(title or f"MoE (solid) vs computationally matched dense (dashed): {', '.join(sorted(set(corpora)))}")
