@@ -276,6 +276,7 @@ def test_experiment_experts_sweeps_at_fixed_ops(tmp_path, capsys):
     assert experiments.format_table(results["rows"]) in out and "Figure 2" in out
 
 
+@pytest.mark.slow
 def test_experiment_routers_compares_routers_at_equal_expert_ops(tmp_path, capsys):
     argv = ["experiment", "routers", *TINY, "--routers", "loss_free", "hash", "--output", str(tmp_path)]
     assert cli.main(argv) == 0

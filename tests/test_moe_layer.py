@@ -442,7 +442,8 @@ def test_no_nan_with_zero_noise_scale():
         assert np.all(np.isfinite(list(layer.balance.result().values())))
 
 
-@pytest.mark.parametrize("capacity_factor", [1.0, None])
+# Dropless under XLA is also tests/test_dispatch.py's dropless_static check.
+@pytest.mark.parametrize("capacity_factor", [1.0, pytest.param(None, marks=pytest.mark.slow)])
 def test_trains_under_xla_as_without(capacity_factor):
     """The same fit with and without XLA: equal losses, balance and weights.
 

@@ -12,6 +12,8 @@ import os
 import subprocess
 import sys
 
+import pytest
+
 import tf_moe
 from tf_moe import performance
 
@@ -68,6 +70,7 @@ def _run_probe(setup):
     return json.loads(result.stdout.strip().splitlines()[-1])
 
 
+@pytest.mark.slow
 def test_helper_and_launcher_make_steps_reuse_memory():
     default = _run_probe("default")
     # Without a pool each temporary is a fresh mapping: at least one fault

@@ -108,6 +108,7 @@ def test_seed_states_are_every_seed_generator_of_the_model():
     assert states == {id(generator.state) for generator in _seed_generators(moe)} and len(states) == 2
 
 
+@pytest.mark.slow
 def test_a_resumed_noisy_run_ends_with_the_uninterrupted_weights(tmp_path, uninterrupted):
     backup = CrashSafeBackup(tmp_path / "backup")
     with pytest.raises(RuntimeError, match="simulated crash"):

@@ -148,7 +148,8 @@ def test_output_equals_the_dense_reference(layer, profile):
 
 
 @pytest.mark.parametrize("profile", PROFILES)
-@pytest.mark.parametrize("jit_compile", [False, True], ids=["graph", "xla"])
+# XLA compiles every generated case (about a minute on two cores): slow.
+@pytest.mark.parametrize("jit_compile", [False, pytest.param(True, marks=pytest.mark.slow)], ids=["graph", "xla"])
 def test_graph_with_unknown_shapes_equals_eager(jit_compile, profile):
     """Every layer kind in one run: a trace per case costs about a second."""
     layers = st.one_of(*[LAYERS[name] for name in sorted(LAYERS)])
