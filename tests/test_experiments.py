@@ -94,3 +94,12 @@ def test_verdict_names_the_model_ahead_and_by_how_much():
     behind = experiments.verdict([dict(moe, valid_perplexity=51.0), wide])
     assert "the dense model is ahead by 1.7 (3.4%)" in behind and "--epochs" in behind
     assert experiments.verdict([moe]) is None and experiments.verdict([wide]) is None
+
+
+def test_curves_to_plot_draws_each_model_once_from_the_first_results():
+    long = {"rows": [{"model": "moe-16", "curve": [[10, 9.0], [20, 8.0]]}, {"model": "moe-1-wide", "curve": [[10, 9.5]]}]}
+    short = {"rows": [{"model": "moe-1-wide", "curve": [[10, 9.6]]}, {"model": "moe-4", "curve": [[10, 9.9]]},
+                      {"model": "moe-64-h", "curve": []}]}
+    assert experiments.curves_to_plot([long, short]) == [
+        ("moe-16", [10, 20], [9.0, 8.0]), ("moe-1-wide", [10], [9.5]), ("moe-4", [10], [9.9]),
+    ]

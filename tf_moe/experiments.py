@@ -559,12 +559,29 @@ def _write_json(path, config, rows):
         json.dump({"config": dataclasses.asdict(config), "rows": rows}, f, indent=2)
 
 
+def curves_to_plot(results):
+    """`(model, tokens, perplexities)` of every row with a curve, each model once.
+
+    A model in several results (e.g. a long run and a short sweep) is
+    drawn from the first that has it, so list the longest runs first.
+    """
+    seen, curves = set(), []
+    for result in results:
+        for row in result["rows"]:
+            if row.get("curve") and row["model"] not in seen:
+                seen.add(row["model"])
+                tokens, perplexity = zip(*row["curve"])
+                curves.append((row["model"], list(tokens), list(perplexity)))
+    return curves
+
+
 def plot_curves(results_paths, output_path, title=None):
     """Plots validation perplexity against training tokens for every model.
 
     Args:
         results_paths: result JSON files written by the experiments (each
-            row with a `curve` of `[tokens, valid perplexity]` points).
+            row with a `curve` of `[tokens, valid perplexity]` points); a
+            model in several files is drawn from the first.
         output_path: the PNG to write.
         title: optional plot title (default: the corpora of the results).
 
@@ -580,20 +597,16 @@ def plot_curves(results_paths, output_path, title=None):
     except ImportError as e:
         raise ImportError("Plotting needs matplotlib: `pip install matplotlib`.") from e
     figure, axes = pyplot.subplots(figsize=(7, 4.5))
-    corpora = []
+    results = []
     for path in results_paths:
         with open(path) as f:
-            results = json.load(f)
-        corpora.append(results["config"]["corpus"])
-        for row in results["rows"]:
-            if not row.get("curve"):
-                continue
-            tokens, perplexity = zip(*row["curve"])
-            dense = row["model"].replace("_", "-") in BASELINES
-            axes.plot(
-                np.asarray(tokens) / 1e6, perplexity, marker="o", markersize=3,
-                linestyle="--" if dense else "-", label=row["model"],
-            )
+            results.append(json.load(f))
+    corpora = [result["config"]["corpus"] for result in results]
+    for model, tokens, perplexity in curves_to_plot(results):
+        axes.plot(
+            np.asarray(tokens) / 1e6, perplexity, marker="o", markersize=3,
+            linestyle="--" if model.replace("_", "-") in BASELINES else "-", label=model,
+        )
     axes.set_xlabel("training tokens (millions)")
     axes.set_ylabel("validation perplexity")
     axes.set_yscale("log")
