@@ -20,6 +20,7 @@ import keras
 import tensorflow as tf
 
 from tf_moe.layers.checks import check_positive_int
+from tf_moe.training.backup import numbered_entries
 
 _SUFFIX = ".weights.h5"
 _BACKUP = re.compile(r"^epoch-(\d+)\.weights\.h5$")
@@ -110,14 +111,7 @@ class ClusterBackup(keras.callbacks.Callback):
 
     def _backups(self):
         """`(epoch, path)` of every backup, newest first."""
-        if not os.path.isdir(self.directory):
-            return []
-        found = []
-        for name in os.listdir(self.directory):
-            match = _BACKUP.match(name)
-            if match:
-                found.append((int(match.group(1)), os.path.join(self.directory, name)))
-        return sorted(found, reverse=True)
+        return numbered_entries(self.directory, _BACKUP)
 
     @property
     def initial_epoch(self):

@@ -177,14 +177,7 @@ class CrashSafeBackup(keras.callbacks.Callback):
 
     def _checkpoints(self):
         """`(epoch, path)` of every published checkpoint, newest first."""
-        if not os.path.isdir(self.directory):
-            return []
-        found = []
-        for name in os.listdir(self.directory):
-            match = _CHECKPOINT.match(name)
-            if match:
-                found.append((int(match.group(1)), os.path.join(self.directory, name)))
-        return sorted(found, reverse=True)
+        return numbered_entries(self.directory, _CHECKPOINT)
 
     def _newest_intact(self):
         """`(path, state)` of the newest checkpoint that reads back whole, or None."""
@@ -232,6 +225,22 @@ class CrashSafeBackup(keras.callbacks.Callback):
         for name in os.listdir(self.directory):
             if name.startswith(_PARTIAL):  # left by a killed write
                 shutil.rmtree(os.path.join(self.directory, name), ignore_errors=True)
+
+
+def numbered_entries(directory, pattern):
+    """`(number, path)` of the entries of `directory` whose name `pattern` matches, newest first.
+
+    `pattern`'s first group is the entry's number (an epoch); a missing
+    directory has no entries.
+    """
+    if not os.path.isdir(directory):
+        return []
+    found = []
+    for name in os.listdir(directory):
+        match = pattern.match(name)
+        if match:
+            found.append((int(match.group(1)), os.path.join(directory, name)))
+    return sorted(found, reverse=True)
 
 
 def _read_intact(path, epoch):
