@@ -1,17 +1,20 @@
 """Training step time of the main job's MoE language model against its dense baseline.
 
-Builds the `tf-moe train lm` models with `tf_moe.experiments.Config`'s
-defaults (LSTM LM of appendix C: 16 experts, k=4, units 128, expert hidden
-256, batch 32 x 32 tokens, Adam) in one process: "moe" and its computationally
-matched baseline "moe-1-wide" (one dense expert k*256 wide). Both train on the
-same synthetic batches (random token ids, each sequence padded after a random
-length, as the verses are), in rounds of `--steps` `train_on_batch` calls,
-alternating model by model, so their ratio holds on a loaded machine. The
-ratio is the median over rounds of (moe time / baseline time).
+Builds the `tf-moe train lm` models as the main job does
+(`Config(**Config.MAIN_LM)`: the word-level protocol, LSTM LM of appendix C
+with 16 experts, k=4, units 128, expert hidden 256, a 5000-word vocabulary,
+stateful LSTMs on batches of 32 x 35 tokens, Adam) in one process: "moe" and
+its computationally matched baseline "moe-1-wide" (one dense expert k*256
+wide). Both train on the same synthetic batches (random token ids: the word
+level's stream segments have no padding), in rounds of `--steps`
+`train_on_batch` calls, alternating model by model, so their ratio holds on a
+loaded machine. The ratio is the median over rounds of (moe time / baseline
+time).
 
 Usage:
   python benchmarks/end_to_end.py
   python benchmarks/end_to_end.py --rounds 3 --steps 10 --policy mixed_bfloat16
+  python benchmarks/end_to_end.py --jit-compile
 """
 
 import argparse
@@ -31,13 +34,11 @@ def _batches(config, vocab_size, count, seed=0):
     batches = []
     for _ in range(count):
         ids = rng.integers(1, vocab_size, shape, dtype=np.int32)
-        lengths = rng.integers(config.seq_len // 2, config.seq_len + 2, config.batch_size)
-        ids[np.arange(shape[1])[None, :] >= lengths[:, None]] = 0
         batches.append((ids[:, :-1], ids[:, 1:]))
     return batches
 
 
-def _model(config, label, vocab_size):
+def _model(config, label, vocab_size, jit_compile=False):
     import keras
 
     from tf_moe import experiments
@@ -45,9 +46,9 @@ def _model(config, label, vocab_size):
 
     keras.utils.set_random_seed(config.seed)
     settings = dict(experiments._model_settings(config), vocab_size=vocab_size, name=label.replace("-", "_"))
-    settings.update(experiments.variant_arguments(label, config))
+    settings.update(experiments.variant_arguments(label, config), stateful=True, batch_size=config.batch_size)
     model = lstm_lm(**settings)
-    model.compile(optimizer=experiments._optimizer(config))
+    model.compile(optimizer=experiments._optimizer(config), jit_compile=jit_compile)
     return model
 
 
@@ -58,6 +59,8 @@ def main():
     parser.add_argument("--steps", type=int, default=20, help="train steps per model per round")
     parser.add_argument("--rounds", type=int, default=5)
     parser.add_argument("--policy", default="float32", choices=["float32", "mixed_bfloat16", "mixed_float16"])
+    parser.add_argument("--jit-compile", action="store_true",
+                        help="compile both models' train steps with XLA (the main job does not)")
     parser.add_argument("--default-allocator", action="store_true",
                         help="leave glibc malloc as it is (default: tf_moe.performance.configure_allocator())")
     args = parser.parse_args()
@@ -73,12 +76,12 @@ def main():
     from tf_moe.experiments import Config
 
     keras.mixed_precision.set_global_policy(args.policy)
-    config = Config()
+    config = Config(**Config.MAIN_LM)
     labels = [args.models[0], args.models[1] or config.baseline]
     vocab_size = config.vocab_size
     batches = _batches(config, vocab_size, args.steps)
     tokens = sum(int((y != 0).sum()) for _, y in batches)
-    models = [_model(config, label, vocab_size) for label in labels]
+    models = [_model(config, label, vocab_size, args.jit_compile) for label in labels]
     for model in models:  # trace and warm up
         for x, y in batches[:3]:
             model.train_on_batch(x, y)
@@ -90,8 +93,8 @@ def main():
                 model.train_on_batch(x, y)
             seconds[label].append(time.perf_counter() - start)
     ratios = [a / b for a, b in zip(*seconds.values())]
-    print(f"# tf_moe {tf_moe.__version__}, policy {args.policy}, allocator "
-          f"{'default' if args.default_allocator else 'configured'}; Config() sizes: {config.experts} experts, "
+    print(f"# tf_moe {tf_moe.__version__}, policy {args.policy}, jit_compile {args.jit_compile}, allocator "
+          f"{'default' if args.default_allocator else 'configured'}; main job's sizes: {config.experts} experts, "
           f"k={config.k}, units={config.units}, expert hidden {config.expert_hidden}, batch "
           f"{config.batch_size}x{config.seq_len}; {args.rounds} rounds of {args.steps} steps")
     print("| model | ms/step | tokens/s | time / baseline's |")

@@ -69,6 +69,36 @@ def test_dispatch_combine_equals_dense_reference(capacity):
         assert buffer.shape[1] == counts.numpy().max()
 
 
+@pytest.mark.parametrize("capacity", [None, 1, 2, 100])
+@pytest.mark.parametrize("unrouted", [False, True])
+def test_combine_gradient_equals_dense_reference(capacity, unrouted):
+    """The written-out gradient of `combine` against the dense sum it computes."""
+    rng = np.random.default_rng(2)
+    t, o, n = 7, 3, 3
+    token_id = np.tile(np.arange(t), 2).astype(np.int32)
+    expert_id = np.full(2 * t, n, np.int32) if unrouted else rng.integers(0, n + 1, 2 * t).astype(np.int32)
+    weight = rng.random(2 * t).astype(np.float32)
+    _, slot, kept, counts = dispatch.dispatch(
+        tf.zeros([t, o]), tf.constant(token_id), tf.constant(expert_id), n, capacity
+    )
+    capacity = int(counts.numpy().max()) if capacity is None else capacity
+    outputs = tf.constant(rng.standard_normal((n, capacity, o)).astype(np.float32))
+    d_out = rng.standard_normal((t, o)).astype(np.float32)
+    weight_t = tf.constant(weight)
+    with tf.GradientTape() as tape:
+        tape.watch([outputs, weight_t])
+        out = dispatch.combine(outputs, slot, kept, tf.constant(token_id), weight_t, t)
+    d_outputs, d_weight = tape.gradient(out, [outputs, weight_t], output_gradients=tf.constant(d_out))
+
+    flat = outputs.numpy().reshape(-1, o)
+    want_flat, want_weight = np.zeros_like(flat), np.zeros_like(weight)
+    for a in np.flatnonzero(kept.numpy()):
+        want_flat[slot[a]] += weight[a] * d_out[token_id[a]]
+        want_weight[a] = d_out[token_id[a]] @ flat[slot[a]]
+    np.testing.assert_allclose(tf.reshape(d_outputs, [-1, o]), want_flat, rtol=1e-5, atol=1e-6)
+    np.testing.assert_allclose(d_weight, want_weight, rtol=1e-5, atol=1e-6)
+
+
 def test_dispatch_handles_no_tokens():
     empty = tf.zeros([0], tf.int32)
     buffer, slot, kept, counts = dispatch.dispatch(tf.zeros([0, 4]), empty, empty, 3, None)

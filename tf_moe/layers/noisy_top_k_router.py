@@ -114,14 +114,17 @@ class NoisyTopKRouter(Router):
         logits = clean_logits
         if add_noise:
             logits = clean_logits + self._standard_normal(noise, clean_logits, valid) * stddev
-        expert_index, expert_weight, _ = gating.top_k_gates(logits, self.k)
+        smooth = add_noise and self.k < self.num_experts
+        expert_index, expert_weight, top_logits = gating.top_k_gates(
+            logits, self.k, keep=self.k + 1 if smooth else None
+        )
         metrics = self._diagnostics(expert_index, clean_logits, stddev, valid, add_noise)
 
         if valid is not None:
             expert_index = tf.where(valid[:, None], expert_index, self.num_experts)
             expert_weight = tf.where(valid[:, None], expert_weight, 0.0)
-        if add_noise and self.k < self.num_experts:
-            load = gating.smooth_load(clean_logits, logits, stddev, self.k, valid)
+        if smooth:
+            load = gating.smooth_load(clean_logits, logits, stddev, self.k, valid, top_logits)
         else:
             load = gating.hard_load(expert_index, self.num_experts)
         token_id, expert_id, weight = token_choice_assignments(expert_index, expert_weight)
@@ -141,12 +144,15 @@ class NoisyTopKRouter(Router):
 
         One matmul with the two matrices side by side ([d, 2n], built at
         call time so the saved weights keep their names and shapes): x is
-        read once and the gradient takes two matmuls instead of four.
+        read once and the gradient takes two matmuls instead of four. A
+        split, not two slices: its gradient is one concat, where each
+        slice's would be a zero-padded [tokens, 2n] tensor, then summed.
         """
         if not self.noisy:
             return tf.matmul(x, self._scaled(self.w_gate)), None
         both = tf.matmul(x, self._scaled(tf.concat([self.w_gate, self.w_noise], axis=1)))
-        return both[:, : self.num_experts], both[:, self.num_experts :]
+        clean, noise = tf.split(both, 2, axis=1)
+        return clean, noise
 
     def _scaled(self, weight):
         return scaled_gate_weight(weight, self.learning_rate_multiplier)

@@ -183,12 +183,43 @@ def combine(expert_outputs, slot, kept, token_id, weight, num_tokens):
     """
     units = expert_outputs.shape[-1]
     flat = tf.reshape(expert_outputs, [-1, units])
-    # Dropped and unrouted assignments point at this zero row; it must exist
-    # even when every expert is empty (an all-masked batch).
-    padded = tf.concat([flat, tf.zeros([1, units], flat.dtype)], axis=0)
     weight = tf.where(kept, tf.cast(weight, flat.dtype), tf.zeros((), flat.dtype))
-    per_assignment = tf.gather(padded, slot) * weight[:, None]
-    return tf.math.unsorted_segment_sum(per_assignment, token_id, num_tokens)
+    return _gather_weighted_sum(flat, weight, slot, token_id, num_tokens)
+
+
+def _gather_weighted_sum(flat, weight, slot, token_id, num_tokens):
+    """`out[t] = sum over t's assignments a of weight[a] * flat[slot[a]]`; `slot == len(flat)` adds zero.
+
+    The gradient is written out because TensorFlow's would turn the
+    gather's sparse gradient into a dense [slots, o] tensor with a segment
+    sum: every slot holds at most one assignment, so a gather through the
+    inverse map (slot -> assignment) does it in one pass.
+    """
+
+    @tf.custom_gradient
+    def forward(flat, weight):
+        units = flat.shape[-1]
+        num_slots = tf.shape(flat)[0]
+        # Dropped and unrouted assignments point at this zero row; it must
+        # exist even when every expert is empty (an all-masked batch).
+        padded = tf.concat([flat, tf.zeros([1, units], flat.dtype)], axis=0)
+        gathered = tf.gather(padded, slot)
+        outputs = tf.math.unsorted_segment_sum(gathered * weight[:, None], token_id, num_tokens)
+
+        def gradient(d_outputs):
+            d_assignment = tf.gather(d_outputs, token_id)
+            d_weight = tf.reduce_sum(d_assignment * gathered, axis=-1)
+            num_assignments = tf.size(slot)
+            # Slots nobody holds point at the zero row of `d_weighted`.
+            assignment = tf.tensor_scatter_nd_update(
+                tf.fill([num_slots + 1], num_assignments), slot[:, None], tf.range(num_assignments)
+            )[:num_slots]
+            d_weighted = tf.concat([d_assignment * weight[:, None], tf.zeros([1, units], flat.dtype)], axis=0)
+            return tf.gather(d_weighted, assignment), d_weight
+
+        return outputs, gradient
+
+    return forward(flat, weight)
 
 
 def dropless_capacity_factors(num_experts):
@@ -268,3 +299,4 @@ def dropless_static(tokens, token_id, expert_id, weight, num_experts, num_tokens
         return outputs, gradient
 
     return forward(tokens, weight)
+

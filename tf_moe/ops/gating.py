@@ -40,23 +40,25 @@ def noise_stddev(noise_logits, noise_epsilon):
     return tf.maximum(stddev, _MIN_NOISE_STDDEV)
 
 
-def top_k_gates(logits, k):
+def top_k_gates(logits, k, keep=None):
     """`Softmax(KeepTopK(logits, k))` in sparse form.
 
     Args:
         logits: [tokens, num_experts] float32 gate logits `H(x)`.
         k: number of experts kept per token.
+        keep: how many of the largest logits to return (default `k`); the
+            smooth load needs `k + 1` of them, so one top-k serves both.
 
     Returns:
         `(expert_index, expert_weight, top_logits)`: the indices [tokens, k]
         (int32, best first), the softmax over the kept logits [tokens, k],
-        and the kept logits themselves.
+        and the `keep` largest logits, sorted.
     """
-    top_logits, expert_index = tf.math.top_k(logits, k=k, sorted=True)
-    return expert_index, tf.nn.softmax(top_logits, axis=-1), top_logits
+    top_logits, top_index = tf.math.top_k(logits, k=keep or k, sorted=True)
+    return top_index[..., :k], tf.nn.softmax(top_logits[..., :k], axis=-1), top_logits
 
 
-def smooth_load(clean_logits, noisy_logits, stddev, k, valid=None):
+def smooth_load(clean_logits, noisy_logits, stddev, k, valid=None, top_values=None):
     """The differentiable load estimator of section 4 and appendix A.
 
     `P(x, i) = Phi((clean_i - kth_excluding(H(x), k, i)) / stddev_i)`, summed
@@ -73,11 +75,15 @@ def smooth_load(clean_logits, noisy_logits, stddev, k, valid=None):
         k: experts per token; needs `k < num_experts`.
         valid: optional [..., tokens] bool; tokens that are False count
             zero, whatever their logits hold.
+        top_values: optional [..., tokens, k + 1], the k + 1 largest noisy
+            logits, sorted, where the caller has them already (from
+            `top_k_gates(..., keep=k + 1)`).
 
     Returns:
         [..., num_experts] float32 expected number of tokens per expert.
     """
-    top_values, _ = tf.math.top_k(noisy_logits, k=k + 1, sorted=True)
+    if top_values is None:
+        top_values, _ = tf.math.top_k(noisy_logits, k=k + 1, sorted=True)
     threshold_if_in = top_values[..., k : k + 1]
     threshold_if_out = top_values[..., k - 1 : k]
     # The threshold is picked before the (elementwise) CDF, so it runs once.
