@@ -1,5 +1,8 @@
 """Forward+backward step time of MoE dispatch against a dense FFN baseline.
 
+The backward pass computes the gradients of every weight and of the input,
+as for a layer with layers below it.
+
 Each configuration runs in a fresh subprocess so its peak memory (host RSS
 on CPU, the allocator's peak on GPU) is its own. Every time is reported as a
 ratio to the dense FFN of the same active FLOPs (hidden width k*h), timed
@@ -117,9 +120,11 @@ def _build(method, n, k, d, h, tokens, jit_compile=False):
 
     @tf.function(jit_compile=jit_compile)
     def step(x):
+        # The input's gradient too, as for a layer with layers below it.
         with tf.GradientTape() as tape:
+            tape.watch(x)
             loss = tf.reduce_mean(tf.square(tf.cast(forward(x), tf.float32)))
-        return tape.gradient(loss, variables)
+        return tape.gradient(loss, [x] + variables)
 
     return step
 

@@ -128,7 +128,7 @@ def expert_positions(expert_id, num_experts):
     return position, counts[:num_experts]
 
 
-def dispatch(tokens, token_id, expert_id, num_experts, capacity=None):
+def dispatch(tokens, token_id, expert_id, num_experts, capacity=None, offset=0):
     """Packs routed tokens into a [num_experts, capacity, d] buffer.
 
     Args:
@@ -141,6 +141,10 @@ def dispatch(tokens, token_id, expert_id, num_experts, capacity=None):
             or a scalar tensor; assignments beyond it are dropped. `None`
             uses the largest expert's count, so nothing is dropped (dynamic
             shape).
+        offset: the first position within each expert that gets a slot
+            (an int or a scalar tensor): the buffer holds each expert's
+            assignments `offset` to `offset + capacity - 1`, so successive
+            offsets cover an expert's assignments window by window.
 
     Returns:
         `(buffer, slot, kept, counts)`: the [n, capacity, d] buffer (empty
@@ -151,7 +155,8 @@ def dispatch(tokens, token_id, expert_id, num_experts, capacity=None):
     position, counts = expert_positions(expert_id, num_experts)
     if capacity is None:
         capacity = tf.reduce_max(tf.concat([counts, [0]], axis=0))
-    kept = tf.logical_and(expert_id < num_experts, position < capacity)
+    position = position - offset
+    kept = tf.logical_and(expert_id < num_experts, tf.logical_and(position >= 0, position < capacity))
     num_slots = num_experts * capacity
     # Assignments without a slot all write to one extra slot that is cut off.
     slot = tf.where(kept, expert_id * capacity + position, num_slots)
@@ -222,21 +227,24 @@ def _gather_weighted_sum(flat, weight, slot, token_id, num_tokens):
     return forward(flat, weight)
 
 
+# The largest static capacity of `dropless_static`, in multiples of the mean
+# load: its buffers hold 4x the assignments; beyond it the experts run window
+# by window, so a collapsed routing costs time, not n-times-larger buffers.
+_LARGEST_DROPLESS_FACTOR = 4.0
+
+
 def dropless_capacity_factors(num_experts):
     """The capacities, in multiples of the mean load A / n, that `dropless_static` picks from.
 
     Eighths from the mean to twice it (a balanced or lightly skewed batch
-    pads at most an eighth of the mean per expert), then powers of two up
-    to `num_experts`, where one expert holds every assignment, so every
-    batch fits one of them; half the mean for batches of mostly masked
-    tokens. Each is a branch to trace and compile, so they are few.
+    pads at most an eighth of the mean per expert), then 4; half the mean
+    for batches of mostly masked tokens. The last, `min(num_experts, 4)`,
+    is also the window of batches whose largest expert holds more. Each
+    is a branch to trace and compile, so they are few.
     """
+    largest = min(float(num_experts), _LARGEST_DROPLESS_FACTOR)
     factors = [0.5] + [1 + i / 8 for i in range(9)]
-    step = 4.0
-    while step < num_experts:
-        factors.append(step)
-        step *= 2
-    return [f for f in factors if f < num_experts] + [float(num_experts)]
+    return [f for f in factors if f < largest] + [largest]
 
 
 def dropless_static(tokens, token_id, expert_id, weight, num_experts, num_tokens, experts):
@@ -247,10 +255,17 @@ def dropless_static(tokens, token_id, expert_id, weight, num_experts, num_tokens
     `dropless_capacity_factors` is a branch of one `tf.switch_case` with
     static shapes, and the smallest that holds the largest expert runs: the
     same outputs as `dispatch(..., capacity=None)`, with a little more
-    zero padding. XLA allocates the saved activations of every branch of a
+    zero padding. A batch whose largest expert holds more than the last
+    capacity C (4x the mean load) runs the experts window by window in a
+    loop, on each expert's assignments 0..C-1, C..2C-1, ..., as many
+    windows as the largest expert needs: every buffer is at most 4x the
+    assignments, where one branch per multiple of the mean up to
+    `num_experts` would need buffers of `num_experts` times the
+    assignments (gigabytes for hundreds of experts) when the routing
+    collapses. XLA allocates the saved activations of every branch of a
     differentiated switch, so the gradient is written here: its own switch
-    recomputes the chosen branch's forward pass, at the price of one more
-    forward pass through the experts.
+    recomputes the chosen branch's forward pass (window by window for the
+    loop), at the price of one more forward pass through the experts.
 
     Args:
         tokens: [T, d].
@@ -269,23 +284,42 @@ def dropless_static(tokens, token_id, expert_id, weight, num_experts, num_tokens
         static_capacity(factor, num_assignments, num_experts)
         for factor in dropless_capacity_factors(num_experts)
     ]
+    window = capacities[-1]
     _, counts = expert_positions(expert_id, num_experts)
     largest = tf.reduce_max(tf.concat([counts, [0]], axis=0))
+    # len(capacities) (every capacity too small) is the windowed branch.
     branch = tf.reduce_sum(tf.cast(tf.stack(capacities) < largest, tf.int32))
+    num_windows = (largest + window - 1) // tf.maximum(window, 1)
 
-    def run(capacity, tokens, weight):
-        buffer, slot, kept, _ = dispatch(tokens, token_id, expert_id, num_experts, capacity)
+    def run(capacity, tokens, weight, offset=0):
+        buffer, slot, kept, _ = dispatch(tokens, token_id, expert_id, num_experts, capacity, offset)
         return combine(experts(buffer), slot, kept, token_id, weight, num_tokens)
+
+    def windowed(step):
+        """The sum of `step(offset)`, a list of tensors, over the largest expert's windows."""
+        _, total = tf.while_loop(
+            lambda i, _: i < num_windows,
+            lambda i, total: (i + 1, [a + b for a, b in zip(total, step(i * window))]),
+            (tf.constant(1, num_windows.dtype), step(0)),
+        )
+        return total
+
+    def loops(loop):
+        # Up to 4 experts the last capacity holds every assignment: no window loop.
+        return [loop] if dropless_capacity_factors(num_experts)[-1] < num_experts else []
 
     @tf.custom_gradient
     def forward(tokens, weight):
-        outputs = tf.switch_case(branch, [lambda c=c: run(c, tokens, weight) for c in capacities])
+        def loop():
+            return windowed(lambda offset: [run(window, tokens, weight, offset)])[0]
+
+        outputs = tf.switch_case(branch, [lambda c=c: run(c, tokens, weight) for c in capacities] + loops(loop))
 
         def gradient(d_outputs, variables=()):
-            def recompute(capacity):
+            def grads_of(capacity, offset=0):
                 with tf.GradientTape() as tape:
                     tape.watch([tokens, weight])
-                    out = run(capacity, tokens, weight)
+                    out = run(capacity, tokens, weight, offset)
                 grads = tape.gradient(
                     out, [tokens, weight, *variables], output_gradients=d_outputs,
                     unconnected_gradients=tf.UnconnectedGradients.ZERO,
@@ -293,10 +327,12 @@ def dropless_static(tokens, token_id, expert_id, weight, num_experts, num_tokens
                 # Dense here, where the shapes are static (a gather's gradient is sparse).
                 return [tf.convert_to_tensor(g) for g in grads]
 
-            grads = tf.switch_case(branch, [lambda c=c: recompute(c) for c in capacities])
+            def loop():
+                return windowed(lambda offset: grads_of(window, offset))
+
+            grads = tf.switch_case(branch, [lambda c=c: grads_of(c) for c in capacities] + loops(loop))
             return grads[:2], grads[2:]
 
         return outputs, gradient
 
     return forward(tokens, weight)
-
