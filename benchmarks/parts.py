@@ -1,0 +1,136 @@
+"""Forward+backward time of each part of an MoE layer's step, alone.
+
+Where `benchmarks/dispatch.py` times the whole layer against a dense FFN,
+this times its parts one by one on the same sizes (4096 tokens, d = 512,
+expert hidden h = 1024, k = 2), each in a `tf.function` with the gradients
+the layer's step needs:
+
+  gate      the noisy top-k router in training mode (noise, top-k, smooth
+            load), with the gradients of W_g, W_noise and the tokens through
+            the gates and CV^2(importance) + CV^2(load)
+  dispatch  sort-based dispatch of the router's assignments into the
+            dropless [n, capacity, d] buffer, and the tokens' gradient
+  combine   the weighted sum of the assignments' expert outputs back into
+            tokens, and the gradients of the outputs and the gate values
+  experts   the stacked experts on that buffer (padded to the largest
+            expert), weights' and buffer's gradients
+  balanced  the same on k * tokens / n rows per expert, what they would
+            cost without padding (`dispatch.py`'s experts_only floor)
+
+The routing is the zero-initialised gate's (pure noise, as at the start of
+training), so the dropless buffer pads every expert to the largest of
+nearly equal counts. Each time is the median of `--repeats` calls. Run it
+on two checkouts to compare them:
+
+  python benchmarks/parts.py --experts 16 256
+  PYTHONPATH=/path/to/other/checkout python benchmarks/parts.py --experts 16 256
+"""
+
+import argparse
+import os
+import statistics
+import sys
+import time
+
+if "PYTHONPATH" not in os.environ:
+    sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
+
+
+def _median_ms(fn, repeats):
+    fn()
+    fn()
+    times = []
+    for _ in range(repeats):
+        start = time.perf_counter()
+        fn()
+        times.append(time.perf_counter() - start)
+    return 1e3 * statistics.median(times)
+
+
+def parts(n, k, d, h, tokens, repeats):
+    """{part: median ms} of one forward+backward of each part."""
+    import tensorflow as tf
+
+    import tf_moe
+    from tf_moe.ops import dispatch
+    from tf_moe.ops.gating import cv_squared
+
+    router = tf_moe.NoisyTopKRouter(n, k, seed=0)
+    router.build((None, d))
+    experts = tf_moe.FeedForwardExperts(n, h, d)
+    experts.build((n, None, d))
+    x = tf.random.normal([tokens, d], seed=1)
+    routing = router(x, training=True)
+    token_id, expert_id, weight = routing.token_id, routing.expert_id, routing.weight
+    buffer, slot, kept, _ = dispatch.dispatch(x, token_id, expert_id, n)
+    outputs = experts(buffer)
+    balanced = buffer[:, : -(-k * tokens // n)]  # the largest expert holds at least the mean
+
+    @tf.function
+    def gate(x):
+        with tf.GradientTape() as tape:
+            tape.watch(x)
+            r = router(x, training=True)
+            loss = tf.reduce_sum(r.weight) + cv_squared(r.importance) + cv_squared(r.load)
+        return tape.gradient(loss, [x] + router.trainable_variables)
+
+    @tf.function
+    def dispatch_step(x):
+        with tf.GradientTape() as tape:
+            tape.watch(x)
+            b = dispatch.dispatch(x, token_id, expert_id, n)[0]
+            loss = tf.reduce_sum(b * b)
+        return tape.gradient(loss, x)
+
+    @tf.function
+    def combine_step(outputs, weight):
+        with tf.GradientTape() as tape:
+            tape.watch([outputs, weight])
+            y = dispatch.combine(outputs, slot, kept, token_id, weight, tokens)
+            loss = tf.reduce_sum(y * x)
+        return tape.gradient(loss, [outputs, weight])
+
+    @tf.function
+    def experts_step(buffer):
+        with tf.GradientTape() as tape:
+            tape.watch(buffer)
+            loss = tf.reduce_sum(experts(buffer))
+        return tape.gradient(loss, [buffer] + experts.trainable_variables)
+
+    return {
+        "gate": _median_ms(lambda: gate(x), repeats),
+        "dispatch": _median_ms(lambda: dispatch_step(x), repeats),
+        "combine": _median_ms(lambda: combine_step(outputs, weight), repeats),
+        "experts": _median_ms(lambda: experts_step(buffer), repeats),
+        "balanced": _median_ms(lambda: experts_step(balanced), repeats),
+        "capacity": int(buffer.shape[1]),
+    }
+
+
+def main():
+    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser.add_argument("--experts", type=int, nargs="+", default=[16, 64, 256])
+    parser.add_argument("--k", type=int, default=2)
+    parser.add_argument("--d", type=int, default=512)
+    parser.add_argument("--h", type=int, default=1024)
+    parser.add_argument("--tokens", type=int, default=4096)
+    parser.add_argument("--repeats", type=int, default=9)
+    args = parser.parse_args()
+
+    os.environ.setdefault("TF_CPP_MIN_LOG_LEVEL", "3")
+    import tf_moe
+
+    tf_moe.performance.configure_allocator()
+    print(f"# tf_moe from {os.path.dirname(tf_moe.__file__)}; tokens={args.tokens} d={args.d} h={args.h} "
+          f"k={args.k}; median of {args.repeats} forward+backward calls, ms")
+    print("| experts | gate | dispatch | combine | experts at capacity (capacity / mean) | experts at the mean |")
+    print("|---|---|---|---|---|---|")
+    for n in args.experts:
+        r = parts(n, args.k, args.d, args.h, args.tokens, args.repeats)
+        mean = args.k * args.tokens / n
+        print(f"| {n} | {r['gate']:.1f} | {r['dispatch']:.1f} | {r['combine']:.1f} "
+              f"| {r['experts']:.1f} ({r['capacity']} / {mean:.0f}) | {r['balanced']:.1f} |", flush=True)
+
+
+if __name__ == "__main__":
+    main()
