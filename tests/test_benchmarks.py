@@ -28,7 +28,9 @@ def test_parts_benchmark_prints_a_row_per_expert_count():
     assert all(len(row.strip("|").split("|")) == 6 for row in rows)
 
 
-@pytest.mark.parametrize("extra", [[], ["--jit-compile", "--methods", "moe", "moe_cf1.25"]])
+@pytest.mark.parametrize(
+    "extra", [[], pytest.param(["--jit-compile", "--methods", "moe", "moe_cf1.25"], marks=pytest.mark.slow)]
+)
 def test_dispatch_benchmark_measures_each_method_against_the_dense_ffn(extra):
     methods = [] if extra else ["--methods", "moe", "experts_only"]
     out = _run("dispatch.py", "--experts", "4", "--tokens", "64", "--d", "8", "--h", "16", "--repeats", "1",
