@@ -86,10 +86,17 @@ def check_output_equals_the_dense_reference(case):
     assert fraction == pytest.approx(dropped / max(routed, 1.0), rel=1e-6, abs=1e-9)
 
 
-def _is_random(layer, case, inputs, run):
-    """Whether another call (the noise seeds moved on) gives other outputs than `run`."""
-    again = run_layer(layer, case, inputs.poisoned, inputs, gradients=False)
-    return not np.array_equal(again.outputs, run.outputs)
+def _is_random(layer, case, inputs, run, draws=16):
+    """Whether another call (the noise seeds moved on) gives other outputs than `run`.
+
+    Up to `draws` more calls: with one token and two experts a second draw
+    routes the same way half the time.
+    """
+    for _ in range(draws):
+        again = run_layer(layer, case, inputs.poisoned, inputs, gradients=False)
+        if not np.array_equal(again.outputs, run.outputs):
+            return True
+    return False
 
 
 def check_graph_with_unknown_shapes_equals_eager(case, jit_compile):
@@ -125,7 +132,8 @@ def check_graph_with_unknown_shapes_equals_eager(case, jit_compile):
     graph_balance = {key: float(value) for key, value in layer.balance.result().items()}
     valid = inputs.valid
     np.testing.assert_array_equal(outputs.reshape(len(valid), outputs.shape[-1])[~valid], 0.0)
-    if jit_compile and _is_random(layer, case, inputs, eager):
+    # Layers draw random numbers only while training (the gates' noise).
+    if jit_compile and case.training and _is_random(layer, case, inputs, eager):
         # XLA draws other random numbers than the CPU kernels for the same seed.
         assert np.all(np.isfinite(outputs)) and np.all(np.isfinite(losses))
         return
