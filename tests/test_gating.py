@@ -148,3 +148,18 @@ def test_router_z_loss_matches_the_st_moe_formula():
     grad = tape.gradient(z, poisoned).numpy()
     assert np.isfinite(float(z)) and np.all(np.isfinite(grad)) and np.all(grad[~valid] == 0)
     assert float(gating.router_z_loss(logits, np.zeros((3, 7), bool))) == 0.0
+
+
+def test_one_top_k_serves_the_gates_and_the_smooth_load():
+    rng = np.random.default_rng(5)
+    clean = tf.constant(rng.standard_normal((7, 6)).astype(np.float32))
+    noisy = clean + tf.constant(rng.standard_normal((7, 6)).astype(np.float32))
+    stddev = tf.fill([7, 6], 0.7)
+    index, weight, top = gating.top_k_gates(noisy, 2, keep=3)
+    want_index, want_weight, _ = gating.top_k_gates(noisy, 2)
+    np.testing.assert_array_equal(index, want_index)
+    np.testing.assert_allclose(weight, want_weight)
+    np.testing.assert_allclose(top, np.sort(noisy.numpy(), axis=-1)[:, ::-1][:, :3])
+    np.testing.assert_allclose(
+        gating.smooth_load(clean, noisy, stddev, 2, top_values=top), gating.smooth_load(clean, noisy, stddev, 2)
+    )
