@@ -62,7 +62,7 @@ def main():
     parser.add_argument("--jit-compile", action="store_true",
                         help="compile both models' train steps with XLA (the main job does not)")
     parser.add_argument("--default-allocator", action="store_true",
-                        help="leave glibc malloc as it is (default: tf_moe.performance.configure_allocator())")
+                        help="leave TensorFlow's CPU allocator as the build chose it (no configure_allocator)")
     args = parser.parse_args()
 
     os.environ.setdefault("TF_CPP_MIN_LOG_LEVEL", "3")

@@ -369,8 +369,9 @@ def _run_training(args, function, what, title, save_note):
     for row in rows:
         if "example" in row:
             print(f"{row['model']}: {row['example']}")
-    if args.command == "train" and args.task == "lm" and experiments.verdict(rows):
-        print(f"\n{experiments.verdict(rows)}")
+    sentence = experiments.verdict(rows) if args.command == "train" and args.task == "lm" else None
+    if sentence:
+        print(f"\n{sentence}")
     if save_note:
         print(f"\nSaved the models, the vocabulary and the results under {os.path.join(config.output, '')}")
     runs = os.path.join(config.output, "runs")

@@ -161,9 +161,7 @@ def dispatch(tokens, token_id, expert_id, num_experts, capacity=None, offset=0):
     # Assignments without a slot all write to one extra slot that is cut off.
     slot = tf.where(kept, expert_id * capacity + position, num_slots)
     num_tokens = tf.shape(tokens)[0]
-    source = tf.tensor_scatter_nd_update(
-        tf.fill([num_slots + 1], num_tokens), slot[:, None], token_id
-    )[:num_slots]
+    source = slot_owners(slot, token_id, num_slots, empty=num_tokens)
     units = tokens.shape[-1] or tf.shape(tokens)[-1]
     # An explicit zero row (not `tokens[:1]`), so that a batch of zero tokens
     # still has one to point at.
@@ -171,6 +169,15 @@ def dispatch(tokens, token_id, expert_id, num_experts, capacity=None, offset=0):
     buffer = tf.gather(padded, source)
     buffer = tf.reshape(buffer, [num_experts, capacity, units])
     return buffer, slot, kept, counts
+
+
+def slot_owners(slot, values, num_slots, empty):
+    """[num_slots]: `values[a]` of the assignment a in each slot, `empty` where none is.
+
+    A slot holds at most one assignment; assignments with `slot ==
+    num_slots` (no slot) write to an extra entry that is cut off.
+    """
+    return tf.tensor_scatter_nd_update(tf.fill([num_slots + 1], empty), slot[:, None], values)[:num_slots]
 
 
 def combine(expert_outputs, slot, kept, token_id, weight, num_tokens):
@@ -216,9 +223,7 @@ def _gather_weighted_sum(flat, weight, slot, token_id, num_tokens):
             d_weight = tf.reduce_sum(d_assignment * gathered, axis=-1)
             num_assignments = tf.size(slot)
             # Slots nobody holds point at the zero row of `d_weighted`.
-            assignment = tf.tensor_scatter_nd_update(
-                tf.fill([num_slots + 1], num_assignments), slot[:, None], tf.range(num_assignments)
-            )[:num_slots]
+            assignment = slot_owners(slot, tf.range(num_assignments), num_slots, empty=num_assignments)
             d_weighted = tf.concat([d_assignment * weight[:, None], tf.zeros([1, units], flat.dtype)], axis=0)
             return tf.gather(d_weighted, assignment), d_weight
 
@@ -280,10 +285,10 @@ def dropless_static(tokens, token_id, expert_id, weight, num_experts, num_tokens
         [T, o], as `combine(experts(buffer), ...)` after a dropless `dispatch`.
     """
     num_assignments = tf.size(expert_id) if expert_id.shape[0] is None else int(expert_id.shape[0])
-    capacities = [
-        static_capacity(factor, num_assignments, num_experts)
-        for factor in dropless_capacity_factors(num_experts)
-    ]
+    factors = dropless_capacity_factors(num_experts)
+    capacities = [static_capacity(factor, num_assignments, num_experts) for factor in factors]
+    # Up to 4 experts the last capacity holds every assignment: no window loop.
+    windows_needed = factors[-1] < num_experts
     window = capacities[-1]
     _, counts = expert_positions(expert_id, num_experts)
     largest = tf.reduce_max(tf.concat([counts, [0]], axis=0))
@@ -304,16 +309,13 @@ def dropless_static(tokens, token_id, expert_id, weight, num_experts, num_tokens
         )
         return total
 
-    def loops(loop):
-        # Up to 4 experts the last capacity holds every assignment: no window loop.
-        return [loop] if dropless_capacity_factors(num_experts)[-1] < num_experts else []
-
     @tf.custom_gradient
     def forward(tokens, weight):
         def loop():
             return windowed(lambda offset: [run(window, tokens, weight, offset)])[0]
 
-        outputs = tf.switch_case(branch, [lambda c=c: run(c, tokens, weight) for c in capacities] + loops(loop))
+        branches = [lambda c=c: run(c, tokens, weight) for c in capacities]
+        outputs = tf.switch_case(branch, branches + ([loop] if windows_needed else []))
 
         def gradient(d_outputs, variables=()):
             def grads_of(capacity, offset=0):
@@ -330,7 +332,8 @@ def dropless_static(tokens, token_id, expert_id, weight, num_experts, num_tokens
             def loop():
                 return windowed(lambda offset: grads_of(window, offset))
 
-            grads = tf.switch_case(branch, [lambda c=c: grads_of(c) for c in capacities] + loops(loop))
+            branches = [lambda c=c: grads_of(c) for c in capacities]
+            grads = tf.switch_case(branch, branches + ([loop] if windows_needed else []))
             return grads[:2], grads[2:]
 
         return outputs, gradient
