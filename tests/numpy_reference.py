@@ -339,3 +339,52 @@ def hash_expert(token_id, num_experts, seed=0):
     h = (((h >> 16) ^ h) * 0x45D9F3B) & mask
     h = (h >> 16) ^ h
     return h % num_experts
+
+
+def gelu(x):
+    """The exact GELU, `x * Phi(x)` (Keras's default, not the tanh approximation)."""
+    return x * normal_cdf(x)
+
+
+def silu(x):
+    return x * sigmoid(x)
+
+
+# Derivatives of the gated experts' activations, from their formulas.
+ACTIVATION_DERIVATIVES = {
+    "silu": lambda a: sigmoid(a) * (1 + a * (1 - sigmoid(a))),
+    "gelu": lambda a: normal_cdf(a) + a * np.exp(-0.5 * a**2) / math.sqrt(2 * math.pi),
+    "sigmoid": lambda a: sigmoid(a) * (1 - sigmoid(a)),
+}
+ACTIVATIONS = {"silu": silu, "gelu": gelu, "sigmoid": lambda a: sigmoid(a)}
+
+
+def gated_expert(x, w_gate, b_gate, w_in, b_in, w_out, b_out, activation):
+    """A gated linear unit expert (Shazeer 2020): `(act(x W + b) * (x V + c)) W2 + b2`."""
+    gate = x @ w_gate + (0 if b_gate is None else b_gate)
+    linear = x @ w_in + (0 if b_in is None else b_in)
+    return (ACTIVATIONS[activation](gate) * linear) @ w_out + (0 if b_out is None else b_out)
+
+
+def gated_expert_gradients(x, w_gate, b_gate, w_in, b_in, w_out, b_out, d_out, activation):
+    """Gradients of `sum(gated_expert(x) * d_out)` by the chain rule.
+
+    Returns a dict with `x`, `w_gate`, `w_in`, `w_out` and, with biases,
+    `b_gate`, `b_in`, `b_out`.
+    """
+    gate = x @ w_gate + (0 if b_gate is None else b_gate)
+    linear = x @ w_in + (0 if b_in is None else b_in)
+    activated = ACTIVATIONS[activation](gate)
+    hidden = activated * linear
+    d_hidden = d_out @ w_out.T
+    d_gate = d_hidden * linear * ACTIVATION_DERIVATIVES[activation](gate)
+    d_linear = d_hidden * activated
+    grads = {
+        "x": d_gate @ w_gate.T + d_linear @ w_in.T,
+        "w_gate": x.T @ d_gate,
+        "w_in": x.T @ d_linear,
+        "w_out": hidden.T @ d_out,
+    }
+    if b_gate is not None:
+        grads.update(b_gate=d_gate.sum(axis=0), b_in=d_linear.sum(axis=0), b_out=d_out.sum(axis=0))
+    return grads

@@ -81,7 +81,7 @@ def test_ops_per_token():
     [
         (dict(num_experts=0, hidden_units=H, output_units=O), None, "`num_experts`"),
         (dict(num_experts=N, hidden_units=2.5, output_units=O), None, "`hidden_units`"),
-        (dict(num_experts=N, hidden_units=H, output_units=O), (N, D), "num_experts, capacity, d"),
+        (dict(num_experts=N, hidden_units=H, output_units=O), (N, D), "num_experts, slots, d"),
         (dict(num_experts=N, hidden_units=H, output_units=O), (N + 1, C, D), "num_experts=3"),
     ],
 )

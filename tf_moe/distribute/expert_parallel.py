@@ -191,10 +191,10 @@ class _ShardedExperts(FeedForwardExperts):
                     component.assign(init(variable.shape, dtype=variable.dtype))
 
     def _initializers(self):
-        pairs = [(self.kernel_in, self.kernel_initializer), (self.kernel_out, self.kernel_initializer)]
-        if self.use_bias:
-            pairs += [(self.bias_in, self.bias_initializer), (self.bias_out, self.bias_initializer)]
-        return pairs
+        return [
+            (v, self.kernel_initializer if v.name.startswith("kernel") else self.bias_initializer)
+            for v in self.weights
+        ]
 
     def call(self, inputs):
         if self.num_shards == 1:
@@ -299,6 +299,11 @@ class ExpertParallelMoE(MoELayer):
     experts_class = _ShardedExperts
 
     def __init__(self, *args, exchange="auto", **kwargs):
+        if kwargs.get("experts") is not None:
+            raise ValueError(
+                "`experts`: ExpertParallelMoE shards FeedForwardExperts (plain or gated, from "
+                "`hidden_units`, `activation` and `gated`), not a bank of your own."
+            )
         super().__init__(*args, **kwargs)
         if exchange not in EXCHANGES:
             raise ValueError(f"`exchange` must be one of {EXCHANGES}, got {exchange!r}.")

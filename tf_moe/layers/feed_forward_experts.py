@@ -1,30 +1,42 @@
-"""A bank of feed-forward experts with stacked weights."""
+"""A bank of feed-forward experts with stacked weights, plain or gated."""
 
 import keras
 import tensorflow as tf
 from keras import ops
 
 from tf_moe.layers.checks import check_positive_int
-from tf_moe.ops.expert_matmul import stacked_feed_forward
+from tf_moe.layers.experts import Experts
+from tf_moe.ops.expert_matmul import gated_activation, stacked_feed_forward
 
 
 @keras.saving.register_keras_serializable(package="tf_moe")
-class FeedForwardExperts(keras.layers.Layer):
+class FeedForwardExperts(Experts):
     """`num_experts` two-layer feed-forward networks applied as batched matmuls.
 
     Every expert is `activation(x W1_e + b1_e) W2_e + b2_e` (the experts of
-    Shazeer et al. 2017, section 2). Their weights are stacked along a leading expert axis
-    ([n, d, h], [n, h, o]) so all experts run in one batched matmul on a
-    dispatch buffer, whatever their number; their gradient is written out
-    (`tf_moe.ops.expert_matmul`), so the backward pass costs twice the
-    forward's matmuls, as a dense layer's does.
+    Shazeer et al. 2017, section 2), or with `gated=True` the gated linear
+    unit `(activation(x W_e + b_e) * (x V_e + c_e)) W2_e + b2_e` of Shazeer
+    (2020), "GLU Variants Improve Transformer": SwiGLU with
+    `activation="silu"` (the experts of Mixtral, DeepSeekMoE and Qwen-MoE),
+    GEGLU with "gelu", GLU with "sigmoid". A gated expert has three kernels
+    where a plain one has two; a hidden width of 2/3 of a plain expert's
+    keeps parameters and multiply-adds equal. Their weights are stacked
+    along a leading expert axis ([n, d, h], [n, h, o]) so all experts run in
+    one batched matmul on a dispatch buffer, whatever their number; their
+    gradient is written out (`tf_moe.ops.expert_matmul`), so the backward
+    pass costs twice the forward's matmuls, as a dense layer's does.
 
     Args:
         num_experts: int, number of experts n.
         hidden_units: int, width h of each expert's hidden layer.
-        output_units: int, width o of each expert's output.
-        activation: activation of the hidden layer.
-        use_bias: whether the two layers have biases.
+        output_units: int or None, width o of each expert's output (None:
+            the input width).
+        activation: activation of the hidden layer (of its gate when
+            `gated`).
+        use_bias: whether the layers have biases.
+        gated: bool, gated linear unit experts: `kernel_gate` [n, d, h] (and
+            `bias_gate`) is the activated projection, `kernel_in` the linear
+            one.
         kernel_initializer: initializer of the stacked [n, d, h] and [n, h, o]
             kernels. The default is Glorot uniform per expert (fans taken from
             the last two axes).
@@ -43,35 +55,38 @@ class FeedForwardExperts(keras.layers.Layer):
     >>> experts = FeedForwardExperts(num_experts=4, hidden_units=32, output_units=8)
     >>> experts(keras.random.normal((4, 10, 16))).shape
     TensorShape([4, 10, 8])
+    >>> swiglu = FeedForwardExperts(4, 21, activation="silu", gated=True)
+    >>> swiglu(keras.random.normal((4, 10, 16))).shape
+    TensorShape([4, 10, 16])
     """
 
     def __init__(
         self,
         num_experts,
         hidden_units,
-        output_units,
+        output_units=None,
         activation="relu",
         use_bias=True,
+        gated=False,
         kernel_initializer=None,
         bias_initializer="zeros",
         kernel_regularizer=None,
         bias_regularizer=None,
         **kwargs,
     ):
-        super().__init__(**kwargs)
-        for arg, value in (
-            ("num_experts", num_experts),
-            ("hidden_units", hidden_units),
-            ("output_units", output_units),
-        ):
-            check_positive_int(arg, value)
-        self.num_experts = num_experts
+        super().__init__(num_experts, output_units, **kwargs)
+        check_positive_int("hidden_units", hidden_units)
+        if not isinstance(gated, bool):
+            raise ValueError(f"`gated` must be True or False, got {gated!r}.")
         self.hidden_units = hidden_units
-        self.output_units = output_units
         self.activation = keras.activations.get(activation)
         self.use_bias = use_bias
+        self.gated = gated
         # Keras computes fans of an [n, d, h] kernel as (n*d, n*h); a scale of
         # n gives each expert the Glorot variance of its own [d, h] kernel.
+        # None (the per-expert Glorot default) is saved as None, so a copy
+        # with another number of experts gets its own default.
+        self._default_kernel_initializer = kernel_initializer is None
         self.kernel_initializer = keras.initializers.get(
             kernel_initializer
             or keras.initializers.VarianceScaling(
@@ -83,73 +98,62 @@ class FeedForwardExperts(keras.layers.Layer):
         self.bias_regularizer = keras.regularizers.get(bias_regularizer)
 
     def build(self, input_shape):
-        if len(input_shape) != 3:
-            raise ValueError(
-                "`inputs` of FeedForwardExperts must have shape "
-                f"[num_experts, capacity, d], got shape {input_shape}."
-            )
-        if input_shape[0] is not None and input_shape[0] != self.num_experts:
-            raise ValueError(
-                f"`inputs` axis 0 must equal num_experts={self.num_experts}, "
-                f"got shape {input_shape}."
-            )
+        self.check_input_shape(input_shape)
         input_units = input_shape[-1]
-        if input_units is None:
-            raise ValueError("The last axis of `inputs` must be known.")
+        self.output_units = self.output_units or input_units
         n = self.num_experts
-        self.kernel_in = self.add_weight(
-            name="kernel_in",
-            shape=(n, input_units, self.hidden_units),
-            initializer=self.kernel_initializer,
-            regularizer=self.kernel_regularizer,
-        )
-        self.kernel_out = self.add_weight(
-            name="kernel_out",
-            shape=(n, self.hidden_units, self.output_units),
-            initializer=self.kernel_initializer,
-            regularizer=self.kernel_regularizer,
-        )
+        if self.gated:
+            self.kernel_gate = self._kernel("kernel_gate", (n, input_units, self.hidden_units))
+        self.kernel_in = self._kernel("kernel_in", (n, input_units, self.hidden_units))
+        self.kernel_out = self._kernel("kernel_out", (n, self.hidden_units, self.output_units))
         if self.use_bias:
-            self.bias_in = self.add_weight(
-                name="bias_in",
-                shape=(n, 1, self.hidden_units),
-                initializer=self.bias_initializer,
-                regularizer=self.bias_regularizer,
-            )
-            self.bias_out = self.add_weight(
-                name="bias_out",
-                shape=(n, 1, self.output_units),
-                initializer=self.bias_initializer,
-                regularizer=self.bias_regularizer,
-            )
+            if self.gated:
+                self.bias_gate = self._bias("bias_gate", (n, 1, self.hidden_units))
+            self.bias_in = self._bias("bias_in", (n, 1, self.hidden_units))
+            self.bias_out = self._bias("bias_out", (n, 1, self.output_units))
+
+    def _kernel(self, name, shape):
+        return self.add_weight(
+            name=name, shape=shape, initializer=self.kernel_initializer, regularizer=self.kernel_regularizer
+        )
+
+    def _bias(self, name, shape):
+        return self.add_weight(
+            name=name, shape=shape, initializer=self.bias_initializer, regularizer=self.bias_regularizer
+        )
 
     def call(self, inputs):
-        weights = [self.kernel_in, self.kernel_out]
-        if self.use_bias:
-            weights += [self.bias_in, self.bias_out]
         # Read here, as tensors in the compute dtype (Keras autocasts them),
         # so their gradients flow back through the reads to the variables.
-        weights = [tf.convert_to_tensor(w) for w in weights]
+        kernel_in, kernel_out = tf.convert_to_tensor(self.kernel_in), tf.convert_to_tensor(self.kernel_out)
+        biases = (self.bias_in, self.bias_out) if self.use_bias else (None, None)
+        bias_in, bias_out = (None if b is None else tf.convert_to_tensor(b) for b in biases)
+        activation = self.activation
+        if self.gated:
+            # Both input projections in one matmul: [n, d, 2h], gate half first.
+            kernel_in = tf.concat([tf.convert_to_tensor(self.kernel_gate), kernel_in], axis=-1)
+            if self.use_bias:
+                bias_in = tf.concat([tf.convert_to_tensor(self.bias_gate), bias_in], axis=-1)
+            activation = gated_activation(self.activation)
         inputs = ops.cast(inputs, self.compute_dtype)
-        return stacked_feed_forward(inputs, *weights, activation=self.activation)
+        return stacked_feed_forward(inputs, kernel_in, kernel_out, bias_in, bias_out, activation=activation)
 
     def ops_per_token(self):
-        """Multiply-adds of one expert on one token (both kernels; needs the layer built)."""
-        return self.kernel_in.shape[-2] * self.hidden_units + self.hidden_units * self.output_units
-
-    def compute_output_shape(self, input_shape):
-        return tuple(input_shape[:-1]) + (self.output_units,)
+        """Multiply-adds of one expert on one token (every kernel; needs the layer built)."""
+        projections = 2 if self.gated else 1
+        return projections * self.kernel_in.shape[-2] * self.hidden_units + self.hidden_units * self.output_units
 
     def get_config(self):
         config = super().get_config()
         config.update(
             {
-                "num_experts": self.num_experts,
                 "hidden_units": self.hidden_units,
-                "output_units": self.output_units,
                 "activation": keras.activations.serialize(self.activation),
                 "use_bias": self.use_bias,
-                "kernel_initializer": keras.initializers.serialize(self.kernel_initializer),
+                "gated": self.gated,
+                "kernel_initializer": None
+                if self._default_kernel_initializer
+                else keras.initializers.serialize(self.kernel_initializer),
                 "bias_initializer": keras.initializers.serialize(self.bias_initializer),
                 "kernel_regularizer": keras.regularizers.serialize(self.kernel_regularizer),
                 "bias_regularizer": keras.regularizers.serialize(self.bias_regularizer),

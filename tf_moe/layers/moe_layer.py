@@ -10,6 +10,7 @@ import tensorflow as tf
 from tf_moe import routers
 from tf_moe._internals import in_xla_compilation
 from tf_moe.layers.checks import check_capacity_factor, check_non_negative, check_positive_int
+from tf_moe.layers.experts import Experts
 from tf_moe.layers.feed_forward_experts import FeedForwardExperts
 from tf_moe.layers.replica_losses import use_thread_local_losses
 from tf_moe.metrics import LoadBalanceMetrics
@@ -20,6 +21,11 @@ from tf_moe.ops.replicas import cross_replica_sum
 _MASK_SHAPE_MESSAGE = "`mask` must have the shape of `inputs` without its last axis"
 # The gate arguments of tf_moe 0.1's MoE, now a router's.
 _LEGACY_GATE_ARGUMENTS = ("gate", "noisy_gating", "noise_epsilon", "seed")
+# MoELayer's arguments that describe its default FeedForwardExperts, with their defaults.
+_FEED_FORWARD_ARGUMENTS = dict(
+    hidden_units=None, output_units=None, activation="relu", gated=False, use_bias=True,
+    kernel_initializer=None, bias_initializer="zeros", kernel_regularizer=None, bias_regularizer=None,
+)
 
 
 _recording = threading.local()
@@ -133,12 +139,21 @@ class MoELayer(keras.layers.Layer):
     stacked weights, that run on every unmasked token and whose outputs are
     added to the routed mixture, `y = sum_j S_j(x) + sum_i G(x)_i E_i(x)`.
 
+    The experts are a `FeedForwardExperts` bank made from `hidden_units`,
+    `activation`, `gated` (SwiGLU with `activation="silu"`) and the other
+    feed-forward arguments, or any expert bank passed as `experts`: a
+    `tf_moe.Experts` layer mapping `[num_experts, slots, d]` to
+    `[num_experts, slots, out]` (see `Experts` for the contract).
+
     Args:
         num_experts: int, number of experts n (None: the router's).
         k: int, experts per token (None: the router's).
-        hidden_units: int, hidden width of each expert.
+        hidden_units: int, hidden width of each expert (required unless
+            `experts` is given).
         output_units: int or None, output width (None: the input width).
-        activation: activation of the experts' hidden layer.
+        activation: activation of the experts' hidden layer (of its gate
+            when `gated`).
+        gated: bool, gated linear unit experts (`FeedForwardExperts`).
         router: a router name (one of `tf_moe.routers.NAMES`, listed
             above), a `Router` instance (e.g. `NoisyTopKRouter(n, k,
             seed=0)` or `HierarchicalRouter(...)`) or its serialized
@@ -171,6 +186,10 @@ class MoELayer(keras.layers.Layer):
         use_bias: whether the experts' layers have biases.
         kernel_initializer, bias_initializer, kernel_regularizer,
             bias_regularizer: for the experts' weights.
+        experts: None (a `FeedForwardExperts` bank from the arguments
+            above), or an expert bank: a `tf_moe.Experts` layer of
+            `num_experts` experts or its serialized config. With a bank, leave
+            the feed-forward arguments above at their defaults.
         **kwargs: base layer arguments (`name`, `dtype`, ...).
 
     Call arguments:
@@ -226,17 +245,28 @@ class MoELayer(keras.layers.Layer):
         bias_initializer="zeros",
         kernel_regularizer=None,
         bias_regularizer=None,
+        gated=False,
+        experts=None,
         **kwargs,
     ):
         if "name" not in kwargs:
             uid = keras.backend.get_uid(self.default_name)
             kwargs["name"] = self.default_name if uid == 1 else f"{self.default_name}_{uid - 1}"
         super().__init__(**kwargs)
-        if hidden_units is None:
-            raise ValueError("`hidden_units` (the experts' hidden width) is required.")
-        check_positive_int("hidden_units", hidden_units)
-        if output_units is not None:
-            check_positive_int("output_units", output_units)
+        feed_forward = dict(
+            hidden_units=hidden_units, output_units=output_units, activation=activation, gated=gated,
+            use_bias=use_bias, kernel_initializer=kernel_initializer, bias_initializer=bias_initializer,
+            kernel_regularizer=kernel_regularizer, bias_regularizer=bias_regularizer,
+        )
+        experts = _expert_bank(experts, feed_forward)
+        if experts is None:
+            if hidden_units is None:
+                raise ValueError("`hidden_units` (the experts' hidden width) is required.")
+            check_positive_int("hidden_units", hidden_units)
+            if output_units is not None:
+                check_positive_int("output_units", output_units)
+            if not isinstance(gated, bool):
+                raise ValueError(f"`gated` must be True or False, got {gated!r}.")
         check_non_negative("importance_weight", importance_weight)
         check_non_negative("load_weight", load_weight)
         check_capacity_factor(capacity_factor)
@@ -255,6 +285,13 @@ class MoELayer(keras.layers.Layer):
                 )
         self.num_experts = self.router.num_experts
         self.k = self.router.k
+        if experts is not None and experts.num_experts != self.num_experts:
+            raise ValueError(
+                f"`experts` holds {experts.num_experts} experts, the router routes to {self.num_experts}."
+            )
+        # The bank given, or None until `build` makes the default one.
+        self.experts = experts
+        self.gated = gated
         self.hidden_units = hidden_units
         self.output_units = output_units
         self.activation = keras.activations.get(activation)
@@ -302,28 +339,38 @@ class MoELayer(keras.layers.Layer):
         self.shared_experts = None
         if self.num_shared_experts:
             # Never sharded: every token needs them on its own replica.
-            self.shared_experts = self._expert_bank(
-                FeedForwardExperts, self.num_shared_experts, input_units, "shared_experts"
+            self.shared_experts = self._feed_forward_bank(
+                type(self.experts), self.num_shared_experts, input_units, "shared_experts"
             )
 
     def _build_experts(self, num_experts, input_units):
-        """Creates and builds the routed expert bank (subclasses may shard it)."""
-        return self._expert_bank(self.experts_class, num_experts, input_units, "experts")
+        """Builds the routed expert bank: the one given, or a new one (subclasses may shard it)."""
+        if self.experts is not None:
+            if not self.experts.built:
+                self.experts.build((num_experts, None, input_units))
+            return self.experts
+        return self._feed_forward_bank(self.experts_class, num_experts, input_units, "experts")
 
-    def _expert_bank(self, experts_class, num_experts, input_units, name):
-        experts = experts_class(
-            num_experts,
-            self.hidden_units,
-            self.output_units or input_units,
-            activation=self.activation,
-            use_bias=self.use_bias,
-            kernel_initializer=self.kernel_initializer,
-            bias_initializer=self.bias_initializer,
-            kernel_regularizer=self.kernel_regularizer,
-            bias_regularizer=self.bias_regularizer,
-            dtype=self.dtype_policy,
-            name=name,
-        )
+    def _feed_forward_bank(self, experts_class, num_experts, input_units, name):
+        """A built bank of `num_experts` experts like the routed ones (a copy of a given bank's config)."""
+        if self.experts is not None:
+            config = {**self.experts.get_config(), "num_experts": num_experts, "name": name}
+            experts = type(self.experts).from_config(config)
+        else:
+            experts = experts_class(
+                num_experts,
+                self.hidden_units,
+                self.output_units or input_units,
+                activation=self.activation,
+                use_bias=self.use_bias,
+                gated=self.gated,
+                kernel_initializer=self.kernel_initializer,
+                bias_initializer=self.bias_initializer,
+                kernel_regularizer=self.kernel_regularizer,
+                bias_regularizer=self.bias_regularizer,
+                dtype=self.dtype_policy,
+                name=name,
+            )
         experts.build((num_experts, None, input_units))
         return experts
 
@@ -420,6 +467,8 @@ class MoELayer(keras.layers.Layer):
         return self.router.ops_per_token(input_units) + experts * self.experts.ops_per_token()
 
     def compute_output_shape(self, input_shape):
+        if self.experts is not None:
+            return tuple(input_shape[:-1]) + (self.experts.output_units or input_shape[-1],)
         return tuple(input_shape[:-1]) + (self.output_units or input_shape[-1],)
 
     def get_config(self):
@@ -442,8 +491,13 @@ class MoELayer(keras.layers.Layer):
                 "bias_initializer": _serialize(keras.initializers, self.bias_initializer),
                 "kernel_regularizer": _serialize(keras.regularizers, self.kernel_regularizer),
                 "bias_regularizer": _serialize(keras.regularizers, self.bias_regularizer),
+                "gated": self.gated,
+                "experts": None,
             }
         )
+        if self.hidden_units is None:
+            # A given bank: it carries the feed-forward settings itself.
+            config.update(_FEED_FORWARD_ARGUMENTS, experts=keras.layers.serialize(self.experts))
         return config
 
     @classmethod
@@ -459,3 +513,26 @@ class MoELayer(keras.layers.Layer):
 
 def _serialize(module, value):
     return None if value is None else module.serialize(module.get(value))
+
+
+def _expert_bank(experts, feed_forward):
+    """The `Experts` layer that `experts` (None, a bank or its config) names, checked against `feed_forward`.
+
+    A given bank replaces the feed-forward arguments: any of them set away
+    from its default is an error rather than silently ignored.
+    """
+    if experts is None:
+        return None
+    if isinstance(experts, dict):
+        experts = keras.layers.deserialize(experts)
+    if not isinstance(experts, Experts):
+        raise ValueError(
+            f"`experts` must be None, a tf_moe.Experts layer or its config, got {type(experts).__name__}."
+        )
+    conflicting = [name for name, value in feed_forward.items() if value != _FEED_FORWARD_ARGUMENTS[name]]
+    if conflicting:
+        raise ValueError(
+            f"`experts` is given, so the feed-forward arguments {conflicting} must be left at their "
+            "defaults: set them on the expert bank."
+        )
+    return experts

@@ -13,6 +13,20 @@ dense layer, with no broadcast bookkeeping for the bias or the batch axis
 import tensorflow as tf
 
 
+def gated_activation(activation):
+    """The hidden layer of a gated linear unit, `activation(a) * b`, from the pre-activation `[a | b]`.
+
+    Shazeer (2020): with `[a | b] = x [W | V]` this is `activation(x W) * (x V)`,
+    so `stacked_feed_forward` runs gated experts with one input matmul.
+    """
+
+    def glu(pre_activation):
+        gate, linear = tf.split(pre_activation, 2, axis=-1)
+        return activation(gate) * linear
+
+    return glu
+
+
 def stacked_feed_forward(inputs, kernel_in, kernel_out, bias_in=None, bias_out=None, activation=tf.nn.relu):
     """`activation(x W1 + b1) W2 + b2` for every expert at once.
 
@@ -22,8 +36,10 @@ def stacked_feed_forward(inputs, kernel_in, kernel_out, bias_in=None, bias_out=N
         kernel_out: [n, h, o].
         bias_in: [n, 1, h] or None (then `bias_out` must be None too).
         bias_out: [n, 1, o] or None.
-        activation: elementwise function of the hidden layer (its gradient
-            is taken by `tf.GradientTape`, for ReLU from its output).
+        activation: function of the hidden layer's pre-activation, applied
+            along the last axis (elementwise, or `gated_activation`'s, which
+            halves the width: then `kernel_in` is [n, d, 2h]); its gradient
+            is taken by `tf.GradientTape`, for ReLU from its output.
 
     All tensors share one float dtype (the compute dtype).
 
