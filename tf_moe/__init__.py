@@ -6,10 +6,10 @@ from tf_moe._startup import import_tensorflow
 
 import_tensorflow()  # before anything else loads TensorFlow: see tf_moe/_startup.py
 
-from tf_moe.layers import FeedForwardExperts, HierarchicalMoE, MoE, MoELayer
+from tf_moe.layers import Experts, FeedForwardExperts, HierarchicalMoE, MoE, MoELayer, upcycle
 from tf_moe.layers import BatchwiseRouter, HierarchicalRouter, NoisyTopKRouter, SoftmaxRouter
 from tf_moe.layers import ExpertChoiceRouter, HashRouter, LossFreeRouter, SwitchRouter, TopKRouter
-from tf_moe.layers import Router, Routing
+from tf_moe.layers import PositionEmbedding, Router, Routing
 from tf_moe import routers  # routers by name: tf_moe.routers.get("softmax", num_experts=8)
 from tf_moe.distribute import ExpertParallelMoE  # also tf_moe.distribute.get_strategy etc.
 from tf_moe.metrics import LoadBalanceMetrics

@@ -46,14 +46,7 @@ def moe_layer(
                 "`gate_learning_rate_multiplier` at their defaults (None and 1) with it."
             )
         router = routers.get(router, num_experts, k)
-        if not router.causal:
-            warnings.warn(
-                f"{type(router).__name__} is not causal: it routes each token by looking at the whole "
-                "batch, so in a language model a position's output depends on later tokens (while "
-                "training and when evaluating). Use a token-choice router for autoregressive models.",
-                UserWarning,
-                stacklevel=2,
-            )
+        warn_if_not_causal(router)
         return MoELayer(
             hidden_units=hidden_units, router=router, importance_weight=importance_weight,
             load_weight=load_weight, capacity_factor=capacity_factor, name=name,
@@ -79,6 +72,18 @@ def moe_layer(
         capacity_factor=capacity_factor,
         name=name,
     )
+
+
+def warn_if_not_causal(router):
+    """Warns that a router which looks at the whole batch (expert choice) leaks the future in a language model."""
+    if not router.causal:
+        warnings.warn(
+            f"{type(router).__name__} is not causal: it routes each token by looking at the whole "
+            "batch, so in a language model a position's output depends on later tokens (while "
+            "training and when evaluating). Use a token-choice router for autoregressive models.",
+            UserWarning,
+            stacklevel=3,
+        )
 
 
 def _residual(x, y, dropout, name):

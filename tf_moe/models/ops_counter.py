@@ -16,7 +16,9 @@ def layer_ops_per_timestep(layer):
 
     Dense-like layers cost one multiply-add per kernel weight; an LSTM its
     input and recurrent kernels; an MoE layer its router plus the `k` experts
-    a token visits (`MoELayer.ops_per_token`, whatever the router). Layers
+    a token visits (`MoELayer.ops_per_token`, whatever the router);
+    multi-head attention its four projections (not the scores, which grow
+    with the context, as attention is left out of the paper's count). Layers
     without a kernel (embedding lookups, dropout, adds) count as zero.
     """
     if isinstance(layer, MoELayer):
@@ -28,12 +30,16 @@ def layer_ops_per_timestep(layer):
         return _kernel_size(cell.kernel, cell.recurrent_kernel)
     if isinstance(layer, keras.layers.Dense):
         return _kernel_size(layer.kernel)
+    if isinstance(layer, keras.layers.MultiHeadAttention):
+        # The query, key, value and output projections; the attention scores
+        # and their weighted sum grow with the context and are not counted.
+        return _kernel_size(*(w for w in layer.weights if w.name == "kernel"))
     if isinstance(layer, keras.Model):
         return sum(layer_ops_per_timestep(sub) for sub in layer.layers)
     return 0
 
 
-def ops_per_timestep(model, exclude=("embedding", "logits")):
+def ops_per_timestep(model, exclude=("embedding", "position_embedding", "logits")):
     """Multiply-adds per timestep of `model`, excluding embedding and softmax.
 
     This is the "ops/timestep" of the paper's Table 1: the cost of one
