@@ -122,10 +122,15 @@ def test_stateful_model_needs_a_batch_size():
         lstm_lm(stateful=True, **SMALL)
 
 
-@pytest.mark.parametrize("num_groups", [None, 2])
-def test_gate_learning_rate_multiplier_reaches_the_router(num_groups):
-    model = lstm_lm(**SMALL, num_groups=num_groups, gate_learning_rate_multiplier=5.0)
+@pytest.mark.parametrize("router, num_groups", [("noisy_top_k", None), (None, 2)])
+def test_gate_learning_rate_multiplier_reaches_the_papers_routers(router, num_groups):
+    model = lstm_lm(**SMALL, router=router, num_groups=num_groups, gate_learning_rate_multiplier=5.0)
     assert model.get_layer("moe").router.learning_rate_multiplier == 5.0
+
+
+def test_gate_learning_rate_multiplier_is_refused_where_no_noisy_gate_takes_it():
+    with pytest.raises(ValueError, match="`gate_learning_rate_multiplier` is an option of the paper's noisy gates"):
+        lstm_lm(**SMALL, gate_learning_rate_multiplier=5.0)
 
 
 @pytest.mark.parametrize("router, k", [("switch", 1), ("top_k", 2), ("loss_free", 2), ("hash", 1)])
@@ -152,5 +157,6 @@ def test_a_router_instance_and_its_conflicts():
         lstm_lm(**SMALL, router="top_k", num_groups=2)
     with pytest.raises(ValueError, match="`k`"):
         lstm_lm(**SMALL, router="switch")  # k = 2
-    # The default stays the paper's noisy top-k router.
-    assert type(lstm_lm(**SMALL).get_layer("moe").router) is tf_moe.NoisyTopKRouter
+    # The default is MoELayer's own.
+    default = tf_moe.MoELayer(4, 2, 8).router
+    assert type(lstm_lm(**SMALL).get_layer("moe").router) is type(default)

@@ -50,7 +50,8 @@ def test_ops_per_timestep_against_hand_count():
     d, h, n, k, layers = 16, 8, 4, 2, 2
     attention = 4 * d * d  # query, key, value and output projections
     moe = d * n + k * (d * h + h * d)  # router + k experts
-    dense = 2 * d * (k * h)  # the matched FFN, k * h wide
+    dense = 2 * d * (k * h + n // 2)  # the matched FFN, k * h + n / 2 wide: the same ops
+    assert moe == dense
     assert ops_per_timestep(transformer_lm(**SMALL)) == layers * (attention + moe)
     assert ops_per_timestep(transformer_lm(model="dense", **SMALL)) == layers * (attention + dense)
     every_other = transformer_lm(moe_every=2, **SMALL)

@@ -16,4 +16,4 @@ from tf_moe.layers.router import Router, Routing
 from tf_moe.layers.softmax_router import SoftmaxRouter
 from tf_moe.layers.switch_router import SwitchRouter
 from tf_moe.layers.top_k_router import TopKRouter
-from tf_moe.layers.upcycling import upcycle
+from tf_moe.layers.upcycling import load_dense_ffn, upcycle

@@ -79,14 +79,36 @@ def upcycle(hidden, output, num_experts, k=None, activation=None, **moe_argument
         **moe_arguments,
     )
     moe.build((None, input_units))
-    copies = [kernel_in, kernel_out] + ([bias_in[None], bias_out[None]] if bias_in is not None else [])
-    for variable, value in zip(_bank_weights(moe.experts), copies):
-        variable.assign(np.broadcast_to(value, variable.shape))
+    _copy_into_experts(moe.experts, kernel_in, bias_in, kernel_out, bias_out)
     return moe
 
 
-def _bank_weights(experts):
+def load_dense_ffn(moe, hidden, output):
+    """Sets every expert of a built `MoELayer` to a copy of a dense FFN (its router is left alone).
+
+    Args:
+        moe: a built `MoELayer` with plain `FeedForwardExperts` of the FFN's
+            shapes, activation and biases.
+        hidden, output: the FFN's two layers, as for `upcycle`.
+    """
+    kernel_in, bias_in, hidden_activation = _dense_weights(hidden, "hidden")
+    kernel_out, bias_out, _ = _dense_weights(output, "output")
+    experts = moe.experts
+    if experts.gated or experts.kernel_in.shape[1:] != kernel_in.shape or experts.kernel_out.shape[1:] != kernel_out.shape:
+        raise ValueError(
+            f"`moe`'s experts ({'gated, ' if experts.gated else ''}{experts.kernel_in.shape[1:]} and "
+            f"{experts.kernel_out.shape[1:]}) are not of the FFN's shapes {kernel_in.shape} and {kernel_out.shape}."
+        )
+    if hidden_activation not in (None, experts.activation) or experts.use_bias != (bias_in is not None):
+        raise ValueError("`moe`'s experts differ from the FFN in activation or biases.")
+    _copy_into_experts(experts, kernel_in, bias_in, kernel_out, bias_out)
+
+
+def _copy_into_experts(experts, kernel_in, bias_in, kernel_out, bias_out):
     weights = [experts.kernel_in, experts.kernel_out]
+    copies = [kernel_in, kernel_out]
     if experts.use_bias:
         weights += [experts.bias_in, experts.bias_out]
-    return weights
+        copies += [bias_in[None], bias_out[None]]
+    for variable, value in zip(weights, copies):
+        variable.assign(np.broadcast_to(value, variable.shape))

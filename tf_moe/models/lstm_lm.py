@@ -27,34 +27,24 @@ def moe_layer(
     router=None,
     name="moe",
 ):
-    """An `MoELayer` with the noisy top-k router, the hierarchical one when `num_groups` is given, or `router`.
+    """The MoE layer of the paper's models: `MoELayer`'s default router, the hierarchical one, or `router`.
 
-    The hierarchical router (appendix B) splits `num_experts` into
-    `num_groups` groups and uses `k` at both levels, as the paper's
-    MoE-256-h does with k=2; its groups get the layer's capacity factor.
-    `gate_learning_rate_multiplier` is the routers' `learning_rate_multiplier`.
-    `router` (a name of `tf_moe.routers` made with `num_experts` and `k`,
-    a `Router` or its config) replaces both; `seed` and
-    `gate_learning_rate_multiplier` are then the router's business. A
-    router that is not causal (expert choice) gets a warning: in a
-    language model it lets a position's output depend on later tokens.
+    With `router` None a flat MoE gets `MoELayer`'s default router, and with
+    `num_groups` the hierarchical noisy gating of appendix B, which splits
+    `num_experts` into `num_groups` groups and uses `k` at both levels (as
+    the paper's MoE-256-h with k=2; its groups get the layer's capacity
+    factor). `router` is a name of `tf_moe.routers` (made with
+    `num_experts` and `k`), a `Router` or its config; the paper's
+    `"noisy_top_k"` by name is made with `seed` and
+    `gate_learning_rate_multiplier` (its `learning_rate_multiplier`, as
+    the hierarchical router's). A router that is not causal (expert choice)
+    gets a warning: in a language model it lets a position's output depend
+    on later tokens.
     """
-    if router is not None:
-        if num_groups is not None or gate_learning_rate_multiplier != 1.0:
-            raise ValueError(
-                "`router` replaces the default routers: leave `num_groups` and "
-                "`gate_learning_rate_multiplier` at their defaults (None and 1) with it."
-            )
-        router = routers.get(router, num_experts, k)
-        warn_if_not_causal(router)
-        return MoELayer(
-            hidden_units=hidden_units, router=router, importance_weight=importance_weight,
-            load_weight=load_weight, capacity_factor=capacity_factor, name=name,
-        )
     multiplier = gate_learning_rate_multiplier
-    if num_groups is None:
-        router = NoisyTopKRouter(num_experts, k, seed=seed, learning_rate_multiplier=multiplier)
-    else:
+    if num_groups is not None:
+        if router is not None:
+            raise ValueError("`router`: `num_groups` makes the hierarchical router; leave `router` None with it.")
         check_positive_int("num_groups", num_groups)
         if num_experts % num_groups:
             raise ValueError(
@@ -64,13 +54,26 @@ def moe_layer(
             num_groups, num_experts // num_groups, k, k, capacity_factor=capacity_factor, seed=seed,
             learning_rate_multiplier=multiplier,
         )
+    elif router == "noisy_top_k":
+        router = NoisyTopKRouter(num_experts, k, seed=seed, learning_rate_multiplier=multiplier)
+    elif multiplier != 1.0:
+        raise ValueError(
+            "`gate_learning_rate_multiplier` is an option of the paper's noisy gates: use it with "
+            "router='noisy_top_k' or `num_groups`."
+        )
+    elif router is not None:
+        router = routers.get(router, num_experts, k)
+        warn_if_not_causal(router)
+    arguments = {} if router is None else {"router": router}
     return MoELayer(
-        hidden_units=hidden_units,
-        router=router,
+        num_experts if router is None else None,
+        k if router is None else None,
+        hidden_units,
         importance_weight=importance_weight,
         load_weight=load_weight,
         capacity_factor=capacity_factor,
         name=name,
+        **arguments,
     )
 
 
@@ -180,19 +183,21 @@ def lstm_lm(
         importance_weight, load_weight: the balancing loss weights.
         capacity_factor: None (dropless) or the MoE's static capacity factor.
         model: "moe" or one of "moe-1-wide", "moe-1-deep", "4xlstm".
-        seed: optional seed of the gating noise.
-        gate_learning_rate_multiplier: float > 0, how much faster the MoE's
-            gate learns than the rest (see `NoisyTopKRouter`); 1 is the
-            paper's training.
+        seed: optional seed of the paper's gating noise.
+        gate_learning_rate_multiplier: float > 0, how much faster the
+            paper's noisy gates learn than the rest (`router="noisy_top_k"`
+            or `num_groups`; see `NoisyTopKRouter`); 1 is the paper's
+            training.
         stateful: carry the LSTMs' state from one batch to the next, for
             training and evaluating on a token stream cut into consecutive
             segments (`tf_moe.data.lm_stream_dataset`); needs `batch_size`.
             Reset it with `tf_moe.training.ResetRecurrentState`.
         batch_size: the fixed batch size of a stateful model.
-        router: None for the paper's routers (noisy top-k, or hierarchical
-            with `num_groups`), or a router for the MoE: a name of
-            `tf_moe.routers` (made with `num_experts` and `k`, e.g.
-            "switch" with `k=1`), a `Router` or its config. A router that
+        router: None for `MoELayer`'s default router (or the paper's
+            hierarchical one with `num_groups`), or a router for the MoE: a
+            name of `tf_moe.routers` (made with `num_experts` and `k`, e.g.
+            "switch" with `k=1`; "noisy_top_k" is the paper's), a `Router`
+            or its config. A router that
             routes by token id (`required_inputs` of "token_ids", the hash
             router) gets the model's input ids. A router that is not
             causal (expert choice) is allowed with a warning.

@@ -1,10 +1,13 @@
 """A decoder-only Transformer language model with MoE feed-forward blocks, and its dense twin."""
 
+import math
+
 import keras
 
 from tf_moe import routers
 from tf_moe.layers.moe_layer import MoELayer
 from tf_moe.layers.position_embedding import PositionEmbedding
+from tf_moe.layers.upcycling import load_dense_ffn
 from tf_moe.models.lstm_lm import router_inputs, warn_if_not_causal
 from tf_moe.training.model import MoEModel
 
@@ -66,10 +69,11 @@ def transformer_lm(
     k, expert_hidden_units)` with nothing else set unless `router` or
     `moe_arguments` say so; the other blocks keep a dense FFN of
     `ffn_units`. `model="dense"` is the computationally matched twin: every
-    FFN dense, `ffn_units` wide, which by default is `k *
-    expert_hidden_units`, the multiply-adds of the k experts a token visits
-    (so the two differ by the router's `d * n` per MoE block,
-    `tf_moe.models.ops_per_timestep`).
+    FFN dense and `ffn_units` wide, which by default is `k *
+    expert_hidden_units + ceil(num_experts / 2)`: the multiply-adds of the
+    k experts a token visits and of the router's `d * n` logits, so both
+    models cost the same ops per timestep (`tf_moe.models.ops_per_timestep`,
+    up to rounding for an odd `num_experts`).
 
     Token id 0 is padding: it is masked from the embedding on, so padding
     changes neither the real positions' logits nor the routing, and
@@ -84,7 +88,8 @@ def transformer_lm(
         k: int, experts per token.
         expert_hidden_units: int, hidden width of each expert.
         ffn_units: int or None, hidden width of the dense FFNs (None:
-            `k * expert_hidden_units`, the matched width).
+            `k * expert_hidden_units + ceil(num_experts / 2)`, the matched
+            width).
         moe_every: int, an MoE in every `moe_every`-th block.
         max_length: int, longest sequence (learned position embeddings).
         dropout: float in [0, 1), on attention weights and on each
@@ -112,7 +117,7 @@ def transformer_lm(
     _check_arguments(vocab_size, units, num_layers, num_heads, ffn_units, moe_every, dropout, model)
     if isinstance(router, keras.layers.Layer):
         raise ValueError("`router`: pass a name or a config; each MoE block needs a router of its own.")
-    ffn_units = ffn_units or k * expert_hidden_units
+    ffn_units = ffn_units or k * expert_hidden_units + math.ceil(num_experts / 2)
     tokens = keras.Input(shape=(None,), dtype="int32", name="tokens")
     x = keras.layers.Embedding(vocab_size, units, mask_zero=True, name="embedding")(tokens)
     x = PositionEmbedding(max_length, name="position_embedding")(x)
@@ -143,3 +148,59 @@ def transformer_lm(
     x = keras.layers.LayerNormalization(epsilon=1e-5, name="final_norm")(x)
     logits = keras.layers.Dense(vocab_size, dtype="float32", name="logits")(x)
     return MoEModel(tokens, logits, name=name or f"transformer_{model}")
+
+
+def _dense_architecture(model):
+    """The `transformer_lm` arguments of a dense model it built, read off its layers."""
+    blocks = 0
+    while f"block_{blocks + 1}_ffn_hidden" in {layer.name for layer in model.layers}:
+        blocks += 1
+    if not blocks or any(layer.name.endswith("_moe") for layer in model.layers):
+        raise ValueError("`dense_model` must be a dense model made by `transformer_lm(model=\"dense\")`.")
+    embedding = model.get_layer("embedding")
+    attention = model.get_layer("block_1_attention")
+    return dict(
+        vocab_size=embedding.input_dim,
+        units=embedding.output_dim,
+        num_layers=blocks,
+        num_heads=attention.num_heads,
+        ffn_units=model.get_layer("block_1_ffn_hidden").units,
+        max_length=model.get_layer("position_embedding").max_length,
+        dropout=model.get_layer("embedding_dropout").rate,
+    )
+
+
+def upcycle_transformer_lm(dense_model, num_experts, k=2, router=None, moe_every=1, name=None):
+    """An MoE Transformer LM started from a trained dense one (sparse upcycling).
+
+    Komatsuzaki et al. (2023): every `moe_every`-th block's FFN becomes an
+    `MoELayer` of `num_experts` experts, each a copy of that FFN (so each
+    expert is as wide as the dense FFN, and a token's k experts cost k
+    times its multiply-adds); the routers are new; every other weight is
+    copied. Where a token's gate values sum to 1 (the paper's router, or
+    routers that renormalise) the new model starts as the dense one.
+
+    Args:
+        dense_model: a trained `transformer_lm(..., model="dense")`.
+        num_experts: int, experts per MoE layer.
+        k: int, experts per token.
+        router: as `transformer_lm`'s (None: `MoELayer`'s default).
+        moe_every: int, which blocks become MoE layers.
+        name: model name (default "transformer_upcycled").
+
+    Returns:
+        A `MoEModel`, compiled by nobody yet.
+    """
+    architecture = _dense_architecture(dense_model)
+    moe_model = transformer_lm(
+        **architecture, num_experts=num_experts, k=k, expert_hidden_units=architecture["ffn_units"],
+        moe_every=moe_every, router=router, model="moe", name=name or "transformer_upcycled",
+    )
+    for layer in moe_model.layers:
+        if isinstance(layer, MoELayer):
+            block = layer.name[: -len("_moe")]
+            load_dense_ffn(layer, dense_model.get_layer(f"{block}_ffn_hidden"),
+                           dense_model.get_layer(f"{block}_ffn_output"))
+        elif layer.weights:
+            layer.set_weights(dense_model.get_layer(layer.name).get_weights())
+    return moe_model
