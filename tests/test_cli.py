@@ -49,6 +49,10 @@ def test_flags_map_onto_the_config():
     assert sweep.level == "wordpiece"
     quick = cli.config_from_args(cli._parser().parse_args(["train", "mt", "--quick", "--epochs", "2"]))
     assert quick.corpus == "web-sparv" and quick.epochs == 2 and quick.steps == Config.quick().steps
+    transformer = cli.config_from_args(cli._parser().parse_args(["train", "lm", "--arch", "transformer"]))
+    assert (transformer.arch, transformer.level, transformer.vocab_size, transformer.k) == ("transformer", "word", 5000, 2)
+    ptb = cli.config_from_args(cli._parser().parse_args(["experiment", "ptb", "--arch", "transformer", "--epochs", "2"]))
+    assert (ptb.corpus, ptb.vocab_size, ptb.seq_len, ptb.epochs, ptb.weight_decay) == ("ptb", 10_000, 64, 2, 0.01)
     # -v before or after the command.
     assert cli._parser().parse_args(["-v", "train", "lm"]).verbosity == 1
     assert cli._parser().parse_args(["train", "lm", "-vv"]).verbosity == 2
@@ -90,8 +94,21 @@ BAD_FLAGS = [
     (["experiment", "ptb", "--models", "moe-16", "moe-5-h"], "--models: 'moe-5-h'"),
     (["experiment", "experts", "--models", "dense"], "--models: Unknown model 'dense'"),
     (["experiment", "routers", "--routers", "softmax"], "argument --routers: invalid choice: 'softmax'"),
-    (["experiment", "routers", "--models", "moe-4"], "--models is for the experts and ptb experiments"),
+    (["experiment", "routers", "--models", "moe-4"], "--models is for `tf-moe experiment experts or ptb or tune`"),
     (["experiment", "table6", "--routers", "switch"], "--routers is for `tf-moe experiment routers`"),
+    (["experiment", "routers", "--extra-steps", "5"], "--extra-steps is for `tf-moe experiment upcycle`"),
+    (["experiment", "tune", "--models", "moe"], "tune needs --models, --learning-rates and --dropouts"),
+    (["experiment", "upcycle", "--arch", "transformer"], "upcycle needs --extra-steps"),
+    (["experiment", "diagnose", "--variants", "magic"], "argument --variants: invalid choice: 'magic'"),
+    (["train", "lm", "--arch", "rnn"], "argument --arch: invalid choice: 'rnn'"),
+    (["train", "lm", "--arch", "transformer", "--hierarchical", "4"], "--hierarchical: the Transformer takes"),
+    (["train", "lm", "--arch", "transformer", "--units", "130"], "--units 130 is not a multiple of --heads 4"),
+    (["train", "lm", "--arch", "transformer", "--level", "wordpiece"], "--arch transformer is a word-level"),
+    (["train", "mt", "--arch", "transformer"], "--arch transformer is a word-level language model"),
+    (["train", "lm", "--router", "noisy_top_k", "--hierarchical", "4"], "--router and --hierarchical"),
+    (["train", "lm", "--router", "magic"], "argument --router: invalid choice: 'magic'"),
+    (["train", "lm", "--seeds", "0", "-1"], "argument --seeds: must be an integer in [0, 2**32)"),
+    (["report", "no/such/page.md"], "no/such/page.md: no such file"),
     (["experiment", "routers", "--hierarchical", "2"], "--hierarchical: the router comparison uses flat MoEs"),
     (["train", "lm", "--level", "char"], "argument --level: invalid choice: 'char'"),
     (["plot", "missing.json", "--output", "x.png"], "missing.json: no such file"),
@@ -235,7 +252,8 @@ def test_quick_lm_run_is_quiet_prints_its_plan_results_and_logs_and_saves_the_mo
     runs = out / "runs"
     assert lines[-1] == f"TensorBoard logs: {runs}{os.sep}  (view them with `tensorboard --logdir {runs}`)"
     for row in results["rows"]:
-        assert glob.glob(str(runs / f"lm_{row['model'].replace('-', '_')}" / "logs" / "train" / "events.out.tfevents.*"))
+        name = row["model"].replace("-", "_")
+        assert glob.glob(str(runs / f"lm_{name}_seed0" / "logs" / "train" / "events.out.tfevents.*"))
 
     # The saved models give the perplexity the table reports on the validation texts.
     tokenizer = data.WordpieceTokenizer(str(out / "lm_vocab.txt"))

@@ -104,3 +104,27 @@ def test_curves_to_plot_draws_each_model_once_from_the_first_results():
     assert reports.curves_to_plot([long, short]) == [
         ("moe-16", [10, 20], [9.0, 8.0]), ("moe-1-wide", [10], [9.5]), ("moe-4", [10], [9.9]),
     ]
+
+
+def test_transformer_pair_over_seeds_writes_traceable_rows(tmp_path, capsys):
+    """`train lm --arch transformer --seeds 0 1 --results F`: a row per model and seed, with commit and command."""
+    from tf_moe.reproduction import cli, results
+
+    path = tmp_path / "results" / "pair.json"
+    argv = ["train", "lm", "--arch", "transformer", "--quick", "--corpus", "ptb", "--progress", "0",
+            "--layers", "1", "--output", str(tmp_path / "out"), "--seeds", "3", "4", "--results", str(path)]
+    assert cli.main(argv) == 0
+    rows = results.load_rows(str(path))
+    assert sorted((row["model"], row["seed"]) for row in rows) == [("dense", 3), ("dense", 4), ("moe", 3), ("moe", 4)]
+    for row in rows:
+        assert row["experiment"] == "train lm" and row["corpus"] == "ptb"
+        assert row["command"] == "tf-moe " + " ".join(argv) or row["command"].startswith("tf-moe")
+        assert row["commit"] and row["settings"]["arch"] == "transformer" and row["settings"]["layers"] == 1
+        assert row["train_tokens"] > 0 and len(row["curve"]) == 1 and 1 < row["valid_perplexity"]
+    moe = [row for row in rows if row["model"] == "moe"]
+    dense = [row for row in rows if row["model"] == "dense"]
+    # The dense twin is matched to the router and the k experts: equal ops.
+    assert {row["ops_per_timestep"] for row in moe} == {row["ops_per_timestep"] for row in dense}
+    assert all(row["valid_max_over_mean_load"] >= 1 for row in moe)
+    out = capsys.readouterr().out
+    assert reports.verdict(rows) in out and "(mean of 2 seeds)" in out and "warning: not matched" not in out

@@ -1,19 +1,26 @@
 """The `tf-moe` command line: train the paper's models, rerun its experiments, export them.
 
     tf-moe train lm            # MoE LSTM LM vs its matched dense baseline
+    tf-moe train lm --arch transformer   # MoE Transformer LM vs its dense twin
     tf-moe train mt            # MoE seq2seq vs dense, BLEU on En->Es
     tf-moe experiment table6   # the six balancing-loss weightings
     tf-moe experiment experts  # 4/32/256/256-h experts vs baselines, fixed ops
     tf-moe experiment ptb      # Penn Treebank, word level: MoEs vs dense baselines
     tf-moe experiment routers  # every router on the LM at equal ops per timestep
+    tf-moe experiment tune     # the same learning-rate/dropout grid for each model
+    tf-moe experiment diagnose --arch transformer  # why the paper's gate loses there
+    tf-moe experiment upcycle --arch transformer   # sparse upcycling vs dense training
     tf-moe plot saved_models/sweep_ptb_results.json --output docs/ptb_curves.png
+    tf-moe report docs/results.md   # render its tables from docs/results/*.json
     tf-moe train lm --quick    # a smoke run of seconds
     tf-moe export lm saved_models/lm_moe.keras --vocab saved_models/lm_vocab.txt
                                # SavedModel for TF Serving (docs/serving.md)
 
 Before training, one line says what will run and where its results go;
 after it, the results table and the command that shows the TensorBoard
-logs. Models, vocabularies and results are saved under `--output` (default
+logs. `--seeds 0 1 2` repeats the command for each seed; `--results FILE`
+appends every run's row (model, corpus, seed, settings, git commit, the
+command) to a results file such as `docs/results/<experiment>.json`. Models, vocabularies and results are saved under `--output` (default
 `saved_models/`), TensorBoard logs under `<output>/runs/`. An interrupted
 run resumes from its last finished epoch when rerun with the same flags.
 
@@ -40,7 +47,7 @@ import warnings
 
 import tf_moe
 from tf_moe import data, export, routers
-from tf_moe.reproduction import corpora, language_model, reports, translation
+from tf_moe.reproduction import corpora, language_model, reports, results, translation
 from tf_moe.reproduction.config import Config
 
 # ------------------------------------------------------------ flag values ----
@@ -139,9 +146,16 @@ _EXPERIMENTS = {
     "routers": (language_model.router_comparison,
                 "the MoE language model with each router at equal ops per timestep",
                 "Routers at equal ops per timestep (step_ms: median training step)"),
+    "tune": (language_model.tune, "each model on the same grid of learning rates and dropout rates",
+             "The same learning-rate and dropout grid for every model"),
+    "diagnose": (language_model.diagnose, "the Transformer LM with each candidate change of the paper's gating",
+                 "The paper's gating in the Transformer, one change at a time"),
+    "upcycle": (language_model.upcycling,
+                "a dense Transformer LM, then it and its upcycled MoE for the same extra steps",
+                "Sparse upcycling against training the dense model further"),
 }
 # The routers `tf-moe experiment routers --routers` takes (not the dense softmax).
-_COMPARED_ROUTERS = tuple(name for name in routers.NAMES if name != "softmax")
+_COMPARED_ROUTERS = language_model.COMPARED_ROUTERS
 # Experiments that set their own numbers of experts and groups (`--models`).
 _SWEEPS = ("experts", "ptb")
 
@@ -169,7 +183,23 @@ def _parser():
     experiment.add_argument("--routers", nargs="+", metavar="ROUTER", choices=_COMPARED_ROUTERS,
                             help=f"routers: the routers to compare ({', '.join(_COMPARED_ROUTERS)}; "
                                  f"default {' '.join(language_model.ROUTER_COMPARISON)})")
+    experiment.add_argument("--learning-rates", nargs="+", type=positive_float, metavar="RATE",
+                            help="tune: peak learning rates of the grid")
+    experiment.add_argument("--dropouts", nargs="+", type=rate_below_one, metavar="RATE",
+                            help="tune: dropout rates of the grid")
+    experiment.add_argument("--variants", nargs="+", choices=tuple(language_model.DIAGNOSIS), metavar="VARIANT",
+                            help=f"diagnose: the gating variants ({', '.join(language_model.DIAGNOSIS)}; default all)")
+    experiment.add_argument("--extra-steps", type=positive_int,
+                            help="upcycle: steps that the dense model and its upcycled MoE train after the dense "
+                                 "model's --epochs")
     experiment.set_defaults(run=_experiment)
+
+    report = commands.add_parser("report", parents=[common],
+                                 help="render the tables of a results page from its results files")
+    report.add_argument("page", help="the Markdown page, e.g. docs/results.md")
+    report.add_argument("--results-dir", help="the results files (default: results/ beside the page)")
+    report.add_argument("--check", action="store_true", help="only say whether the page is up to date (exit 1 if not)")
+    report.set_defaults(run=_report)
 
     plot = commands.add_parser("plot", parents=[common],
                                help="plot validation perplexity against training tokens")
@@ -196,6 +226,21 @@ def _add_training_flags(sub):
     defaults = Config()
     add = sub.add_argument
     add("--quick", action="store_true", help="tiny smoke run (seconds); other flags still apply")
+    add("--arch", choices=("lstm", "transformer"),
+        help="lm: the paper's LSTM language model (default) or a Transformer whose FFNs are MoE layers "
+             "(its defaults: word level, 2 blocks of 128, 16 experts of 256 with k=2 against a 512-wide "
+             "dense FFN, 64-token contexts, AdamW, one full pass)")
+    add("--layers", type=positive_int, help=f"transformer: blocks (default {defaults.layers})")
+    add("--heads", type=positive_int, help=f"transformer: attention heads (default {defaults.heads})")
+    add("--router", choices=routers.NAMES,
+        help="lm: the MoE's router by name (default: MoELayer's default; noisy_top_k is the paper's)")
+    add("--weight-decay", type=non_negative_float,
+        help=f"AdamW weight decay; 0 for Adam (default {defaults.weight_decay})")
+    add("--seeds", nargs="+", type=seed, metavar="SEED",
+        help="repeat the command for each of these seeds (instead of --seed)")
+    add("--results", metavar="FILE",
+        help="append every run's row (model, seed, settings, commit, command) to this JSON results file, "
+             "e.g. docs/results/transformer_ptb.json")
     add("--corpus", help=f"embedded corpus (lm: {', '.join(corpora.available_corpora('lm'))}; "
                          f"mt: {', '.join(corpora.available_corpora('translation'))}); "
                          f"default {defaults.corpus} / web-sparv")
@@ -225,7 +270,8 @@ def _add_training_flags(sub):
         help=f"weight of the importance loss (default {defaults.importance_weight})")
     add("--load-weight", type=non_negative_float, help=f"weight of the load loss (default {defaults.load_weight})")
     add("--gate-lr-multiplier", type=positive_float,
-        help=f"how much faster the MoE gates learn than the rest of the model (default {defaults.gate_lr_multiplier})")
+        help="how much faster the paper's noisy gates (--router noisy_top_k, --hierarchical) learn than the "
+             f"rest of the model (default {defaults.gate_lr_multiplier})")
     add("--train-size", type=positive_int, help="use only the first N training texts")
     add("--valid-size", type=positive_int, help="use only the first N validation texts")
     add("--beam-size", type=positive_int, help=f"mt: beam width for BLEU (default {defaults.beam_size})")
@@ -269,6 +315,10 @@ def config_from_args(args):
         settings.update(Config.WORD_LEVEL)
     elif args.command == "train" and args.task == "lm" and "level" not in flags:
         settings.update(Config.MAIN_LM)
+    if flags.get("arch") == "transformer":
+        corpus = flags.get("corpus", settings.get("corpus", Config.corpus))
+        # The Penn Treebank's own 10k words; the main job's 5000 on the Bibles.
+        settings.update(Config.TRANSFORMER, vocab_size=10_000 if corpus == "ptb" else 5000)
     if args.quick:
         settings.update(Config.QUICK)
     return Config(**{**settings, **flags})
@@ -282,6 +332,15 @@ def check_config(args, config):
         raise UsageError(f"--corpus {config.corpus} is not a {kind} corpus; choose from {', '.join(names)}")
     if args.command == "experiment" and args.name == "routers" and config.groups is not None:
         raise UsageError("--hierarchical: the router comparison uses flat MoEs")
+    if config.arch == "transformer":
+        if kind != "lm" or config.level != "word":
+            raise UsageError("--arch transformer is a word-level language model (train lm, experiment ...)")
+        if config.groups is not None:
+            raise UsageError("--hierarchical: the Transformer takes routers by --router")
+        if config.units % config.heads:
+            raise UsageError(f"--units {config.units} is not a multiple of --heads {config.heads}")
+    if config.router is not None and config.groups is not None:
+        raise UsageError("--router and --hierarchical: the hierarchical MoE has its own router")
     # The expert sweeps set their own numbers of experts and groups.
     if not (args.command == "experiment" and args.name in _SWEEPS):
         if config.groups is None and config.k > config.experts:
@@ -311,13 +370,35 @@ def describe_run(what, config, models=None):
     texts = f" (first {config.train_size} texts)" if config.train_size else ""
     steps = f"{config.steps} steps" if config.steps else "a full pass"
     vocabulary = f"{config.vocab_size}-{'word' if config.level == 'word' else 'wordpiece'} vocabulary"
+    if config.arch == "transformer":
+        body = f"{config.layers} Transformer blocks of {config.units} with {config.heads} heads"
+    else:
+        body = f"{config.units}-unit LSTMs"
+    router = f"router {config.router}" if config.router else "the default router"
+    if config.gate_lr_multiplier != 1:
+        router += f", noisy gates learning {config.gate_lr_multiplier:g}x faster"
     return (
         f"Training {what} on {config.corpus}{texts}: {'' if moe.startswith('the') else 'MoE of '}{moe}, "
-        f"k={config.k}, expert hidden {config.expert_hidden}; {config.units}-unit LSTMs; {vocabulary}; "
-        f"gates learning {config.gate_lr_multiplier:g}x faster; "
+        f"k={config.k}, expert hidden {config.expert_hidden}, {router}; {body}; {vocabulary}; "
         f"{config.epochs} epoch{'s' * (config.epochs != 1)} of {steps}, batches of {config.batch_size} x "
         f"{config.seq_len} tokens. Results go to {os.path.join(config.output, '')}"
     )
+
+
+def ops_warning(rows, tolerance=0.01):
+    """A line saying which dense rows' ops per timestep differ from the MoE's by more than `tolerance`, or None."""
+    moe = next((row for row in rows if row.get("cv_load") is not None), None)
+    if moe is None:
+        return None
+    off = [
+        f"{row['model']} ({row['ops_per_timestep']:,})" for row in rows
+        if row.get("cv_load") is None
+        and abs(row["ops_per_timestep"] - moe["ops_per_timestep"]) > tolerance * moe["ops_per_timestep"]
+    ]
+    if not off:
+        return None
+    return (f"warning: not matched: {', '.join(off)} differ from the MoE's {moe['ops_per_timestep']:,} ops per "
+            f"timestep by more than {tolerance:.0%}.")
 
 
 # ------------------------------------------------------------- commands ----
@@ -329,14 +410,52 @@ def _train(args):
 
 def _experiment(args):
     function, what, title = _EXPERIMENTS[args.name]
-    if args.name == "routers":
-        if args.models:
-            raise UsageError("--models is for the experts and ptb experiments; the routers one takes --routers")
-        if args.routers:
-            function = functools.partial(function, routers=args.routers)
-    elif args.routers:
-        raise UsageError(f"--routers is for `tf-moe experiment routers`, not {args.name}")
+    _check_experiment_flags(args)
+    if args.name == "routers" and args.routers:
+        function = functools.partial(function, routers=args.routers)
+    elif args.name == "tune":
+        function = functools.partial(function, learning_rates=args.learning_rates, dropouts=args.dropouts)
+    elif args.name == "diagnose" and args.variants:
+        function = functools.partial(function, variants=args.variants)
+    elif args.name == "upcycle":
+        function = functools.partial(function, extra_steps=args.extra_steps)
     return _run_training(args, function, what, title, save_note=False)
+
+
+# The experiment flags and the experiments that take them.
+_EXPERIMENT_FLAGS = {
+    "models": ("experts", "ptb", "tune"),
+    "routers": ("routers",),
+    "learning_rates": ("tune",),
+    "dropouts": ("tune",),
+    "variants": ("diagnose",),
+    "extra_steps": ("upcycle",),
+}
+
+
+def _check_experiment_flags(args):
+    for flag, experiments in _EXPERIMENT_FLAGS.items():
+        if getattr(args, flag) and args.name not in experiments:
+            raise UsageError(f"--{flag.replace('_', '-')} is for `tf-moe experiment {' or '.join(experiments)}`, "
+                             f"not {args.name}")
+    if args.name == "tune" and not (args.models and args.learning_rates and args.dropouts):
+        raise UsageError("tune needs --models, --learning-rates and --dropouts")
+    if args.name == "upcycle" and not args.extra_steps:
+        raise UsageError("upcycle needs --extra-steps")
+
+
+def _report(args):
+    if not os.path.isfile(args.page):
+        raise UsageError(f"{args.page}: no such file")
+    try:
+        stale = results.report(args.page, args.results_dir, check=args.check)
+    except (OSError, ValueError) as error:
+        raise UsageError(error) from error
+    if args.check:
+        print(f"{args.page}: {'out of date: ' + ', '.join(stale) if stale else 'up to date'}")
+        return 1 if stale else 0
+    print(f"{args.page}: rendered {', '.join(stale) if stale else 'nothing new'}")
+    return 0
 
 
 def _plot(args):
@@ -360,10 +479,17 @@ def _run_training(args, function, what, title, save_note):
         except ValueError as error:
             raise UsageError(f"--models: {error}") from error
     print(describe_run(what, config, models), flush=True)
-    try:
-        rows = function(config, models) if models else function(config)
-    except (corpora.CorpusError, ImportError, OSError) as error:
-        raise UsageError(error) from error
+    rows = []
+    for seed_value in args.seeds or [config.seed]:
+        seeded = dataclasses.replace(config, seed=seed_value)
+        try:
+            seed_rows = function(seeded, models) if models else function(seeded)
+        except (corpora.CorpusError, ImportError, OSError) as error:
+            raise UsageError(error) from error
+        if args.results:
+            experiment = f"{args.command} {getattr(args, 'task', None) or args.name}"
+            results.append_rows(args.results, [results.stamp(row, experiment) for row in seed_rows])
+        rows += seed_rows
     print(f"\n{title}: validation perplexity; load balance of the MoE layers on the last epoch's"
           " training batches and (valid_*) on the validation set")
     print(reports.format_table(rows))
@@ -373,6 +499,11 @@ def _run_training(args, function, what, title, save_note):
     sentence = reports.verdict(rows) if args.command == "train" and args.task == "lm" else None
     if sentence:
         print(f"\n{sentence}")
+    warning = ops_warning(rows) if args.command == "train" else None
+    if warning:
+        print(warning)
+    if args.results:
+        print(f"Appended {len(rows)} rows to {args.results}")
     if save_note:
         print(f"\nSaved the models, the vocabulary and the results under {os.path.join(config.output, '')}")
     runs = os.path.join(config.output, "runs")

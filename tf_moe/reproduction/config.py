@@ -9,11 +9,18 @@ class Config:
 
     corpus: str = "web"
     level: str = "wordpiece"
+    # "lstm": the paper's LSTM language model (appendix C); "transformer": a
+    # decoder-only Transformer whose FFNs are MoE layers.
+    arch: str = "lstm"
     experts: int = 16
     k: int = 4
     groups: int | None = None
     units: int = 128
+    layers: int = 2  # Transformer blocks
+    heads: int = 4  # attention heads
     expert_hidden: int = 256
+    # None: MoELayer's default router; else a name of tf_moe.routers.
+    router: str | None = None
     baseline: str = "moe-1-wide"
     epochs: int = 3
     steps: int | None = 200
@@ -23,11 +30,14 @@ class Config:
     learning_rate: float = 3e-3
     warmup: int = 200
     dropout: float = 0.1
+    # AdamW's decoupled weight decay; 0 trains with Adam.
+    weight_decay: float = 0.0
     importance_weight: float = 0.1
     load_weight: float = 0.1
-    # The gates learn 10x faster than the rest (see docs/results.md, "Gate
-    # learning rate"); 1 is the paper's training.
-    gate_lr_multiplier: float = 10.0
+    # How much faster the paper's noisy gates learn than the rest
+    # (`NoisyTopKRouter(learning_rate_multiplier=...)`; docs/results.md,
+    # "Why the MoE lost"); used only with those routers, 1 is the paper's.
+    gate_lr_multiplier: float = 1.0
     train_size: int | None = None
     valid_size: int | None = None
     beam_size: int = 4
@@ -48,6 +58,16 @@ class Config:
     # embedded Bible with a 5000-word vocabulary and one full pass, where
     # the MoE is ahead of its matched dense baseline (docs/results.md).
     MAIN_LM = dict(WORD_LEVEL, vocab_size=5000, epochs=1)
+
+    # The Transformer language model's protocol (`--arch transformer`): the
+    # word-level streams, cut into independent 64-token contexts; 2 blocks
+    # of width 128, 16 experts of hidden 256 with k = 2 against a dense FFN
+    # of 512; AdamW; one full pass.
+    TRANSFORMER = dict(
+        WORD_LEVEL, arch="transformer", units=128, layers=2, heads=4, experts=16, k=2, expert_hidden=256,
+        baseline="dense", epochs=1, seq_len=64, batch_size=16, learning_rate=1e-3, dropout=0.1,
+        weight_decay=0.01,
+    )
 
     # A tiny smoke-test configuration (seconds, not minutes).
     QUICK = dict(

@@ -9,7 +9,9 @@ line (`tf_moe.reproduction.cli`) prints their tables; docs/results.md
 reports them.
 """
 
+import dataclasses
 import functools
+import json
 import logging
 import math
 import os
@@ -22,8 +24,9 @@ import tensorflow as tf
 
 from tf_moe import data
 from tf_moe import routers as routers_module
-from tf_moe.models import BASELINES, lstm_lm
-from tf_moe.reproduction import corpora, runs
+from tf_moe.models import BASELINES, TRANSFORMER_KINDS, lstm_lm, transformer_lm, upcycle_transformer_lm
+from tf_moe.layers.hierarchical_router import HierarchicalRouter
+from tf_moe.reproduction import corpora, results, runs
 from tf_moe.reproduction.progress import BARS
 from tf_moe.training import ResetRecurrentState
 
@@ -78,13 +81,18 @@ def _lm_data(config):
 
 
 def variant_arguments(label, config):
-    """`lstm_lm` arguments of a model label.
+    """`lstm_lm` (or, with `config.arch` "transformer", `transformer_lm`) arguments of a model label.
 
+    For the Transformer: "moe" or its dense twin "dense". For the LSTM:
     "moe" is the MoE of `config` (flat, or hierarchical with `config.groups`);
     "moe-<n>" a flat MoE of n experts with `config.k` per token; "moe-<n>-h"
     a hierarchical one of sqrt(n) groups with sqrt(k) experts per level (so
     a token still visits k experts); or one of the dense `BASELINES`.
     """
+    if config.arch == "transformer":
+        if label not in TRANSFORMER_KINDS:
+            raise ValueError(f"Unknown model {label!r} for the Transformer: expected one of {TRANSFORMER_KINDS}.")
+        return dict(model=label)
     if label in BASELINES:
         return dict(model=label)
     if label == "moe":
@@ -102,30 +110,50 @@ def variant_arguments(label, config):
     return dict(num_experts=experts, num_groups=groups, k=level_k)
 
 
+def _model_arguments(config, lm_data, label, overrides):
+    """The arguments of `lstm_lm` or `transformer_lm` for the model `label` of `config`."""
+    name = label.replace("-", "_")
+    if config.arch == "transformer":
+        settings = dict(
+            vocab_size=lm_data.vocabulary.vocabulary_size, units=config.units, num_layers=config.layers,
+            num_heads=config.heads, num_experts=config.experts, k=config.k,
+            expert_hidden_units=config.expert_hidden, max_length=config.seq_len, dropout=config.dropout,
+            router=config.router, name=name,
+        )
+    else:
+        settings = dict(runs.model_settings(config), vocab_size=lm_data.vocabulary.vocabulary_size,
+                        router=config.router, name=name)
+        if lm_data.stateful:
+            settings.update(stateful=True, batch_size=config.batch_size)
+    settings.update(variant_arguments(label, config), **overrides)
+    return settings
+
+
 def _train_lm_variant(config, lm_data, label, run_name, callbacks=(), **overrides):
     """Builds the model `label`, trains it on `lm_data`; returns `(model, row)`.
 
-    `callbacks` are added to the run's; `overrides` replace `lstm_lm`
-    arguments. Every model starts from `config.seed`, whether or not the
-    ones before it trained in this process or were restored from their
-    backups. A model trained statefully on a stream is returned as its
-    stateless copy (same weights, any batch size), the model to save and
-    serve.
+    `callbacks` are added to the run's; `overrides` replace `lstm_lm` (or
+    `transformer_lm`) arguments. Every model starts from `config.seed`,
+    whether or not the ones before it trained in this process or were
+    restored from their backups. An LSTM model trained statefully on a
+    stream is returned as its stateless copy (same weights, any batch
+    size), the model to save and serve; a Transformer reads each segment
+    on its own.
     """
     keras.utils.set_random_seed(config.seed)
-    settings = dict(runs.model_settings(config), vocab_size=lm_data.vocabulary.vocabulary_size,
-                    name=label.replace("-", "_"))
-    settings.update(variant_arguments(label, config), **overrides)
-    if lm_data.stateful:
-        settings.update(stateful=True, batch_size=config.batch_size)
-    model = lstm_lm(**settings)
-    callbacks = ([ResetRecurrentState()] if lm_data.stateful else []) + list(callbacks)
+    settings = _model_arguments(config, lm_data, label, overrides)
+    build = transformer_lm if config.arch == "transformer" else lstm_lm
+    model = build(**settings)
+    stateful = settings.get("stateful", False)
+    callbacks = ([ResetRecurrentState()] if stateful else []) + list(callbacks)
     run_dir = runs.run_dir(config, run_name)
     row = runs.fit(model, config, lm_data.make_train, lm_data.valid, run_dir, lm_data.test, callbacks)
-    if lm_data.stateful:
+    if stateful:
         trained, model = model, lstm_lm(**{**settings, "stateful": False, "batch_size": None})
         model.set_weights(trained.get_weights())
-    row["model"] = label
+    row.update(model=label, corpus=config.corpus, seed=config.seed, settings=results.settings_of(config))
+    if overrides:
+        row["overrides"] = json.loads(json.dumps(overrides, default=str))
     _log.info(
         "%s: valid perplexity %.1f, test %.1f (%d training tokens, %.0f s)",
         label, row["valid_perplexity"], row["test_perplexity"], row["train_tokens"], row["train_seconds"],
@@ -204,8 +232,31 @@ def expert_sweep(config, models=SWEEP_MODELS):
     return rows
 
 
-# The routers `router_comparison` trains by default: the paper's and the later ones.
-ROUTER_COMPARISON = ("noisy_top_k", "switch", "top_k", "expert_choice", "loss_free", "hash")
+# The routers `router_comparison` trains by default: the paper's and the later
+# ones; "hierarchical" is the paper's two-level gate (appendix B).
+ROUTER_COMPARISON = (
+    "noisy_top_k", "top_k", "switch", "expert_choice", "loss_free", "hash", "batchwise", "hierarchical",
+)
+
+
+def comparison_router(name, config):
+    """`(router, k, expert_hidden)` of the router `name` at `config`'s expert multiply-adds per token.
+
+    Token-choice routers send each token to `config.k` experts of
+    `config.expert_hidden` units (expert choice and batchwise: `config.k` on
+    average); the one-expert routers (switch, hash) to one expert `config.k`
+    times as wide; "hierarchical" picks `config.k` of `sqrt(n)` groups, then
+    one expert in each (a `HierarchicalRouter` config).
+    """
+    if name == "hierarchical":
+        groups = int(round(math.sqrt(config.experts)))
+        if groups * groups != config.experts or config.k > groups:
+            raise ValueError("The hierarchical router here needs a square number of experts and k <= its root.")
+        router = HierarchicalRouter(groups, groups, config.k, 1)
+        return keras.layers.serialize(router), None, config.expert_hidden
+    if name in routers_module.ONE_EXPERT:
+        return name, 1, config.expert_hidden * config.k
+    return name, config.k, config.expert_hidden
 
 
 class StepTimer(keras.callbacks.Callback):
@@ -230,15 +281,13 @@ class StepTimer(keras.callbacks.Callback):
 def router_comparison(config, routers=ROUTER_COMPARISON):
     """The MoE language model with each router, at equal ops per timestep.
 
-    Every model is `config`'s MoE LM with a router of `tf_moe.routers` by
-    name: token-choice routers send each token to `config.k` experts of
-    `config.expert_hidden` units (expert choice: `config.k` on average, its
-    capacity factor), and the one-expert routers (switch, hash) to one
-    expert `config.k` times as wide, so every model spends the same expert
-    multiply-adds per token (the routers' own `d * n` differ: the hash
-    router has none). Expert choice is not causal (see
-    `ExpertChoiceRouter`): its perplexity is of a model whose positions see
-    a little of the batch's future.
+    Every model is `config`'s MoE LM (`config.arch`) with a router at the
+    same expert multiply-adds per token (`comparison_router`; the routers'
+    own `d * n` differ: the hash router has none), each at its papers'
+    settings and every learned gate at the same learning rate as the rest
+    of the model. Expert choice and batchwise routing are not causal while
+    training (see `ExpertChoiceRouter`): their perplexities are of models
+    whose positions see a little of the batch's future.
 
     Args:
         config: a `Config` (flat MoE: `groups` must be None).
@@ -252,25 +301,122 @@ def router_comparison(config, routers=ROUTER_COMPARISON):
     if config.groups is not None:
         raise ValueError("The router comparison uses flat MoEs: leave `groups` (--hierarchical) unset.")
     for name in routers:
-        if name not in routers_module.NAMES or name == "softmax":
-            choices = [n for n in routers_module.NAMES if n != "softmax"]
-            raise ValueError(f"Unknown router {name!r} for the comparison: choose from {choices}.")
+        if name not in COMPARED_ROUTERS:
+            raise ValueError(f"Unknown router {name!r} for the comparison: choose from {list(COMPARED_ROUTERS)}.")
     lm_data = _lm_data(config)
     rows, run_names = [], []
     for name in routers:
-        one_expert = name in routers_module.ONE_EXPERT
         timer = StepTimer()
         run_names.append(f"routers_{name}")
-        # The paper's router is the models' default, with the gates' learning
-        # rate multiplier; the others by name, at their papers' settings.
-        router = {} if name == "noisy_top_k" else dict(router=name, gate_learning_rate_multiplier=1.0)
-        _, row = _train_lm_variant(
-            config, lm_data, "moe", run_names[-1], callbacks=[timer], **router,
-            k=1 if one_expert else config.k,
-            expert_hidden_units=config.expert_hidden * (config.k if one_expert else 1),
-        )
+        router, k, hidden = comparison_router(name, config)
+        variant = dataclasses.replace(config, k=k or config.k, expert_hidden=hidden)
+        _, row = _train_lm_variant(variant, lm_data, "moe", run_names[-1], callbacks=[timer], router=router)
         row.update(model=name, step_ms=timer.median_ms)
         rows.append(row)
     runs.write_json(os.path.join(config.output, f"routers_{config.corpus}_results.json"), config, rows)
     runs.delete_backups(config, run_names)
     return rows
+
+
+# Every router the comparison can train.
+COMPARED_ROUTERS = tuple(name for name in routers_module.NAMES if name != "softmax") + ("hierarchical",)
+
+
+def tune(config, models, learning_rates, dropouts):
+    """The same grid of peak learning rates and dropout rates for every model; returns a row per point.
+
+    Each row's `settings` hold its learning rate and dropout, so a results
+    file records the whole search and its validation perplexities, and the
+    same search is given to the MoE and to its dense baseline.
+    """
+    lm_data = _lm_data(config)
+    rows, run_names = [], []
+    for label in models:
+        for learning_rate in learning_rates:
+            for dropout in dropouts:
+                point = dataclasses.replace(config, learning_rate=learning_rate, dropout=dropout)
+                run_names.append(f"tune_{label}_lr{learning_rate:g}_dropout{dropout:g}")
+                rows.append(_train_lm_variant(point, lm_data, label, run_names[-1])[1])
+    runs.write_json(os.path.join(config.output, f"tune_{config.corpus}_results.json"), config, rows)
+    runs.delete_backups(config, run_names)
+    return rows
+
+
+def _noisy(**options):
+    return {"module": "tf_moe.layers.noisy_top_k_router", "class_name": "NoisyTopKRouter",
+            "registered_name": "tf_moe>NoisyTopKRouter", "config": options}
+
+
+# The candidate causes of the paper's router losing in the Transformer, each a
+# change of its gating (`transformer_lm` router config and MoELayer arguments
+# per block), from the paper's exact gate to the layer's default.
+DIAGNOSIS = {
+    "paper": dict(router="noisy_top_k"),
+    "paper-gate-lr-x10": dict(router=lambda n, k: _noisy(num_experts=n, k=k, learning_rate_multiplier=10.0)),
+    "paper-losses-x0.1": dict(router="noisy_top_k", moe_arguments=dict(importance_weight=0.01, load_weight=0.01)),
+    "paper-no-noise": dict(router=lambda n, k: _noisy(num_experts=n, k=k, noisy=False)),
+    "softmax-top-k-renormalized": dict(router=lambda n, k: {
+        "module": "tf_moe.layers.top_k_router", "class_name": "TopKRouter", "registered_name": "tf_moe>TopKRouter",
+        "config": dict(num_experts=n, k=k, normalize=True)}),
+    "softmax-top-k": dict(router="top_k"),
+    "dense": dict(model="dense"),
+}
+
+
+def diagnose(config, variants=tuple(DIAGNOSIS)):
+    """The Transformer LM with each gating variant of `DIAGNOSIS`: why the paper's router loses there."""
+    if config.arch != "transformer":
+        raise ValueError("The gating diagnosis is of the Transformer LM: use --arch transformer.")
+    lm_data = _lm_data(config)
+    rows, run_names = [], []
+    for name in variants:
+        variant = dict(DIAGNOSIS[name])
+        if callable(variant.get("router")):
+            variant["router"] = variant["router"](config.experts, config.k)
+        run_names.append(f"diagnose_{name}")
+        label = variant.pop("model", "moe")
+        _, row = _train_lm_variant(config, lm_data, label, run_names[-1], **variant)
+        row["model"] = name
+        rows.append(row)
+    runs.write_json(os.path.join(config.output, f"diagnose_{config.corpus}_results.json"), config, rows)
+    runs.delete_backups(config, run_names)
+    return rows
+
+
+def upcycling(config, extra_steps):
+    """Sparse upcycling of a trained dense Transformer LM against training it further.
+
+    Trains the dense twin for `config.epochs`, then from its weights trains
+    (a) the dense model and (b) its upcycled MoE (`upcycle_transformer_lm`:
+    every expert a copy of the block's FFN, routers fresh) for `extra_steps`
+    more steps on the same batches, each with a fresh optimizer on the same
+    schedule. Returns the rows "dense" (the starting point),
+    "dense+<steps>" and "upcycled+<steps>".
+    """
+    if config.arch != "transformer":
+        raise ValueError("Upcycling is measured on the Transformer LM: use --arch transformer.")
+    lm_data = _lm_data(config)
+    base, base_row = _train_lm_variant(config, lm_data, "dense", "upcycle_dense")
+    more = dataclasses.replace(config, epochs=1, steps=extra_steps)
+    rows, run_names = [base_row], ["upcycle_dense"]
+    for label, make in (
+        ("dense", lambda: _dense_copy(base)),
+        ("upcycled", lambda: upcycle_transformer_lm(base, config.experts, config.k)),
+    ):
+        name = f"{label}+{extra_steps}"
+        run_names.append(f"upcycle_{label}_more")
+        keras.utils.set_random_seed(config.seed)
+        model = make()
+        row = runs.fit(model, more, lm_data.make_train, lm_data.valid, runs.run_dir(more, run_names[-1]), lm_data.test)
+        row.update(model=name, corpus=config.corpus, seed=config.seed, settings=results.settings_of(config),
+                   extra_steps=extra_steps)
+        rows.append(row)
+    runs.write_json(os.path.join(config.output, f"upcycle_{config.corpus}_results.json"), config, rows)
+    runs.delete_backups(config, run_names)
+    return rows
+
+
+def _dense_copy(model):
+    copy = keras.models.clone_model(model)
+    copy.set_weights(model.get_weights())
+    return copy

@@ -9,30 +9,57 @@ from tf_moe.models import BASELINES
 from tf_moe.reproduction.runs import BALANCE
 
 
-def verdict(rows):
-    """One plain sentence on the MoE row against the dense rows at matched ops.
+def _by_model(rows):
+    """`{model: [rows]}` in the order the models first appear."""
+    groups = {}
+    for row in rows:
+        groups.setdefault(row["model"], []).append(row)
+    return groups
 
-    The MoE row is the first with load-balance figures (`cv_load` not None);
-    the others are its dense baselines. Returns None without both.
+
+def verdict(rows):
+    """One plain sentence on the MoE against its dense baselines at matched ops.
+
+    The MoE is the first model with load-balance figures (`cv_load` not
+    None); the others are its dense baselines. Over several seeds the
+    models' mean validation perplexities are compared, and the sentence
+    says whether the gap exceeds the two models' seed ranges together.
+    Returns None without both kinds of model.
     """
-    moe = next((row for row in rows if row.get("cv_load") is not None), None)
-    dense = [row for row in rows if row.get("cv_load") is None]
+    groups = _by_model(rows)
+    moe = next((g for g in groups.values() if g[0].get("cv_load") is not None), None)
+    dense = [g for g in groups.values() if g[0].get("cv_load") is None]
     if moe is None or not dense:
         return None
-    best = min(dense, key=lambda row: row["valid_perplexity"])
-    gap = best["valid_perplexity"] - moe["valid_perplexity"]
-    share = abs(gap) / best["valid_perplexity"]
+
+    def mean(group):
+        return float(np.mean([row["valid_perplexity"] for row in group]))
+
+    def spread(group):
+        values = [row["valid_perplexity"] for row in group]
+        return max(values) - min(values)
+
+    best = min(dense, key=mean)
+    gap = mean(best) - mean(moe)
+    share = abs(gap) / mean(best)
+    seeds = f" (mean of {len(moe)} seeds)" if len(moe) > 1 else ""
     head = (
-        f"At {moe['ops_per_timestep']:,} vs {best['ops_per_timestep']:,} ops per token, the MoE "
-        f"({moe['params']:,} parameters) has validation perplexity {moe['valid_perplexity']:.1f} against "
-        f"{best['valid_perplexity']:.1f} for {best['model']} ({best['params']:,} parameters): "
+        f"At {moe[0]['ops_per_timestep']:,} vs {best[0]['ops_per_timestep']:,} ops per token, the MoE "
+        f"({moe[0]['params']:,} parameters) has validation perplexity {mean(moe):.1f}{seeds} against "
+        f"{mean(best):.1f} for {best[0]['model']} ({best[0]['params']:,} parameters): "
     )
+    if len(moe) > 1 and len(best) > 1:
+        ranges = spread(moe) + spread(best)
+        beyond = "more" if abs(gap) > ranges else "less"
+        tail = f", {beyond} than the two models' seed ranges together ({ranges:.1f})."
+    else:
+        tail = "."
     if gap > 0:
-        return head + f"the MoE is ahead by {gap:.1f} ({share:.1%})."
+        return head + f"the MoE is ahead by {gap:.1f} ({share:.1%}){tail}"
     return head + (
-        f"the dense model is ahead by {-gap:.1f} ({share:.1%}). With few training tokens per expert "
-        "the MoE's extra parameters have not paid off yet; train longer (--epochs) to see the "
-        "paper's effect (docs/results.md has the curves)."
+        f"the dense model is ahead by {-gap:.1f} ({share:.1%}){tail} With few training tokens per expert "
+        "the MoE's extra parameters may not have paid off yet; train longer (--epochs) to see whether "
+        "they do (docs/results.md has the curves)."
     )
 
 

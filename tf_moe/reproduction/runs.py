@@ -26,8 +26,16 @@ def subset(items, size):
 
 
 def optimizer(config):
+    """Adam (AdamW with `config.weight_decay`) on the warm-up then 1/sqrt decay schedule.
+
+    Gradients are clipped by their global norm: clipping each variable on
+    its own would clip a scaled gate (`learning_rate_multiplier`)
+    differently from the rest of the model.
+    """
     schedule = WarmupInverseSqrtDecay(config.learning_rate, config.warmup)
-    return keras.optimizers.Adam(schedule, clipnorm=1.0)
+    if config.weight_decay:
+        return keras.optimizers.AdamW(schedule, weight_decay=config.weight_decay, global_clipnorm=1.0)
+    return keras.optimizers.Adam(schedule, global_clipnorm=1.0)
 
 
 def params(model):
@@ -35,7 +43,7 @@ def params(model):
     return sum(
         int(np.prod(w.shape))
         for layer in model.layers
-        if layer.name not in ("embedding", "logits")
+        if layer.name not in ("embedding", "position_embedding", "logits")
         for w in layer.weights
     )
 
@@ -82,14 +90,17 @@ def fit(model, config, make_train, valid, run_dir, test=None, callbacks=()):
     if test is not None:
         test_logs = model.evaluate(test, verbose=0, return_dict=True, callbacks=list(callbacks))
         row["test_perplexity"] = float(test_logs["perplexity"])
-    moe_names = [layer.name for layer in model.layers if isinstance(layer, MoELayer)]
+    moes = [layer for layer in model.layers if isinstance(layer, MoELayer)]
     # The paper's balance figures are of training batches (noisy gates);
-    # the validation ones are of the deterministic inference routing.
-    for key in BALANCE:
-        train_values = [backup.epoch_logs[-1][f"{name}_{key}"] for name in moe_names]
-        valid_values = [float(logs[f"{name}_{key}"]) for name in moe_names]
-        row[key] = float(np.mean(train_values)) if moe_names else None
-        row[f"valid_{key}"] = float(np.mean(valid_values)) if moe_names else None
+    # the validation ones are of the deterministic inference routing. Router
+    # diagnostics (e.g. topk_agreement) likewise, where the router has them.
+    metrics = sorted({metric for moe in moes for metric in moe.router.metric_names})
+    for key in (*BALANCE, *metrics):
+        names = [moe.name for moe in moes if f"{moe.name}_{key}" in logs]
+        train_values = [backup.epoch_logs[-1][f"{name}_{key}"] for name in names]
+        valid_values = [float(logs[f"{name}_{key}"]) for name in names]
+        row[key] = float(np.mean(train_values)) if names else None
+        row[f"valid_{key}"] = float(np.mean(valid_values)) if names else None
     return row
 
 
@@ -130,7 +141,8 @@ def model_settings(config):
 
 
 def run_dir(config, run_name):
-    return os.path.join(config.output, "runs", run_name)
+    """Where the run's backup and TensorBoard logs go: one directory per run name and seed."""
+    return os.path.join(config.output, "runs", f"{run_name}_seed{config.seed}")
 
 
 def delete_backups(config, run_names):

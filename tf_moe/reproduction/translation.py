@@ -8,7 +8,7 @@ import tensorflow as tf
 
 from tf_moe import data
 from tf_moe.models import Seq2SeqDecoder, seq2seq
-from tf_moe.reproduction import corpora, runs
+from tf_moe.reproduction import results, corpora, runs
 from tf_moe.reproduction.progress import BARS
 
 
@@ -67,6 +67,7 @@ def train_mt(config, save=True):
         row = runs.fit(model, config, make_train, valid, runs.run_dir(config, model.name))
         decoder = Seq2SeqDecoder(model, data.START_ID, data.END_ID, max_length=config.seq_len)
         hypotheses = translate(decoder, tokenizer, sources, beam_size=config.beam_size)
+        row.update(corpus=config.corpus, seed=config.seed, settings=results.settings_of(config))
         row["test_bleu"] = bleu(hypotheses, references, tokenizer)
         row["example"] = f"{sources[0]} => {hypotheses[0]}"
         rows.append(row)
