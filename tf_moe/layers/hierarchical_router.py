@@ -12,6 +12,7 @@ from tf_moe.layers.checks import (
 )
 from tf_moe.layers.noisy_top_k_router import NoisyTopKRouter, scaled_gate_weight
 from tf_moe.layers.router import Router, Routing
+from tf_moe.layers.router_registry import INSTANCE_ONLY, register_router
 from tf_moe.ops import dispatch as dispatch_ops
 from tf_moe.ops import gating
 from tf_moe.ops.replicas import replica_normal
@@ -47,6 +48,10 @@ def hierarchical_load(primary_load, secondary_load, group_size):
     return tf.reshape(primary_load[:, None] * ratio, [-1])
 
 
+@register_router(
+    "hierarchical", k=INSTANCE_ONLY,
+    usage="HierarchicalRouter(num_groups, experts_per_group, k_primary, k_secondary)",
+)
 @keras.saving.register_keras_serializable(package="tf_moe")
 class HierarchicalRouter(Router):
     """Primary noisy top-k gate over groups, then one noisy top-k gate per group (appendix B).

@@ -2,8 +2,8 @@
 
 import keras
 
-from tf_moe import routers
 from tf_moe.layers.checks import check_not_above, check_positive_int
+from tf_moe.layers.legacy import from_gate_arguments
 from tf_moe.layers.moe_layer import MoELayer
 
 
@@ -60,7 +60,7 @@ class MoE(MoELayer):
         check_positive_int("num_experts", num_experts)
         check_positive_int("k", k)
         check_not_above("k", k, "num_experts", num_experts)
-        router = routers.from_gate_arguments(num_experts, k, gate, noisy_gating, noise_epsilon, seed)
+        router = from_gate_arguments(num_experts, k, gate, noisy_gating, noise_epsilon, seed)
         super().__init__(
             num_experts=num_experts,
             hidden_units=hidden_units,

@@ -7,11 +7,12 @@ import keras
 import numpy as np
 import tensorflow as tf
 
-from tf_moe import routers
 from tf_moe._internals import in_xla_compilation
 from tf_moe.layers.checks import check_capacity_factor, check_non_negative, check_positive_int
 from tf_moe.layers.feed_forward_experts import FeedForwardExperts
+from tf_moe.layers.legacy import from_gate_arguments
 from tf_moe.layers.replica_losses import use_thread_local_losses
+from tf_moe.layers.router_registry import get_router
 from tf_moe.metrics import LoadBalanceMetrics
 from tf_moe.ops import dispatch as dispatch_ops
 from tf_moe.ops.gating import cv_squared
@@ -243,7 +244,7 @@ class MoELayer(keras.layers.Layer):
         check_capacity_factor(eval_capacity_factor, "eval_capacity_factor")
         if isinstance(num_shared_experts, bool) or not isinstance(num_shared_experts, int) or num_shared_experts < 0:
             raise ValueError(f"`num_shared_experts` must be an int >= 0, got {num_shared_experts!r}.")
-        self.router = routers.get(router, num_experts, k)
+        self.router = get_router(router, num_experts, k)
         for arg, value, routers_value in (
             ("num_experts", num_experts, self.router.num_experts),
             ("k", k, self.router.k),
@@ -343,6 +344,11 @@ class MoELayer(keras.layers.Layer):
             raise ValueError(
                 f"{type(self.router).__name__} returned the metrics {sorted(routing.metrics)}, "
                 f"not its `metric_names` {sorted(self.router.metric_names)}."
+            )
+        if not set(routing.losses) <= set(self.router.loss_names):
+            raise ValueError(
+                f"{type(self.router).__name__} returned the losses {sorted(routing.losses)}, "
+                f"not among its `loss_names` {sorted(self.router.loss_names)}."
             )
         capacity_factor = self.capacity_factor if training else self.inference_capacity_factor
         if capacity_factor is None and in_xla_compilation():
@@ -452,7 +458,7 @@ class MoELayer(keras.layers.Layer):
         # tf_moe 0.1 configs (e.g. of ExpertParallelMoE) name a gate instead of a router.
         legacy = {key: config.pop(key) for key in _LEGACY_GATE_ARGUMENTS if key in config}
         if legacy:
-            config["router"] = routers.from_gate_arguments(config["num_experts"], config["k"], **legacy)
+            config["router"] = from_gate_arguments(config["num_experts"], config["k"], **legacy)
             config["k"] = None  # the softmax gate ignored `k`
         return super().from_config(config)
 
