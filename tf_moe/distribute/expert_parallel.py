@@ -160,9 +160,10 @@ class _ShardedExperts(FeedForwardExperts):
     restores onto any number of replicas and workers.
     """
 
-    # How buffers travel between replicas, one of `exchange.EXCHANGES`;
-    # set by ExpertParallelMoE.
+    # How buffers travel between replicas, one of `exchange.EXCHANGES`, and
+    # the optional `TrafficRecorder` of the exchanges; set by ExpertParallelMoE.
     exchange = "auto"
+    traffic = None
 
     def build(self, input_shape):
         strategy = tf.distribute.get_strategy()
@@ -223,14 +224,16 @@ class _ShardedExperts(FeedForwardExperts):
         inputs = tf.pad(inputs, [[0, 0], [0, padded_capacity - capacity], [0, 0]])
         # [owners, local, C, d] -> [sources, local, C, d]: every replica's
         # slots of this replica's experts.
-        received = exchange(tf.reshape(inputs, [shards, local, padded_capacity, units]), self.exchange)
+        received = exchange(
+            tf.reshape(inputs, [shards, local, padded_capacity, units]), self.exchange, self.traffic
+        )
         # Each local expert runs once on the slots of all replicas.
         batch = tf.reshape(tf.transpose(received, [1, 0, 2, 3]), [local, -1, units])
         outputs = super().call(batch)
         out_units = outputs.shape[-1]
         outputs = tf.transpose(tf.reshape(outputs, [local, shards, padded_capacity, out_units]), [1, 0, 2, 3])
         # [sources, local, C, o] -> [owners, local, C, o]: back where the tokens came from.
-        returned = exchange(outputs, self.exchange)
+        returned = exchange(outputs, self.exchange, self.traffic)
         returned = tf.reshape(returned, [shards * local, padded_capacity, out_units])
         return returned[:, :capacity]
 
@@ -279,6 +282,11 @@ class ExpertParallelMoE(MoELayer):
             times the traffic, but only needs `all_gather`), or `"auto"`
             (the all-to-all where the strategy has one).
 
+    Attributes:
+        traffic: None, or a `tf_moe.distribute.exchange.TrafficRecorder`
+            that records the bytes of the exchanges when the steps are
+            traced (set it before the first step).
+
     Call arguments:
         As `MoELayer`, inside a replica context when there are several
         replicas (`fit`, `evaluate`, `predict`, `strategy.run`).
@@ -303,6 +311,18 @@ class ExpertParallelMoE(MoELayer):
         if exchange not in EXCHANGES:
             raise ValueError(f"`exchange` must be one of {EXCHANGES}, got {exchange!r}.")
         self.exchange = exchange
+        self._traffic = None
+
+    @property
+    def traffic(self):
+        """The `TrafficRecorder` of this layer's exchanges, or None."""
+        return self._traffic
+
+    @traffic.setter
+    def traffic(self, recorder):
+        self._traffic = recorder
+        if self.built:
+            self.experts.traffic = recorder
 
     def _build_experts(self, num_experts, input_units):
         strategy = tf.distribute.get_strategy()
@@ -316,6 +336,7 @@ class ExpertParallelMoE(MoELayer):
             resolve_exchange(strategy, self.exchange)  # an unavailable one fails now
         experts = super()._build_experts(num_experts // shards, input_units)
         experts.exchange = self.exchange
+        experts.traffic = self._traffic
         return experts
 
     def get_config(self):

@@ -1,8 +1,5 @@
 """The sparsely-gated Mixture-of-Experts layer (Shazeer et al. 2017)."""
 
-import contextlib
-import threading
-
 import keras
 import numpy as np
 import tensorflow as tf
@@ -21,33 +18,6 @@ from tf_moe.ops.replicas import cross_replica_sum
 _MASK_SHAPE_MESSAGE = "`mask` must have the shape of `inputs` without its last axis"
 # The gate arguments of tf_moe 0.1's MoE, now a router's.
 _LEGACY_GATE_ARGUMENTS = ("gate", "noisy_gating", "noise_epsilon", "seed")
-
-
-_recording = threading.local()
-
-
-@contextlib.contextmanager
-def recorded_routings():
-    """Records the `Routing` of every `MoELayer` call made inside the block.
-
-    Yields a dict that fills with layer name -> the `Routing` of that
-    layer's last call in this thread, for inspection tools (e.g.
-    `tf_moe.training.expert_loads`): run a model eagerly inside the block
-    and read how each MoE layer routed, whatever the layer's call
-    arguments. Calls traced in a `tf.function` record symbolic tensors.
-
-    Example:
-
-    >>> with recorded_routings() as routings:
-    ...     model(x, training=False)
-    >>> routings["moe"].load
-    """
-    previous = getattr(_recording, "routings", None)
-    _recording.routings = {}
-    try:
-        yield _recording.routings
-    finally:
-        _recording.routings = previous
 
 
 def flatten_tokens(inputs, mask):
@@ -81,6 +51,12 @@ def flatten_tokens(inputs, mask):
         num_tokens = tf.shape(tokens)[0]
     valid = None if mask is None else tf.reshape(tf.cast(mask, tf.bool), [-1])
     return tokens, valid, num_tokens
+
+
+def _replica_id():
+    """The id of the replica this eager code runs on (0 outside a replica context)."""
+    context = tf.distribute.get_replica_context()
+    return 0 if context is None else int(context.replica_id_in_sync_group)
 
 
 def _flatten_per_token(value, leading_rank):
@@ -189,9 +165,13 @@ class MoELayer(keras.layers.Layer):
             `inputs.shape[:-1] + ...`, flattened like the tokens (e.g.
             `noise` draws for the noisy top-k router, `token_ids` for the
             hash router).
+        return_routing: bool, also return the call's `Routing` (as
+            `keras.layers.MultiHeadAttention` returns its attention scores).
 
     Returns:
-        [..., output_units or d].
+        [..., output_units or d], or `(outputs, routing)` with
+        `return_routing=True`. An eager call also keeps its `Routing` in
+        `last_routing`, for inspection tools (`tf_moe.training.expert_loads`).
 
     Example:
 
@@ -275,6 +255,7 @@ class MoELayer(keras.layers.Layer):
         # default `jit_compile="auto"` then leaves the model unjitted.
         self.supports_jit = self.router.supports_jit
         use_thread_local_losses(self)
+        self._last_routings = {}  # replica id -> Routing
         self.balance = LoadBalanceMetrics(name=self.name, router_metrics=self.router.metric_names)
 
     @property
@@ -328,7 +309,7 @@ class MoELayer(keras.layers.Layer):
         experts.build((num_experts, None, input_units))
         return experts
 
-    def call(self, inputs, training=None, mask=None, inputs_mask=None, **router_inputs):
+    def call(self, inputs, training=None, mask=None, inputs_mask=None, return_routing=False, **router_inputs):
         if mask is None:
             mask = inputs_mask
         tokens, valid, num_tokens = flatten_tokens(inputs, mask)
@@ -337,9 +318,8 @@ class MoELayer(keras.layers.Layer):
             lambda value: _flatten_per_token(value, leading_rank), router_inputs
         )
         routing = self.router(tokens, training=training, mask=valid, **router_inputs)
-        recording = getattr(_recording, "routings", None)
-        if recording is not None:
-            recording[self.name] = routing
+        if tf.executing_eagerly():
+            self._last_routings[_replica_id()] = routing
         if set(routing.metrics) != set(self.router.metric_names):
             raise ValueError(
                 f"{type(self.router).__name__} returned the metrics {sorted(routing.metrics)}, "
@@ -371,7 +351,18 @@ class MoELayer(keras.layers.Layer):
         if self.shared_experts is not None:
             outputs = outputs + self._shared_outputs(tokens, valid)
         self._add_losses_and_track(routing, kept, valid, num_tokens, training)
-        return tf.reshape(outputs, tf.concat([tf.shape(inputs)[:-1], [outputs.shape[-1]]], 0))
+        outputs = tf.reshape(outputs, tf.concat([tf.shape(inputs)[:-1], [outputs.shape[-1]]], 0))
+        return (outputs, routing) if return_routing else outputs
+
+    @property
+    def last_routing(self):
+        """The `Routing` of the layer's last eager call on this replica (None before one).
+
+        Calls traced in a `tf.function` (`fit`, `predict`) keep none. Under a
+        distribution strategy each replica keeps its own: read it in the
+        replica context of the call.
+        """
+        return self._last_routings.get(_replica_id())
 
     @property
     def inference_capacity_factor(self):
@@ -427,6 +418,12 @@ class MoELayer(keras.layers.Layer):
 
     def compute_output_shape(self, input_shape):
         return tuple(input_shape[:-1]) + (self.output_units or input_shape[-1],)
+
+    def compute_output_spec(self, *args, return_routing=False, **kwargs):
+        if return_routing:
+            # Traced: which losses a `Routing` holds depends on the router.
+            return keras.Operation.compute_output_spec(self, *args, return_routing=True, **kwargs)
+        return super().compute_output_spec(*args, **kwargs)
 
     def get_config(self):
         config = super().get_config()
