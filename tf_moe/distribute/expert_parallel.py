@@ -2,8 +2,8 @@
 
 import keras
 import tensorflow as tf
-from keras.src.backend.common.symbolic_scope import in_symbolic_scope
 
+from tf_moe import _internals
 from tf_moe.distribute.exchange import EXCHANGES, exchange, resolve_exchange
 from tf_moe.layers.feed_forward_experts import FeedForwardExperts
 from tf_moe.layers.moe_layer import MoELayer
@@ -201,7 +201,7 @@ class _ShardedExperts(FeedForwardExperts):
         if self.num_shards == 1:
             return super().call(inputs)
         context = tf.distribute.get_replica_context()
-        if context is None and in_symbolic_scope():
+        if context is None and _internals.in_symbolic_scope():
             # Keras traces the model for shapes only, outside any replica.
             return tf.zeros(tf.concat([tf.shape(inputs)[:-1], [self.output_units]], 0), self.compute_dtype)
         if context is None or context.num_replicas_in_sync != self.num_shards:
@@ -238,13 +238,12 @@ class _ShardedExperts(FeedForwardExperts):
         return returned[:, :capacity]
 
     def save_own_variables(self, store):
-        variables = self._trainable_variables + self._non_trainable_variables
-        for i, value in enumerate(gather_all_shards(variables)):
+        for i, value in enumerate(gather_all_shards(_internals.own_variables(self))):
             store[f"{i}"] = value
 
     def load_own_variables(self, store):
-        self._check_load_own_variables(store)
-        for i, variable in enumerate(self._trainable_variables + self._non_trainable_variables):
+        _internals.check_load_own_variables(self, store)
+        for i, variable in enumerate(_internals.own_variables(self)):
             assign_shards(variable, store[f"{i}"][...])
 
 
