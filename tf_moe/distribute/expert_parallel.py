@@ -5,6 +5,7 @@ import tensorflow as tf
 
 from tf_moe import _internals
 from tf_moe.distribute.exchange import EXCHANGES, exchange, resolve_exchange
+from tf_moe.layers import legacy
 from tf_moe.layers.feed_forward_experts import FeedForwardExperts
 from tf_moe.layers.moe_layer import MoELayer
 
@@ -342,3 +343,8 @@ class ExpertParallelMoE(MoELayer):
         config = super().get_config()
         config["exchange"] = self.exchange
         return config
+
+    @classmethod
+    def from_config(cls, config):
+        # tf_moe 0.1 configs name a gate instead of a router.
+        return super().from_config(legacy.router_config(config))

@@ -7,7 +7,6 @@ import tensorflow as tf
 from tf_moe._internals import in_xla_compilation
 from tf_moe.layers.checks import check_capacity_factor, check_non_negative, check_positive_int
 from tf_moe.layers.feed_forward_experts import FeedForwardExperts
-from tf_moe.layers.legacy import from_gate_arguments
 from tf_moe.layers.replica_losses import use_thread_local_losses
 from tf_moe.layers.router_registry import get_router
 from tf_moe.metrics import LoadBalanceMetrics
@@ -16,8 +15,6 @@ from tf_moe.ops.gating import cv_squared
 from tf_moe.ops.replicas import cross_replica_sum
 
 _MASK_SHAPE_MESSAGE = "`mask` must have the shape of `inputs` without its last axis"
-# The gate arguments of tf_moe 0.1's MoE, now a router's.
-_LEGACY_GATE_ARGUMENTS = ("gate", "noisy_gating", "noise_epsilon", "seed")
 
 
 def flatten_tokens(inputs, mask):
@@ -448,16 +445,6 @@ class MoELayer(keras.layers.Layer):
             }
         )
         return config
-
-    @classmethod
-    def from_config(cls, config):
-        config = dict(config)
-        # tf_moe 0.1 configs (e.g. of ExpertParallelMoE) name a gate instead of a router.
-        legacy = {key: config.pop(key) for key in _LEGACY_GATE_ARGUMENTS if key in config}
-        if legacy:
-            config["router"] = from_gate_arguments(config["num_experts"], config["k"], **legacy)
-            config["k"] = None  # the softmax gate ignored `k`
-        return super().from_config(config)
 
 
 def _serialize(module, value):

@@ -5,8 +5,9 @@ from typing import NamedTuple
 import keras
 import tensorflow as tf
 
+from tf_moe.layers.legacy import v01_seq2seq_part_names
 from tf_moe.layers.moe_layer import MoELayer
-from tf_moe.models.lstm_lm import _residual, moe_layer
+from tf_moe.models.lstm_lm import moe_layer, residual
 from tf_moe.training.model import MoEModel
 
 _NEG_INF = -1e9
@@ -38,7 +39,7 @@ class Seq2SeqParts(NamedTuple):
     @classmethod
     def of(cls, model):
         """The parts of `model`, a `Seq2SeqModel` (or a tf_moe 0.1 seq2seq `MoEModel`)."""
-        names = getattr(model, "part_names", None) or _v01_part_names(model)
+        names = getattr(model, "part_names", None) or v01_seq2seq_part_names(model)
         layer = model.get_layer
         return cls(
             encoder=keras.Model(model.inputs[0], layer(names["encoder_output"]).output),
@@ -49,21 +50,6 @@ class Seq2SeqParts(NamedTuple):
             decoder_lstm_2=layer(names["decoder_lstm_2"]),
             logits=layer(names["logits"]),
         )
-
-
-def _v01_part_names(model):
-    """The fixed layout of seq2seq models saved by tf_moe 0.1, which recorded no parts."""
-    names = {layer.name for layer in model.layers}
-    middle = ["decoder_moe"] if "decoder_moe" in names else ["decoder_wide_hidden", "decoder_wide_output"]
-    return {
-        "encoder_output": "encoder_lstm_3_residual",
-        "embedding": "embedding",
-        "decoder_lstm_1": "decoder_lstm_1",
-        "attention": "attention",
-        "decoder_middle": middle,
-        "decoder_lstm_2": "decoder_lstm_2",
-        "logits": "logits",
-    }
 
 
 @keras.saving.register_keras_serializable(package="tf_moe")
@@ -190,7 +176,7 @@ def seq2seq(
         y = x
         for layer in layers:
             y = layer(y)
-        return _residual(x, y, dropout, f"{prefix}_moe"), layers
+        return residual(x, y, dropout, f"{prefix}_moe"), layers
 
     source = keras.Input((None,), dtype="int32", name="source")
     decoder_input = keras.Input((None,), dtype="int32", name="decoder_input")
@@ -200,24 +186,28 @@ def seq2seq(
     bidirectional = keras.layers.Bidirectional(
         keras.layers.LSTM(units // 2, return_sequences=True), name="encoder_lstm_1"
     )
-    x = _residual(x, bidirectional(x), dropout, "encoder_lstm_1")
-    x = _residual(x, keras.layers.LSTM(units, return_sequences=True, name="encoder_lstm_2")(x), dropout, "encoder_lstm_2")
+    x = residual(x, bidirectional(x), dropout, "encoder_lstm_1")
+    x = residual(x, keras.layers.LSTM(units, return_sequences=True, name="encoder_lstm_2")(x), dropout, "encoder_lstm_2")
     x, _ = middle(x, "encoder")
-    encoded = _residual(x, keras.layers.LSTM(units, return_sequences=True, name="encoder_lstm_3")(x), dropout, "encoder_lstm_3")
+    encoder_output = keras.layers.Add(name="encoder_lstm_3_residual")
+    encoded = residual(
+        x, keras.layers.LSTM(units, return_sequences=True, name="encoder_lstm_3")(x), dropout, "encoder_lstm_3",
+        add=encoder_output,
+    )
 
     y = keras.layers.Dropout(dropout, name="decoder_embedding_dropout")(embedding(decoder_input))
     bottom = keras.layers.LSTM(units, return_sequences=True, name="decoder_lstm_1")
-    y = _residual(y, bottom(y), dropout, "decoder_lstm_1")
+    y = residual(y, bottom(y), dropout, "decoder_lstm_1")
     attention = keras.layers.MultiHeadAttention(
         attention_heads, units // attention_heads, name="attention"
     )
     context = attention(y, encoded)
     y, decoder_middle = middle(y, "decoder")
     top = keras.layers.LSTM(units, return_sequences=True, name="decoder_lstm_2")
-    y = _residual(y, top(keras.layers.Concatenate(name="decoder_lstm_2_input")([y, context])), dropout, "decoder_lstm_2")
+    y = residual(y, top(keras.layers.Concatenate(name="decoder_lstm_2_input")([y, context])), dropout, "decoder_lstm_2")
     logits = keras.layers.Dense(vocab_size, dtype="float32", name="logits")
     part_names = {
-        "encoder_output": "encoder_lstm_3_residual",  # the Add that `_residual` names
+        "encoder_output": encoder_output.name,
         "embedding": embedding.name,
         "decoder_lstm_1": bottom.name,
         "attention": attention.name,
