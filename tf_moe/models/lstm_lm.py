@@ -130,6 +130,17 @@ def _middle_block(x, tokens, kind, units, dropout, moe_kwargs, stateful):
     raise ValueError(f"`model` must be 'moe' or one of {BASELINES}, got {kind!r}.")
 
 
+def _check_arguments(vocab_size, units, dropout, stateful, batch_size):
+    """Raises a ValueError naming the first of `lstm_lm`'s arguments that is out of range."""
+    for arg, value in (("vocab_size", vocab_size), ("units", units)):
+        if not isinstance(value, int) or value < 1:
+            raise ValueError(f"`{arg}` must be a positive int, got {value!r}.")
+    if not 0 <= dropout < 1:
+        raise ValueError(f"`dropout` must be in [0, 1), got {dropout!r}.")
+    if stateful and (not isinstance(batch_size, int) or batch_size < 1):
+        raise ValueError(f"A stateful model needs a positive int `batch_size`, got {batch_size!r}.")
+
+
 def lstm_lm(
     vocab_size,
     units=512,
@@ -208,13 +219,7 @@ def lstm_lm(
     >>> model(np.ones((2, 7), "int32")).shape
     TensorShape([2, 7, 1000])
     """
-    for arg, value in (("vocab_size", vocab_size), ("units", units)):
-        if not isinstance(value, int) or value < 1:
-            raise ValueError(f"`{arg}` must be a positive int, got {value!r}.")
-    if not 0 <= dropout < 1:
-        raise ValueError(f"`dropout` must be in [0, 1), got {dropout!r}.")
-    if stateful and (not isinstance(batch_size, int) or batch_size < 1):
-        raise ValueError(f"A stateful model needs a positive int `batch_size`, got {batch_size!r}.")
+    _check_arguments(vocab_size, units, dropout, stateful, batch_size)
     moe_kwargs = dict(
         num_experts=num_experts,
         k=k,
