@@ -8,7 +8,7 @@ from tf_moe import routers
 from tf_moe.layers.moe_layer import MoELayer
 from tf_moe.layers.position_embedding import PositionEmbedding
 from tf_moe.layers.upcycling import load_dense_ffn
-from tf_moe.models.lstm_lm import router_inputs, warn_if_not_causal
+from tf_moe.models.lstm_lm import residual, router_inputs, warn_if_not_causal
 from tf_moe.training.model import MoEModel
 
 TRANSFORMER_KINDS = ("moe", "dense")
@@ -34,11 +34,6 @@ def _check_arguments(vocab_size, units, num_layers, num_heads, ffn_units, moe_ev
 def _dense_ffn(x, hidden_units, units, name):
     h = keras.layers.Dense(hidden_units, activation="relu", name=f"{name}_hidden")(x)
     return keras.layers.Dense(units, name=f"{name}_output")(h)
-
-
-def _residual(x, y, dropout, name):
-    y = keras.layers.Dropout(dropout, name=f"{name}_dropout")(y)
-    return keras.layers.Add(name=f"{name}_residual")([x, y])
 
 
 def transformer_lm(
@@ -128,7 +123,7 @@ def transformer_lm(
         h = keras.layers.MultiHeadAttention(
             num_heads, units // num_heads, dropout=dropout, name=f"{prefix}_attention"
         )(h, h, use_causal_mask=True)
-        x = _residual(x, h, dropout, f"{prefix}_attention")
+        x = residual(x, h, dropout, f"{prefix}_attention")
         h = keras.layers.LayerNormalization(epsilon=1e-5, name=f"{prefix}_ffn_norm")(x)
         if model == "moe" and block % moe_every == 0:
             layer_router = None if router is None else routers.get(
@@ -144,7 +139,7 @@ def transformer_lm(
             h = moe(h, **router_inputs(moe.router, tokens))
         else:
             h = _dense_ffn(h, ffn_units, units, f"{prefix}_ffn")
-        x = _residual(x, h, dropout, f"{prefix}_ffn")
+        x = residual(x, h, dropout, f"{prefix}_ffn")
     x = keras.layers.LayerNormalization(epsilon=1e-5, name="final_norm")(x)
     logits = keras.layers.Dense(vocab_size, dtype="float32", name="logits")(x)
     return MoEModel(tokens, logits, name=name or f"transformer_{model}")
