@@ -56,6 +56,17 @@ def flatten_tokens(inputs, mask):
     return tokens, valid, num_tokens
 
 
+class _RoutingRecord:
+    """The last eager `Routing` of each replica of a layer.
+
+    A plain object, so Keras and TensorFlow do not track it: it is no state
+    to save (a tracked dict of tensors would break `SavedModel` export).
+    """
+
+    def __init__(self):
+        self.by_replica = {}
+
+
 def _replica_id():
     """The id of the replica this eager code runs on (0 outside a replica context)."""
     context = tf.distribute.get_replica_context()
@@ -289,7 +300,7 @@ class MoELayer(keras.layers.Layer):
         # default `jit_compile="auto"` then leaves the model unjitted.
         self.supports_jit = self.router.supports_jit
         use_thread_local_losses(self)
-        self._last_routings = {}  # replica id -> Routing
+        self._last_routings = _RoutingRecord()
         self.balance = LoadBalanceMetrics(name=self.name, router_metrics=self.router.metric_names)
 
     @property
@@ -363,7 +374,7 @@ class MoELayer(keras.layers.Layer):
         )
         routing = self.router(tokens, training=training, mask=valid, **router_inputs)
         if tf.executing_eagerly():
-            self._last_routings[_replica_id()] = routing
+            self._last_routings.by_replica[_replica_id()] = routing
         if set(routing.metrics) != set(self.router.metric_names):
             raise ValueError(
                 f"{type(self.router).__name__} returned the metrics {sorted(routing.metrics)}, "
@@ -406,7 +417,7 @@ class MoELayer(keras.layers.Layer):
         distribution strategy each replica keeps its own: read it in the
         replica context of the call.
         """
-        return self._last_routings.get(_replica_id())
+        return self._last_routings.by_replica.get(_replica_id())
 
     @property
     def inference_capacity_factor(self):
