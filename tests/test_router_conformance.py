@@ -45,6 +45,7 @@ CASES = {
     # Jitter makes training calls differ: tests/test_switch_router.py checks it.
     "switch": Case(_serialized(tf_moe.SwitchRouter(N, jitter_epsilon=0.0))),
     "top_k": Case("top_k"),
+    "top_k_gate": Case("top_k_gate"),
     # A masked token changes which tokens the experts choose (checked in its file).
     "expert_choice": Case("expert_choice", supports_masking=False),
     # Training updates the biases between the checks' calls.

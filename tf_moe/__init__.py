@@ -8,7 +8,7 @@ import_tensorflow()  # before anything else loads TensorFlow: see tf_moe/_startu
 
 from tf_moe.layers import Experts, FeedForwardExperts, HierarchicalMoE, MoE, MoELayer, upcycle
 from tf_moe.layers import BatchwiseRouter, HierarchicalRouter, NoisyTopKRouter, SoftmaxRouter
-from tf_moe.layers import ExpertChoiceRouter, HashRouter, LossFreeRouter, SwitchRouter, TopKRouter
+from tf_moe.layers import ExpertChoiceRouter, HashRouter, LossFreeRouter, SwitchRouter, TopKGateRouter, TopKRouter
 from tf_moe.layers import PositionEmbedding, Router, Routing
 from tf_moe import routers  # routers by name: tf_moe.routers.get("softmax", num_experts=8)
 from tf_moe.distribute import ExpertParallelMoE  # also tf_moe.distribute.get_strategy etc.

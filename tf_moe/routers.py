@@ -2,6 +2,7 @@
 
 | name              | router               | experts per token        | balancing loss                | source                                  |
 |-------------------|----------------------|--------------------------|-------------------------------|-----------------------------------------|
+| `"top_k_gate"`    | `TopKGateRouter`     | k (MoELayer's default)   | CV^2 of importance            | Shazeer et al. 2017, without the noise  |
 | `"noisy_top_k"`   | `NoisyTopKRouter`    | k                        | CV^2 of importance and load   | Shazeer et al. 2017, section 2.1        |
 | `"softmax"`       | `SoftmaxRouter`      | all n (dense baseline)   | CV^2 of importance and load   | Shazeer et al. 2017, section 2.1        |
 | `"batchwise"`     | `BatchwiseRouter`    | k on average             | CV^2, plus a threshold loss   | Shazeer et al. 2017, appendix F         |
@@ -30,6 +31,7 @@ from tf_moe.layers.noisy_top_k_router import NoisyTopKRouter
 from tf_moe.layers.router import Router, Routing
 from tf_moe.layers.softmax_router import SoftmaxRouter
 from tf_moe.layers.switch_router import SwitchRouter
+from tf_moe.layers.top_k_gate_router import TopKGateRouter
 from tf_moe.layers.top_k_router import TopKRouter
 
 # Every name `get` knows, sorted.
@@ -55,6 +57,7 @@ __all__ = [
     "Routing",
     "SoftmaxRouter",
     "SwitchRouter",
+    "TopKGateRouter",
     "TopKRouter",
     "from_gate_arguments",
     "get",

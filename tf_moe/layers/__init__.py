@@ -15,5 +15,6 @@ from tf_moe.layers.position_embedding import PositionEmbedding
 from tf_moe.layers.router import Router, Routing
 from tf_moe.layers.softmax_router import SoftmaxRouter
 from tf_moe.layers.switch_router import SwitchRouter
+from tf_moe.layers.top_k_gate_router import TopKGateRouter
 from tf_moe.layers.top_k_router import TopKRouter
 from tf_moe.layers.upcycling import load_dense_ffn, upcycle
