@@ -90,6 +90,8 @@ def test_starts_at_zero_and_is_the_layers_default():
     np.testing.assert_array_equal(router.w_gate.numpy(), 0.0)
     layer = tf_moe.MoELayer(N, K, 8)
     assert type(layer.router) is tf_moe.TopKGateRouter and layer.router.learning_rate_multiplier == 10.0
+    layer.build((None, D))
+    assert layer.ops_per_token() == D * N + K * (D * 8 + 8 * D)  # the gate and k experts
     assert tf_moe.routers.get("top_k_gate", N, K).get_config()["learning_rate_multiplier"] == 10.0
     # The paper's exact gating stays one argument away.
     paper = tf_moe.MoELayer(N, K, 8, router="noisy_top_k").router

@@ -148,7 +148,7 @@ _EXPERIMENTS = {
                 "Routers at equal ops per timestep (step_ms: median training step)"),
     "tune": (language_model.tune, "each model on the same grid of learning rates and dropout rates",
              "The same learning-rate and dropout grid for every model"),
-    "diagnose": (language_model.diagnose, "the Transformer LM with each candidate change of the paper's gating",
+    "diagnose": (language_model.diagnose, "the language model with each candidate change of the paper's gating",
                  "The paper's gating in the Transformer, one change at a time"),
     "upcycle": (language_model.upcycling,
                 "a dense Transformer LM, then it and its upcycled MoE for the same extra steps",

@@ -342,40 +342,58 @@ def tune(config, models, learning_rates, dropouts):
     return rows
 
 
+def _router_config(class_name, module, **options):
+    return {"module": f"tf_moe.layers.{module}", "class_name": class_name,
+            "registered_name": f"tf_moe>{class_name}", "config": options}
+
+
 def _noisy(**options):
-    return {"module": "tf_moe.layers.noisy_top_k_router", "class_name": "NoisyTopKRouter",
-            "registered_name": "tf_moe>NoisyTopKRouter", "config": options}
+    return lambda n, k: _router_config("NoisyTopKRouter", "noisy_top_k_router", num_experts=n, k=k, **options)
 
 
-# The candidate causes of the paper's router losing in the Transformer, each a
-# change of its gating (`transformer_lm` router config and MoELayer arguments
-# per block), from the paper's exact gate to the layer's default.
+# The candidate causes of the paper's router losing, each a change of its
+# gating, from the paper's exact gate to MoELayer's default and the
+# softmax-then-top-k routers; "dense" is the computationally matched model.
+# Each entry: the router (a name, or a function of (n, k) giving a config),
+# balancing-loss weights, or the model.
 DIAGNOSIS = {
     "paper": dict(router="noisy_top_k"),
-    "paper-gate-lr-x10": dict(router=lambda n, k: _noisy(num_experts=n, k=k, learning_rate_multiplier=10.0)),
-    "paper-losses-x0.1": dict(router="noisy_top_k", moe_arguments=dict(importance_weight=0.01, load_weight=0.01)),
-    "paper-no-noise": dict(router=lambda n, k: _noisy(num_experts=n, k=k, noisy=False)),
-    "softmax-top-k-renormalized": dict(router=lambda n, k: {
-        "module": "tf_moe.layers.top_k_router", "class_name": "TopKRouter", "registered_name": "tf_moe>TopKRouter",
-        "config": dict(num_experts=n, k=k, normalize=True)}),
-    "softmax-top-k": dict(router="top_k"),
-    "dense": dict(model="dense"),
+    "paper-gate-lr-x10": dict(router=_noisy(learning_rate_multiplier=10.0)),
+    "paper-losses-x0.1": dict(router="noisy_top_k", importance_weight=0.01, load_weight=0.01),
+    "paper-no-noise": dict(router=_noisy(noisy=False)),
+    "default": dict(router=None),  # no noise, gate 10x faster: TopKGateRouter
+    "top-k-renormalized": dict(router=lambda n, k: _router_config(
+        "TopKRouter", "top_k_router", num_experts=n, k=k, normalize=True)),
+    "top-k": dict(router="top_k"),
+    "dense": dict(model=None),
 }
 
 
+def _diagnosis_overrides(name, config):
+    """The model arguments of the diagnosis variant `name` for `config.arch`; `(label, overrides)`."""
+    variant = DIAGNOSIS[name]
+    if "model" in variant:
+        return ("dense" if config.arch == "transformer" else config.baseline), {}
+    router = variant["router"]
+    overrides = {"router": router(config.experts, config.k) if callable(router) else router}
+    weights = {key: variant[key] for key in ("importance_weight", "load_weight") if key in variant}
+    if config.arch == "transformer":
+        overrides["moe_arguments"] = weights
+    else:
+        overrides.update(weights)
+    return "moe", overrides
+
+
 def diagnose(config, variants=tuple(DIAGNOSIS)):
-    """The Transformer LM with each gating variant of `DIAGNOSIS`: why the paper's router loses there."""
-    if config.arch != "transformer":
-        raise ValueError("The gating diagnosis is of the Transformer LM: use --arch transformer.")
+    """The LM (`config.arch`) with each gating variant of `DIAGNOSIS`: why the paper's router loses."""
+    if config.groups is not None:
+        raise ValueError("The gating diagnosis uses flat MoEs: leave `groups` (--hierarchical) unset.")
     lm_data = _lm_data(config)
     rows, run_names = [], []
     for name in variants:
-        variant = dict(DIAGNOSIS[name])
-        if callable(variant.get("router")):
-            variant["router"] = variant["router"](config.experts, config.k)
+        label, overrides = _diagnosis_overrides(name, config)
         run_names.append(f"diagnose_{name}")
-        label = variant.pop("model", "moe")
-        _, row = _train_lm_variant(config, lm_data, label, run_names[-1], **variant)
+        _, row = _train_lm_variant(config, lm_data, label, run_names[-1], **overrides)
         row["model"] = name
         rows.append(row)
     runs.write_json(os.path.join(config.output, f"diagnose_{config.corpus}_results.json"), config, rows)
