@@ -111,10 +111,21 @@ def test_transformer_pair_over_seeds_writes_traceable_rows(tmp_path, capsys):
     from tf_moe.reproduction import cli, results
 
     path = tmp_path / "results" / "pair.json"
+    # A tuning file: each model trains at its own best learning rate and dropout.
+    tuned = str(tmp_path / "tune.json")
+    grid = [("moe", 2e-3, 0.0, 50.0), ("moe", 1e-3, 0.1, 60.0), ("dense", 2e-3, 0.0, 70.0), ("dense", 1e-3, 0.1, 65.0)]
+    results.append_rows(tuned, [
+        {"experiment": "experiment tune", "model": model, "corpus": "ptb", "seed": 0, "valid_perplexity": valid,
+         "settings": {"arch": "transformer", "learning_rate": lr, "dropout": dropout}}
+        for model, lr, dropout, valid in grid
+    ])
     argv = ["train", "lm", "--arch", "transformer", "--quick", "--corpus", "ptb", "--progress", "0",
-            "--layers", "1", "--output", str(tmp_path / "out"), "--seeds", "3", "4", "--results", str(path)]
+            "--layers", "1", "--output", str(tmp_path / "out"), "--seeds", "3", "4", "--results", str(path),
+            "--tuned", tuned]
     assert cli.main(argv) == 0
     rows = results.load_rows(str(path))
+    best = {"moe": (2e-3, 0.0), "dense": (1e-3, 0.1)}
+    assert all((row["settings"]["learning_rate"], row["settings"]["dropout"]) == best[row["model"]] for row in rows)
     assert sorted((row["model"], row["seed"]) for row in rows) == [("dense", 3), ("dense", 4), ("moe", 3), ("moe", 4)]
     for row in rows:
         assert row["experiment"] == "train lm" and row["corpus"] == "ptb"

@@ -108,3 +108,12 @@ def test_command_line_is_what_a_user_types():
     )
     assert json.loads(json.dumps(results.stamp({"model": "m"}, "train lm", command="tf-moe")))["commit"]
     assert sys.argv  # stamp reads sys.argv by default
+
+
+def test_best_settings_are_each_models_lowest_validation_row():
+    rows = [_row("moe", 0, 100.0, lr=1e-3), _row("moe", 0, 90.0, lr=2e-3), _row("dense", 0, 95.0, lr=1e-3)]
+    for row in rows:
+        row["settings"]["dropout"] = 0.1
+    assert results.best_settings(rows, "moe") == {"learning_rate": 2e-3, "dropout": 0.1}
+    assert results.best_settings(rows, "dense") == {"learning_rate": 1e-3, "dropout": 0.1}
+    assert results.best_settings(rows, "wide") is None

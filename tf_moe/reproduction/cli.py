@@ -172,6 +172,9 @@ def _parser():
     train = commands.add_parser("train", parents=[common], help="train a model and its matched dense baseline")
     train.add_argument("task", choices=tuple(_TRAININGS))
     _add_training_flags(train)
+    train.add_argument("--models", nargs="+", metavar="MODEL",
+                       help="lm: train only these of the MoE and its baseline (moe, moe-1-wide, ...; with "
+                            "--arch transformer: moe, dense), e.g. each at its own tuned settings")
     train.set_defaults(run=_train)
 
     experiment = commands.add_parser("experiment", parents=[common], help="rerun a reproduction of docs/results.md")
@@ -238,6 +241,9 @@ def _add_training_flags(sub):
         help=f"AdamW weight decay; 0 for Adam (default {defaults.weight_decay})")
     add("--seeds", nargs="+", type=seed, metavar="SEED",
         help="repeat the command for each of these seeds (instead of --seed)")
+    add("--tuned", metavar="FILE",
+        help="train each model at the learning rate and dropout of its best validation row in this results "
+             "file of `tf-moe experiment tune` (the same search for every model)")
     add("--results", metavar="FILE",
         help="append every run's row (model, seed, settings, commit, command) to this JSON results file, "
              "e.g. docs/results/transformer_ptb.json")
@@ -405,6 +411,8 @@ def ops_warning(rows, tolerance=0.01):
 
 
 def _train(args):
+    if args.models and args.task != "lm":
+        raise UsageError(f"--models is for `tf-moe train lm`, not {args.task}")
     return _run_training(args, *_TRAININGS[args.task], save_note=True)
 
 
@@ -444,6 +452,24 @@ def _check_experiment_flags(args):
         raise UsageError("upcycle needs --extra-steps")
 
 
+def _tuned_jobs(args, config, models):
+    """`[(config, [model])]`: each model at the learning rate and dropout of its best row in `--tuned`."""
+    if args.command == "train" and args.task == "lm":
+        models = models or ["moe", "dense" if config.arch == "transformer" else config.baseline]
+    elif not (args.command == "experiment" and args.name in _SWEEPS and models):
+        raise UsageError("--tuned is for `tf-moe train lm` and `experiment experts|ptb --models ...`")
+    if not os.path.isfile(args.tuned):
+        raise UsageError(f"--tuned {args.tuned}: no such file")
+    rows = [row for row in results.load_rows(args.tuned) if row["settings"].get("arch", "lstm") == config.arch]
+    jobs = []
+    for label in models:
+        best = results.best_settings(rows, label)
+        if best is None:
+            raise UsageError(f"--tuned {args.tuned} has no {config.arch} rows of {label}")
+        jobs.append((dataclasses.replace(config, **best), [label]))
+    return jobs
+
+
 def _report(args):
     if not os.path.isfile(args.page):
         raise UsageError(f"{args.page}: no such file")
@@ -478,18 +504,20 @@ def _run_training(args, function, what, title, save_note):
             language_model.variant_arguments(label, config)
         except ValueError as error:
             raise UsageError(f"--models: {error}") from error
+    jobs = _tuned_jobs(args, config, models) if args.tuned else [(config, models)]
     print(describe_run(what, config, models), flush=True)
     rows = []
     for seed_value in args.seeds or [config.seed]:
-        seeded = dataclasses.replace(config, seed=seed_value)
-        try:
-            seed_rows = function(seeded, models) if models else function(seeded)
-        except (corpora.CorpusError, ImportError, OSError) as error:
-            raise UsageError(error) from error
-        if args.results:
-            experiment = f"{args.command} {getattr(args, 'task', None) or args.name}"
-            results.append_rows(args.results, [results.stamp(row, experiment) for row in seed_rows])
-        rows += seed_rows
+        for job_config, job_models in jobs:
+            seeded = dataclasses.replace(job_config, seed=seed_value)
+            try:
+                seed_rows = function(seeded, job_models) if job_models else function(seeded)
+            except (corpora.CorpusError, ImportError, OSError) as error:
+                raise UsageError(error) from error
+            if args.results:
+                experiment = f"{args.command} {getattr(args, 'task', None) or args.name}"
+                results.append_rows(args.results, [results.stamp(row, experiment) for row in seed_rows])
+            rows += seed_rows
     print(f"\n{title}: validation perplexity; load balance of the MoE layers on the last epoch's"
           " training batches and (valid_*) on the validation set")
     print(reports.format_table(rows))

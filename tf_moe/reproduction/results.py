@@ -106,6 +106,19 @@ def append_rows(path, rows):
     os.replace(temporary, path)
 
 
+# Settings that a tuning grid searches.
+TUNED_KEYS = ("learning_rate", "dropout")
+
+
+def best_settings(rows, model):
+    """`{learning_rate, dropout}` of `model`'s row of lowest validation perplexity (None without rows)."""
+    candidates = [row for row in rows if row["model"] == model]
+    if not candidates:
+        return None
+    best = min(candidates, key=lambda row: row["valid_perplexity"])
+    return {key: best["settings"][key] for key in TUNED_KEYS}
+
+
 # ------------------------------------------------------------- rendering ----
 
 
