@@ -25,7 +25,7 @@ from tests.layer_test_case import randomise_weights
 from tf_moe import MoE
 from tf_moe import export
 from tf_moe.data import END_ID, RESERVED_TOKENS, START_ID, WordpieceTokenizer, WordVocabulary
-from tf_moe.models import Seq2SeqDecoder, lstm_lm, seq2seq
+from tf_moe.models import Seq2SeqDecoder, lstm_lm, seq2seq, transformer_lm
 from tf_moe.reproduction import cli
 
 VOCAB = list(RESERVED_TOKENS) + (
@@ -141,6 +141,20 @@ def exports(tmp_path_factory, tokenizer):
     cases["word_lm_text"] += ([[words.get_vocabulary()[i] for i in row] for row in cases["word_lm_text"][0]],)
     requests["word_lm_text"] = (os.path.join(base, "word_lm", "1"), "serving_default",
                                 {"text": (word_texts, "string")})
+    # A Transformer LM reads at most its max_length positions: a longer text
+    # is predicted from its last ones.
+    transformer = transformer_lm(words.vocabulary_size, units=16, num_layers=1, num_heads=2, num_experts=4, k=2,
+                                 expert_hidden_units=8, max_length=4)
+    randomise_weights(transformer, seed=7)
+    transformer.save(os.path.join(base, "transformer.keras"))
+    cli.main(["export", "lm", os.path.join(base, "transformer.keras"), "--vocab",
+              os.path.join(base, "word_vocab.json"), "--name", "transformer", "--output", base, "--top-k", str(TOP_K)])
+    long_texts = ["God said, let there be light in the heavens.", "let"]
+    cases["transformer_text"] = _top_k_next(
+        transformer, [[words.eos_id, *words.encode([t]).tolist()[:-1]][-4:] for t in long_texts]
+    )
+    requests["transformer_text"] = (os.path.join(base, "transformer", "1"), "serving_default",
+                                    {"text": (long_texts, "string")})
     # The same model as a numeric export: its own logits for a row of padding.
     lm_numeric_dir = export.export_keras_model(lm, export.version_dir(base, "lm_numeric"))
     cases["lm_numeric"] = np.asarray(lm(np.array(odd_ids, "int32"), training=False))
@@ -471,3 +485,16 @@ def test_word_level_language_model_serves_words(served, exports):
     np.testing.assert_array_equal(out["token_ids"]["value"], ids)
     np.testing.assert_allclose(out["probabilities"]["value"], probabilities, rtol=1e-4, atol=1e-6)
     assert out["tokens"]["value"] == tokens
+
+
+def test_transformer_language_model_predicts_from_its_last_positions(served, exports):
+    ids, probabilities = exports[1]["transformer_text"]
+    out = served["calls"]["transformer_text"]
+    np.testing.assert_array_equal(out["token_ids"]["value"], ids)
+    np.testing.assert_allclose(out["probabilities"]["value"], probabilities, rtol=1e-4, atol=1e-6)
+
+
+def test_last_tokens_keeps_each_rows_end():
+    ids = tf.constant([[5, 6, 7, 8, 9], [5, 6, 0, 0, 0], [0, 0, 0, 0, 0]])
+    np.testing.assert_array_equal(export.last_tokens(ids, 3), [[7, 8, 9], [5, 6, 0], [0, 0, 0]])
+    np.testing.assert_array_equal(export.last_tokens(ids, 9), ids)

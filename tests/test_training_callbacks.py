@@ -46,7 +46,7 @@ def _events(log_dir):
 
 
 def test_histograms_are_written_per_moe_layer(tmp_path):
-    model = lstm_lm(**SIZES)
+    model = lstm_lm(**SIZES, router="noisy_top_k")  # a router with diagnostics to log
     model.compile(optimizer="adam")
     x, y = _data()
     callbacks = default_callbacks(str(tmp_path), probe_inputs=x[:8])

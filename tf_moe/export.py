@@ -46,6 +46,7 @@ import tf_moe.distribute  # noqa: F401
 import tf_moe.models  # noqa: F401
 from tf_moe.data.tokenizer import END_ID, PAD_ID, START_ID, WordpieceTokenizer
 from tf_moe.data.vocabulary import WordVocabulary
+from tf_moe.layers.position_embedding import PositionEmbedding
 from tf_moe.models.seq2seq import Seq2SeqDecoder
 
 DEFAULT_BASE_DIR = "saved_models"
@@ -167,6 +168,33 @@ def next_token_distribution(logits, token_ids):
     return tf.nn.softmax(tf.where(not_pad, last_logits, float("-inf")))
 
 
+def _context_length(model):
+    """The most positions `model` reads (a `PositionEmbedding`'s `max_length`), or None for any number."""
+    lengths = [layer.max_length for layer in model.layers if isinstance(layer, PositionEmbedding)]
+    return min(lengths) if lengths else None
+
+
+def last_tokens(token_ids, length):
+    """The last `length` real tokens of every right-padded row, right-padded again.
+
+    A model with learned positions (a Transformer) reads at most its
+    `max_length` tokens: a longer text is predicted from its end.
+
+    Args:
+        token_ids: int [batch, time] ids, each row's tokens then `PAD_ID`.
+        length: int, most tokens kept.
+
+    Returns:
+        int [batch, min(time, length)].
+    """
+    width = tf.minimum(tf.shape(token_ids)[1], length)
+    real = tf.reduce_sum(tf.cast(tf.not_equal(token_ids, PAD_ID), tf.int32), axis=1)
+    start = tf.maximum(real - width, 0)
+    positions = start[:, None] + tf.range(width)[None]
+    window = tf.gather(token_ids, tf.minimum(positions, tf.shape(token_ids)[1] - 1), batch_dims=1)
+    return tf.where(positions < real[:, None], window, tf.zeros_like(window))
+
+
 def frame_token_ids(ragged_ids, max_tokens=None, end=False, start_id=START_ID):
     """`[START] ids [END]?` per row, as the training pipelines build them, padded with 0.
 
@@ -259,8 +287,11 @@ def export_language_model(model, tokenizer, export_dir, top_k=5, overwrite=False
     _check_top_k(top_k, tokenizer.vocabulary_size)
     archive = _archive(model, tokenizer)
     start_id = tokenizer.start_id
+    context = _context_length(model)
 
     def predict(token_ids):
+        if context is not None:
+            token_ids = last_tokens(token_ids, context)
         probabilities = next_token_distribution(model(token_ids, training=False), token_ids)
         probabilities, ids = tf.math.top_k(probabilities, top_k)
         return {"token_ids": ids, "tokens": tf.gather(tokenizer.vocab, ids), "probabilities": probabilities}
