@@ -192,15 +192,11 @@ class BatchwiseRouter(Router):
             gating.importance(expert_index, weight, self.num_experts),
         )
 
-    def ops_per_token(self, input_units):
-        return input_units * self.num_experts
 
     def get_config(self):
         config = super().get_config()
         config.update(
             {
-                "num_experts": self.num_experts,
-                "k": self.k,
                 "max_experts_per_token": self.max_experts_per_token,
             }
         )

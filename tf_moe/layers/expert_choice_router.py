@@ -128,14 +128,11 @@ class ExpertChoiceRouter(Router):
             metrics={},
         )
 
-    def ops_per_token(self, input_units):
-        return input_units * self.num_experts
 
     def get_config(self):
         config = super().get_config()
         config.update(
             {
-                "num_experts": self.num_experts,
                 "capacity_factor": self.capacity_factor,
                 "seed": self.seed,
             }

@@ -133,5 +133,5 @@ class HashRouter(Router):
 
     def get_config(self):
         config = super().get_config()
-        config.update({"num_experts": self.num_experts, "seed": self.seed})
+        config["seed"] = self.seed
         return config

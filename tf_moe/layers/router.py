@@ -1,5 +1,6 @@
 """The router contract of `MoELayer`: the `Router` base layer and its `Routing`."""
 
+import inspect
 from typing import NamedTuple
 
 import keras
@@ -78,7 +79,8 @@ class Router(keras.layers.Layer):
       for this router; a router with a loss of its own may turn it off and
       return its loss in `Routing.losses`.
     * `ops_per_token(input_units)`: multiply-adds per token at inference,
-      as the paper's Table 1 counts them.
+      as the paper's Table 1 counts them; the base counts one gate matmul
+      `x W_g` (`input_units * num_experts`), a router without it overrides.
     * `has_logits`: whether the router computes logits; such a router takes
       `z_loss_weight` and returns `z_losses(logits, valid)` among its
       losses (the router z-loss of Zoph et al. 2022, section 3.1, under the
@@ -93,6 +95,11 @@ class Router(keras.layers.Layer):
     * `supports_jit` (Keras's layer attribute, True by default): False for
       a router whose shapes depend on the routing (XLA cannot compile it);
       `MoELayer` then reports False too, so Keras does not jit the model.
+
+    `get_config` holds `num_experts` and `k` wherever the router's
+    constructor takes them by name (one that fixes `k`, like
+    `SoftmaxRouter(num_experts)`, leaves it out), and `z_loss_weight` where
+    the router has logits, so a subclass adds only its own arguments.
 
     A router may keep state outside the gradient (e.g. per-expert biases)
     in non-trainable variables updated in `call` while training (and only
@@ -181,14 +188,22 @@ class Router(keras.layers.Layer):
         raise NotImplementedError(f"{type(self).__name__} must implement `call` returning a Routing.")
 
     def ops_per_token(self, input_units):
-        """Multiply-adds the router spends on one token of width `input_units` at inference."""
-        raise NotImplementedError(f"{type(self).__name__} must implement `ops_per_token`.")
+        """Multiply-adds the router spends on one token of width `input_units` at inference.
+
+        The gate matmul `x W_g` of a router with `num_experts` logits per
+        token; routers that compute something else override this.
+        """
+        return input_units * self.num_experts
 
     def compute_mask(self, inputs, mask=None):
         return None
 
     def get_config(self):
         config = super().get_config()
+        # A subclass whose constructor fixes or derives one of them must
+        # not get it back from its config.
+        arguments = inspect.signature(type(self).__init__).parameters
+        config.update({key: getattr(self, key) for key in ("num_experts", "k") if key in arguments})
         if self.has_logits:
             config["z_loss_weight"] = self.z_loss_weight
         return config

@@ -151,15 +151,11 @@ class TopKRouter(Router):
             metrics={},
         )
 
-    def ops_per_token(self, input_units):
-        return input_units * self.num_experts
 
     def get_config(self):
         config = super().get_config()
         config.update(
             {
-                "num_experts": self.num_experts,
-                "k": self.k,
                 "normalize": self.normalize,
                 "balance_weight": self.balance_weight,
                 "jitter_epsilon": self.jitter_epsilon,
