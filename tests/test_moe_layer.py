@@ -328,11 +328,32 @@ def test_balancing_losses_balance_the_load():
         (dict(num_experts=8, router=tf_moe.NoisyTopKRouter(4, 2)), "`num_experts`"),
         (dict(k=1, router=tf_moe.NoisyTopKRouter(4, 2)), "`k`"),
         (dict(router="noisy_top_k"), "`num_experts`"),
+        (dict(num_experts=4.0, k=1), "`num_experts`"),
+        (dict(num_experts=4, k=True), "`k`"),
+        (dict(num_experts=4, k=1, output_units="8"), "`output_units`"),
+        (dict(num_experts=4, k=1, num_shared_experts=np.int64(-1)), "`num_shared_experts`"),
+        (dict(num_experts=4, k=1, use_bias="no"), "`use_bias`"),
+        (dict(num_experts=4, k=1, activation="foo"), "`activation`"),
+        (dict(num_experts=4, k=1, kernel_initializer="foo"), "`kernel_initializer`"),
+        (dict(num_experts=4, k=1, bias_initializer="foo"), "`bias_initializer`"),
+        (dict(num_experts=4, k=1, kernel_regularizer="foo"), "`kernel_regularizer`"),
+        (dict(num_experts=4, k=1, bias_regularizer=3), "`bias_regularizer`"),
     ],
 )
 def test_invalid_arguments_get_clear_errors(kwargs, arg):
     with pytest.raises(ValueError, match=arg):
         tf_moe.MoELayer(**{"hidden_units": 8, **kwargs})
+
+
+def test_numpy_integers_are_taken_as_ints():
+    layer = tf_moe.MoELayer(
+        np.int64(4), np.int32(2), np.int64(8), output_units=np.int16(3), num_shared_experts=np.uint8(1)
+    )
+    config = layer.get_config()
+    assert [type(config[key]) for key in ("num_experts", "k", "hidden_units", "output_units", "num_shared_experts")] == [int] * 5
+    assert layer(np.zeros((2, 5), "float32")).shape == (2, 3)
+    router = tf_moe.HierarchicalRouter(np.int64(2), np.int64(3), k_primary=np.int32(1))
+    assert (router.num_experts, router.k) == (6, 2) and type(router.get_config()["num_groups"]) is int
 
 
 def test_invalid_inputs_get_clear_errors():

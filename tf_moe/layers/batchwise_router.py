@@ -118,10 +118,10 @@ class BatchwiseRouter(Router):
     def __init__(self, num_experts, k, max_experts_per_token=None, **kwargs):
         super().__init__(num_experts, k, **kwargs)
         if max_experts_per_token is not None:
-            check_positive_int("max_experts_per_token", max_experts_per_token)
-            check_not_above("max_experts_per_token", max_experts_per_token, "num_experts", num_experts)
+            max_experts_per_token = check_positive_int("max_experts_per_token", max_experts_per_token)
+            check_not_above("max_experts_per_token", max_experts_per_token, "num_experts", self.num_experts)
         self.max_experts_per_token = max_experts_per_token
-        self.candidates = max_experts_per_token or min(2 * k, num_experts)
+        self.candidates = max_experts_per_token or min(2 * self.k, self.num_experts)
 
     def build(self, input_shape):
         self.check_input_shape(input_shape)

@@ -4,7 +4,7 @@ import keras
 import tensorflow as tf
 from keras import ops
 
-from tf_moe.layers.checks import check_positive_int
+from tf_moe.layers.checks import check_bool, check_keras_object, check_positive_int
 from tf_moe.ops.expert_matmul import stacked_feed_forward
 
 
@@ -59,28 +59,23 @@ class FeedForwardExperts(keras.layers.Layer):
         **kwargs,
     ):
         super().__init__(**kwargs)
-        for arg, value in (
-            ("num_experts", num_experts),
-            ("hidden_units", hidden_units),
-            ("output_units", output_units),
-        ):
-            check_positive_int(arg, value)
-        self.num_experts = num_experts
-        self.hidden_units = hidden_units
-        self.output_units = output_units
-        self.activation = keras.activations.get(activation)
-        self.use_bias = use_bias
+        self.num_experts = check_positive_int("num_experts", num_experts)
+        self.hidden_units = check_positive_int("hidden_units", hidden_units)
+        self.output_units = check_positive_int("output_units", output_units)
+        self.activation = check_keras_object("activation", keras.activations, activation)
+        self.use_bias = check_bool("use_bias", use_bias)
         # Keras computes fans of an [n, d, h] kernel as (n*d, n*h); a scale of
         # n gives each expert the Glorot variance of its own [d, h] kernel.
-        self.kernel_initializer = keras.initializers.get(
+        self.kernel_initializer = check_keras_object(
+            "kernel_initializer", keras.initializers,
             kernel_initializer
             or keras.initializers.VarianceScaling(
-                scale=float(num_experts), mode="fan_avg", distribution="uniform"
-            )
+                scale=float(self.num_experts), mode="fan_avg", distribution="uniform"
+            ),
         )
-        self.bias_initializer = keras.initializers.get(bias_initializer)
-        self.kernel_regularizer = keras.regularizers.get(kernel_regularizer)
-        self.bias_regularizer = keras.regularizers.get(bias_regularizer)
+        self.bias_initializer = check_keras_object("bias_initializer", keras.initializers, bias_initializer)
+        self.kernel_regularizer = check_keras_object("kernel_regularizer", keras.regularizers, kernel_regularizer)
+        self.bias_regularizer = check_keras_object("bias_regularizer", keras.regularizers, bias_regularizer)
 
     def build(self, input_shape):
         if len(input_shape) != 3:

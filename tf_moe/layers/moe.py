@@ -3,7 +3,7 @@
 import keras
 
 from tf_moe import routers
-from tf_moe.layers.checks import check_not_above, check_positive_int
+from tf_moe.layers.checks import check_bool, check_not_above, check_positive_int
 from tf_moe.layers.moe_layer import MoELayer
 
 
@@ -57,8 +57,8 @@ class MoE(MoELayer):
         gate="noisy_top_k",
         **kwargs,
     ):
-        check_positive_int("num_experts", num_experts)
-        check_positive_int("k", k)
+        num_experts = check_positive_int("num_experts", num_experts)
+        k = check_positive_int("k", k)
         check_not_above("k", k, "num_experts", num_experts)
         router = routers.from_gate_arguments(num_experts, k, gate, noisy_gating, noise_epsilon, seed)
         super().__init__(
@@ -80,7 +80,7 @@ class MoE(MoELayer):
         # As given: the softmax gate routes to all experts whatever `k` says.
         self.gate_arguments = {
             "k": k,
-            "noisy_gating": bool(noisy_gating),
+            "noisy_gating": check_bool("noisy_gating", noisy_gating),
             "noise_epsilon": float(noise_epsilon),
             "seed": seed,
             "gate": gate,

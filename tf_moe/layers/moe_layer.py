@@ -9,7 +9,14 @@ import tensorflow as tf
 
 from tf_moe import routers
 from tf_moe._internals import in_xla_compilation
-from tf_moe.layers.checks import check_capacity_factor, check_non_negative, check_positive_int
+from tf_moe.layers.checks import (
+    check_bool,
+    check_capacity_factor,
+    check_keras_object,
+    check_non_negative,
+    check_non_negative_int,
+    check_positive_int,
+)
 from tf_moe.layers.feed_forward_experts import FeedForwardExperts
 from tf_moe.layers.replica_losses import use_thread_local_losses
 from tf_moe.metrics import LoadBalanceMetrics
@@ -234,15 +241,14 @@ class MoELayer(keras.layers.Layer):
         super().__init__(**kwargs)
         if hidden_units is None:
             raise ValueError("`hidden_units` (the experts' hidden width) is required.")
-        check_positive_int("hidden_units", hidden_units)
+        hidden_units = check_positive_int("hidden_units", hidden_units)
         if output_units is not None:
-            check_positive_int("output_units", output_units)
+            output_units = check_positive_int("output_units", output_units)
         check_non_negative("importance_weight", importance_weight)
         check_non_negative("load_weight", load_weight)
         check_capacity_factor(capacity_factor)
         check_capacity_factor(eval_capacity_factor, "eval_capacity_factor")
-        if isinstance(num_shared_experts, bool) or not isinstance(num_shared_experts, int) or num_shared_experts < 0:
-            raise ValueError(f"`num_shared_experts` must be an int >= 0, got {num_shared_experts!r}.")
+        num_shared_experts = check_non_negative_int("num_shared_experts", num_shared_experts)
         self.router = routers.get(router, num_experts, k)
         for arg, value, routers_value in (
             ("num_experts", num_experts, self.router.num_experts),
@@ -257,13 +263,22 @@ class MoELayer(keras.layers.Layer):
         self.k = self.router.k
         self.hidden_units = hidden_units
         self.output_units = output_units
-        self.activation = keras.activations.get(activation)
+        self.activation = check_keras_object("activation", keras.activations, activation)
         self.importance_weight = float(importance_weight)
         self.load_weight = float(load_weight)
         self.capacity_factor = None if capacity_factor is None else float(capacity_factor)
         self.eval_capacity_factor = None if eval_capacity_factor is None else float(eval_capacity_factor)
         self.num_shared_experts = num_shared_experts
-        self.use_bias = use_bias
+        self.use_bias = check_bool("use_bias", use_bias)
+        # Kept as given (the experts resolve them; None: their own default),
+        # but one Keras cannot read fails here rather than at the first call.
+        for arg, module, identifier in (
+            ("kernel_initializer", keras.initializers, kernel_initializer),
+            ("bias_initializer", keras.initializers, bias_initializer),
+            ("kernel_regularizer", keras.regularizers, kernel_regularizer),
+            ("bias_regularizer", keras.regularizers, bias_regularizer),
+        ):
+            check_keras_object(arg, module, identifier)
         self.kernel_initializer = kernel_initializer
         self.bias_initializer = bias_initializer
         self.kernel_regularizer = kernel_regularizer

@@ -3,7 +3,7 @@
 import keras
 import tensorflow as tf
 
-from tf_moe.layers.checks import check_non_negative, check_positive
+from tf_moe.layers.checks import check_bool, check_non_negative, check_positive
 from tf_moe.layers.router import Router, Routing
 from tf_moe.ops import gating
 from tf_moe.ops.dispatch import token_choice_assignments
@@ -96,7 +96,7 @@ class NoisyTopKRouter(Router):
         check_non_negative("noise_epsilon", noise_epsilon)
         check_positive("learning_rate_multiplier", learning_rate_multiplier)
         self.learning_rate_multiplier = float(learning_rate_multiplier)
-        self.noisy = bool(noisy)
+        self.noisy = check_bool("noisy", noisy)
         self.noise_epsilon = float(noise_epsilon)
         self.seed = seed
         self.seed_generator = keras.random.SeedGenerator(seed)

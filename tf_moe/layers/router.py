@@ -133,8 +133,8 @@ class Router(keras.layers.Layer):
     def __init__(self, num_experts, k, z_loss_weight=0.0, **kwargs):
         kwargs.setdefault("dtype", "float32")
         super().__init__(**kwargs)
-        check_positive_int("num_experts", num_experts)
-        check_positive_int("k", k)
+        num_experts = check_positive_int("num_experts", num_experts)
+        k = check_positive_int("k", k)
         check_not_above("k", k, "num_experts", num_experts)
         check_non_negative("z_loss_weight", z_loss_weight)
         if z_loss_weight and not self.has_logits:

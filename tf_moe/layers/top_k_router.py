@@ -3,7 +3,7 @@
 import keras
 import tensorflow as tf
 
-from tf_moe.layers.checks import check_non_negative
+from tf_moe.layers.checks import check_bool, check_non_negative
 from tf_moe.layers.router import Router, Routing
 from tf_moe.ops import gating
 from tf_moe.ops.dispatch import token_choice_assignments
@@ -110,7 +110,7 @@ class TopKRouter(Router):
         check_non_negative("jitter_epsilon", jitter_epsilon)
         if jitter_epsilon >= 1:
             raise ValueError(f"`jitter_epsilon` must be below 1, got {jitter_epsilon!r}.")
-        self.normalize = bool(normalize)
+        self.normalize = check_bool("normalize", normalize)
         self.balance_weight = float(balance_weight)
         self.jitter_epsilon = float(jitter_epsilon)
         self.seed = seed
