@@ -109,7 +109,10 @@ class ExpertChoiceRouter(Router):
         capacity = expert_capacity(self.capacity_factor, num_tokens, self.num_experts)
         # Masked tokens rank below every score (scores are >= 0).
         ranked = scores if valid is None else tf.where(valid[:, None], scores, -1.0)
-        top_scores, token_id = tf.math.top_k(tf.transpose(ranked), k=capacity)  # [E, C]
+        _, token_id = tf.math.top_k(tf.transpose(ranked), k=capacity)  # [E, C]
+        # Gathered rather than top_k's values: top_k's gradient fails on an
+        # empty batch (C = 0).
+        top_scores = tf.gather(tf.transpose(scores), token_id, batch_dims=1)
         experts = tf.broadcast_to(tf.range(self.num_experts)[:, None], tf.shape(token_id))
         if valid is None:
             picked = tf.ones_like(token_id, tf.bool)
