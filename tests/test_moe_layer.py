@@ -133,6 +133,16 @@ def test_training_output_and_loss_with_given_noise_equal_the_reference():
     np.testing.assert_allclose(float(layer.losses[0]), expected, rtol=1e-4)
 
 
+def test_router_inputs_must_be_per_token():
+    layer = _randomised()
+    x = np.zeros((4, 8, 6), "float32")
+    for bad in (np.zeros((4, 7, 5), "float32"), np.zeros((32, 5), "float32"), np.zeros((4,), "float32")):
+        with pytest.raises(ValueError, match="`noise` must have the shape of `inputs` without its last axis"):
+            layer(x, training=True, noise=bad)
+    # None is no input: the router draws its own noise.
+    assert layer(x, training=True, noise=None).shape == (4, 8, 6)
+
+
 def test_loss_is_the_papers_balancing_loss():
     """`w_imp CV(Importance)^2 + w_load CV(Load)^2` of the reference gates and
     smooth load (section 4, appendix A), and the metrics their square roots."""

@@ -3,7 +3,7 @@
 import keras
 import tensorflow as tf
 
-from tf_moe.layers.router import Router, Routing
+from tf_moe.layers.router import Router, Routing, check_per_token
 from tf_moe.ops import gating
 
 _MASK32 = 0xFFFFFFFF
@@ -76,7 +76,7 @@ class HashRouter(Router):
         inputs: [tokens, d] float tensor (only its number of rows is used).
         training: unused.
         mask: optional [tokens] bool; masked tokens are not routed.
-        token_ids: [tokens] integer ids (required).
+        token_ids: [tokens] integer ids (required): one per token.
 
     Returns:
         A `Routing` of one assignment per token.
@@ -107,7 +107,7 @@ class HashRouter(Router):
                 "HashRouter routes by token id: pass `token_ids` (e.g. `moe(x, token_ids=ids)` "
                 "with ids of shape `x.shape[:-1]`)."
             )
-        token_ids = tf.convert_to_tensor(token_ids)
+        token_ids = check_per_token("token_ids", token_ids, inputs, own_axes=False)
         if not token_ids.dtype.is_integer:
             raise TypeError(f"`token_ids` must be integers, got {token_ids.dtype.name}.")
         valid = None if mask is None else tf.reshape(tf.cast(mask, tf.bool), [-1])

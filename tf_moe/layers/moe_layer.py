@@ -19,12 +19,12 @@ from tf_moe.layers.checks import (
 )
 from tf_moe.layers.feed_forward_experts import FeedForwardExperts
 from tf_moe.layers.replica_losses import use_thread_local_losses
+from tf_moe.layers.router import check_per_token
 from tf_moe.metrics import LoadBalanceMetrics
 from tf_moe.ops import dispatch as dispatch_ops
 from tf_moe.ops.gating import cv_squared
 from tf_moe.ops.replicas import cross_replica_sum
 
-_MASK_SHAPE_MESSAGE = "`mask` must have the shape of `inputs` without its last axis"
 # The gate arguments of tf_moe 0.1's MoE, now a router's.
 _LEGACY_GATE_ARGUMENTS = ("gate", "noisy_gating", "noise_epsilon", "seed")
 
@@ -59,27 +59,15 @@ def recorded_routings():
 def flatten_tokens(inputs, mask):
     """Flattens [..., d] inputs (and [...] mask) into one batch of tokens.
 
-    The mask's shape is checked against `inputs.shape[:-1]`: statically
-    where both are known (a ValueError), else when the graph runs (an
-    InvalidArgumentError with the same message).
+    The mask's shape is checked against `inputs.shape[:-1]` (see
+    `check_per_token`).
 
     Returns `(tokens [T, d], valid [T] bool or None, num_tokens)`, with
     `num_tokens` a Python int when the leading shape is static.
     """
     leading = inputs.shape[:-1]
     if mask is not None:
-        mask = tf.convert_to_tensor(mask)
-        if mask.shape.rank != len(leading) or not mask.shape.is_compatible_with(leading):
-            raise ValueError(
-                f"{_MASK_SHAPE_MESSAGE}; got mask shape {mask.shape} for inputs shape "
-                f"{inputs.shape}."
-            )
-        if not (mask.shape.is_fully_defined() and leading.is_fully_defined()):
-            check = tf.debugging.assert_equal(
-                tf.shape(mask), tf.shape(inputs)[:-1], message=_MASK_SHAPE_MESSAGE
-            )
-            with tf.control_dependencies([check]):
-                mask = tf.identity(mask)
+        mask = check_per_token("mask", mask, inputs, own_axes=False)
     tokens = tf.reshape(inputs, [-1, inputs.shape[-1]])
     if leading.is_fully_defined():
         num_tokens = int(np.prod(leading, dtype=np.int64))
@@ -89,14 +77,26 @@ def flatten_tokens(inputs, mask):
     return tokens, valid, num_tokens
 
 
-def _flatten_per_token(value, leading_rank):
-    """[*leading, ...] -> [T, ...]: a per-token router input, flattened like the tokens."""
-    value = tf.convert_to_tensor(value)
-    rest = [
-        d if d is not None else tf.shape(value)[leading_rank + i]
-        for i, d in enumerate(value.shape[leading_rank:])
-    ]
-    return tf.reshape(value, [-1] + rest)
+def flatten_router_inputs(router_inputs, inputs):
+    """Per-token router inputs [*leading, ...] -> [T, ...], each checked against `inputs`.
+
+    Inputs given as None are left out, so the router sees its default.
+    """
+    leading_rank = len(inputs.shape) - 1
+
+    def flatten(name, value):
+        value = check_per_token(name, value, inputs)
+        rest = [
+            d if d is not None else tf.shape(value)[leading_rank + i]
+            for i, d in enumerate(value.shape[leading_rank:])
+        ]
+        return tf.reshape(value, [-1] + rest)
+
+    return {
+        name: tf.nest.map_structure(lambda part, name=name: flatten(name, part), value)
+        for name, value in router_inputs.items()
+        if value is not None
+    }
 
 
 @keras.saving.register_keras_serializable(package="tf_moe")
@@ -346,10 +346,7 @@ class MoELayer(keras.layers.Layer):
         if mask is None:
             mask = inputs_mask
         tokens, valid, num_tokens = flatten_tokens(inputs, mask)
-        leading_rank = len(inputs.shape) - 1
-        router_inputs = tf.nest.map_structure(
-            lambda value: _flatten_per_token(value, leading_rank), router_inputs
-        )
+        router_inputs = flatten_router_inputs(router_inputs, inputs)
         routing = self.router(tokens, training=training, mask=valid, **router_inputs)
         recording = getattr(_recording, "routings", None)
         if recording is not None:

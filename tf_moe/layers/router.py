@@ -11,6 +11,34 @@ from tf_moe.ops.gating import router_z_loss
 from tf_moe.ops.replicas import cross_replica_sum
 
 
+def check_per_token(name, value, inputs, own_axes=True):
+    """`value` as a tensor, checked to be per token of `inputs`.
+
+    Its leading axes must be those of `inputs` without its last: exactly
+    those, or followed by axes of its own where `own_axes` (e.g. noise
+    draws [..., n] for inputs [..., d]). Checked statically where both
+    shapes are known (a ValueError naming `name`), else when the graph runs
+    (an InvalidArgumentError with the same message).
+    """
+    value = tf.convert_to_tensor(value)
+    leading = inputs.shape[:-1]
+    rank = len(leading)
+    message = f"`{name}` must have the shape of `inputs` without its last axis"
+    if own_axes:
+        message += " (then axes of its own)"
+    if value.shape.rank is not None and (
+        value.shape.rank < rank
+        or (not own_axes and value.shape.rank != rank)
+        or not value.shape[:rank].is_compatible_with(leading)
+    ):
+        raise ValueError(f"{message}; got {name} shape {value.shape} for inputs shape {inputs.shape}.")
+    if not (value.shape[:rank].is_fully_defined() and leading.is_fully_defined()):
+        check = tf.debugging.assert_equal(tf.shape(value)[:rank], tf.shape(inputs)[:-1], message=message)
+        with tf.control_dependencies([check]):
+            value = tf.identity(value)
+    return value
+
+
 class Routing(NamedTuple):
     """One batch's routing, as every `Router` returns it.
 
@@ -71,8 +99,9 @@ class Router(keras.layers.Layer):
       whatever they hold (NaN from a padded attention row) must reach no
       output, loss or gradient: `masked_tokens` zeroes them first. Extra
       keyword arguments are per-token router inputs (e.g. token ids for a
-      router that hashes them), which `MoELayer` forwards flattened to
-      [T, ...] like the tokens.
+      router that hashes them), which `MoELayer` checks (`check_per_token`)
+      and forwards flattened to [T, ...] like the tokens; one passed as
+      None is not forwarded (the router sees its default).
     * `metric_names`: the keys of `Routing.metrics`, fixed per router.
     * `uses_balancing_loss`: whether `MoELayer` adds the paper's
       `w_importance * CV(Importance)^2 + w_load * CV(Load)^2` (section 4)
