@@ -133,6 +133,49 @@ def test_training_output_and_loss_with_given_noise_equal_the_reference():
     np.testing.assert_allclose(float(layer.losses[0]), expected, rtol=1e-4)
 
 
+# Noise-free routers: the NaN and the clean run must route alike.
+_NAN_POLICY_ROUTERS = {
+    "noisy_top_k": lambda: tf_moe.NoisyTopKRouter(4, 2, noisy=False),
+    "softmax": lambda: tf_moe.SoftmaxRouter(4),
+    "top_k": lambda: tf_moe.TopKRouter(4, 2),
+    "switch": lambda: tf_moe.SwitchRouter(4, jitter_epsilon=0.0),
+    "loss_free": lambda: tf_moe.LossFreeRouter(4, 2),
+    "hash": lambda: tf_moe.HashRouter(4),
+    "hierarchical": lambda: tf_moe.HierarchicalRouter(2, 2, k_primary=1, noisy=False),
+    "expert_choice": lambda: tf_moe.ExpertChoiceRouter(4),
+    "batchwise": lambda: tf_moe.BatchwiseRouter(4, 2),
+}
+
+
+@pytest.mark.parametrize("training", [False, True], ids=["inference", "training"])
+@pytest.mark.parametrize("name", sorted(_NAN_POLICY_ROUTERS))
+@pytest.mark.parametrize("fill", [np.nan, np.inf])
+def test_a_non_finite_unmasked_token_gets_nan_and_changes_no_other_token(name, fill, training):
+    """The documented policy: that token's output is NaN; the others are those of
+    the clean batch, or, for routers that rank the batch, of the batch with that
+    token masked."""
+    rng = np.random.default_rng(5)
+    x = rng.standard_normal((2, 8, 4)).astype("float32")
+    bad = x.copy()
+    bad[0, 3, 1] = fill
+    others = np.ones((2, 8), bool)
+    others[0, 3] = False
+    kwargs = {"token_ids": rng.integers(0, 50, (2, 8))} if name == "hash" else {}
+
+    def fresh():  # the same initial state for each run (routers update state while training)
+        layer = tf_moe.MoELayer(hidden_units=8, router=_NAN_POLICY_ROUTERS[name]())
+        layer.build((None, None, 4))
+        randomise_weights(layer, seed=1)
+        return layer
+
+    got = fresh()(bad, training=training, **kwargs).numpy()
+    ranks_the_batch = name == "expert_choice" or (name == "batchwise" and training)
+    mask = others if ranks_the_batch else None
+    want = fresh()(x, training=training, mask=mask, **kwargs).numpy()
+    assert np.all(np.isnan(got[0, 3]))
+    np.testing.assert_allclose(got[others], want[others], rtol=1e-6, atol=1e-6)
+
+
 def test_router_inputs_must_be_per_token():
     layer = _randomised()
     x = np.zeros((4, 8, 6), "float32")

@@ -99,6 +99,18 @@ def flatten_router_inputs(router_inputs, inputs):
     }
 
 
+def _not_finite_to_nan(tokens, valid, outputs):
+    """NaN outputs for the unmasked tokens that hold NaN or inf, whatever routed them.
+
+    Token-choice routing passes the NaN on by itself, but a token that a
+    router left unrouted (or a capacity dropped) would otherwise get 0.
+    """
+    not_finite = tf.logical_not(tf.reduce_all(tf.math.is_finite(tokens), axis=-1))
+    if valid is not None:
+        not_finite = tf.logical_and(not_finite, valid)
+    return tf.where(not_finite[:, None], tf.constant(np.nan, outputs.dtype), outputs)
+
+
 @keras.saving.register_keras_serializable(package="tf_moe")
 class MoELayer(keras.layers.Layer):
     """Sparsely-gated Mixture-of-Experts layer (Shazeer et al. 2017).
@@ -139,6 +151,14 @@ class MoELayer(keras.layers.Layer):
     2024, section 3.2): experts of the same architecture, with their own
     stacked weights, that run on every unmasked token and whose outputs are
     added to the routed mixture, `y = sum_j S_j(x) + sum_i G(x)_i E_i(x)`.
+
+    A NaN or inf in an unmasked token stays in that token: its output is
+    NaN (so is the loss, which `keras.callbacks.TerminateOnNaN` and loss
+    scaling see), never a silent 0, and it changes no other token's
+    routing or output beyond taking its own assignments' slots like any
+    token: routers that rank the whole batch (expert choice, batchwise
+    while training) leave it out of the ranking, so the others are routed
+    as if it were masked. Mask the token to drop it.
 
     Args:
         num_experts: int, number of experts n (None: the router's).
@@ -376,6 +396,7 @@ class MoELayer(keras.layers.Layer):
             )
         if self.shared_experts is not None:
             outputs = outputs + self._shared_outputs(tokens, valid)
+        outputs = _not_finite_to_nan(tokens, valid, outputs)
         self._add_losses_and_track(routing, kept, valid, num_tokens, training)
         return tf.reshape(outputs, tf.concat([tf.shape(inputs)[:-1], [outputs.shape[-1]]], 0))
 

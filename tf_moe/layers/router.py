@@ -102,6 +102,9 @@ class Router(keras.layers.Layer):
       router that hashes them), which `MoELayer` checks (`check_per_token`)
       and forwards flattened to [T, ...] like the tokens; one passed as
       None is not forwarded (the router sees its default).
+    * A NaN or inf in an unmasked token must not change the routing of
+      the others: a router that ranks the whole batch leaves such tokens
+      out of the ranking (`MoELayer` gives them a NaN output).
     * `metric_names`: the keys of `Routing.metrics`, fixed per router.
     * `uses_balancing_loss`: whether `MoELayer` adds the paper's
       `w_importance * CV(Importance)^2 + w_load * CV(Load)^2` (section 4)
@@ -193,6 +196,15 @@ class Router(keras.layers.Layer):
             return x, None
         valid = tf.reshape(tf.cast(mask, tf.bool), [-1])
         return tf.where(valid[:, None], x, 0.0), valid
+
+    def rankable_tokens(self, x, valid=None):
+        """[T] bool: the tokens a router that ranks the batch may rank.
+
+        Unmasked and finite: a NaN or inf in one token would otherwise
+        reorder the ranking, and so change other tokens' routing.
+        """
+        finite = tf.reduce_all(tf.math.is_finite(x), axis=-1)
+        return finite if valid is None else tf.logical_and(finite, valid)
 
     def z_losses(self, logits, valid=None):
         """`{"z_loss": z_loss_weight * L_z}`, or `{}` when `z_loss_weight` is 0.
