@@ -98,6 +98,22 @@ def dense_moe(x, gates, w_in, b_in, w_out, b_out, activation=relu):
     return out
 
 
+def dense_moe_magnitude(x, gates, w_in, b_in, w_out, b_out):
+    """`sum_i |G_i| * ((|x| |W1| + |b1|) |W2| + |b2|)`: a bound on every term `dense_moe` sums.
+
+    Rounding in a low-precision dtype changes an output by a fraction of
+    this, not of the output itself: terms of opposite sign can cancel to
+    almost nothing. The activations (relu, tanh, linear) are bounded by
+    |h| and 1-Lipschitz, so the bound holds inside each expert too.
+    """
+    out = 0.0
+    for e in range(w_in.shape[0]):
+        hidden = np.abs(x) @ np.abs(w_in[e]) + (0 if b_in is None else np.abs(b_in[e]))
+        term = hidden @ np.abs(w_out[e]) + (0 if b_out is None else np.abs(b_out[e]))
+        out = out + np.abs(gates[:, e : e + 1]) * term
+    return out + np.zeros((len(x), w_out.shape[-1]))
+
+
 def topk_agreement(h, clean, k, valid):
     """Mean over valid tokens of |top-k of h  &  top-k of clean| / k."""
     shares = []
