@@ -15,7 +15,7 @@ devices with the same global batch in three modes:
 For each it reports the bytes one replica sends per training step in the
 token exchanges (counted from the static shapes of the tensors handed to
 the collectives, forward and backward, with
-`tf_moe.distribute.exchange.record_traffic`), the bytes of the expert
+`tf_moe.distribute.exchange.TrafficRecorder`), the bytes of the expert
 gradients' all-reduce (data parallelism only; a ring all-reduce sends
 2 (R-1)/R of them), the expert weights and Adam slots each device holds,
 the time of one exchange of the layer's buffer alone (forward), the step
@@ -159,7 +159,7 @@ def run_one(mode, devices, steps, repeats, batch, seq, units, hidden, experts):
     sys.path.insert(0, ROOT)
     import tf_moe
     from tf_moe.distribute import ExpertParallelMoE, expert_parallel_optimizer, get_strategy
-    from tf_moe.distribute.exchange import record_traffic
+    from tf_moe.distribute.exchange import TrafficRecorder
 
     strategy = get_strategy("mirrored", devices=[d.name for d in tf.config.list_logical_devices("CPU")])
     with strategy.scope():
@@ -176,8 +176,10 @@ def run_one(mode, devices, steps, repeats, batch, seq, units, hidden, experts):
         model.compile(optimizer, "mse")
     x = np.random.default_rng(0).standard_normal((batch * steps, seq, units)).astype("float32")
     data = tf.data.Dataset.from_tensor_slices((x, x)).batch(batch, drop_remainder=True).repeat()
-    with record_traffic() as traffic:
-        model.fit(data, steps_per_epoch=3, epochs=1, verbose=0)  # trace and warm up
+    traffic = TrafficRecorder()
+    if mode != "data":
+        layer.traffic = traffic
+    model.fit(data, steps_per_epoch=3, epochs=1, verbose=0)  # trace and warm up
     times = []
     for _ in range(repeats):
         start = time.perf_counter()

@@ -41,14 +41,14 @@ def _batches(config, vocab_size, count, seed=0):
 def _model(config, label, vocab_size, jit_compile=False):
     import keras
 
-    from tf_moe import experiments
     from tf_moe.models import lstm_lm
+    from tf_moe.reproduction import language_model, runs
 
     keras.utils.set_random_seed(config.seed)
-    settings = dict(experiments._model_settings(config), vocab_size=vocab_size, name=label.replace("-", "_"))
-    settings.update(experiments.variant_arguments(label, config), stateful=True, batch_size=config.batch_size)
+    settings = dict(runs.model_settings(config), vocab_size=vocab_size, name=label.replace("-", "_"))
+    settings.update(language_model.variant_arguments(label, config), stateful=True, batch_size=config.batch_size)
     model = lstm_lm(**settings)
-    model.compile(optimizer=experiments._optimizer(config), jit_compile=jit_compile)
+    model.compile(optimizer=runs.optimizer(config), jit_compile=jit_compile)
     return model
 
 
@@ -73,7 +73,7 @@ def main():
         performance.configure_allocator()
     import keras
 
-    from tf_moe.experiments import Config
+    from tf_moe.reproduction.config import Config
 
     keras.mixed_precision.set_global_policy(args.policy)
     config = Config(**Config.MAIN_LM)

@@ -7,7 +7,7 @@ import tensorflow as tf
 
 import tf_moe
 from tests import numpy_reference as ref
-from tests.layer_test_case import randomise_weights, run_layer_test
+from tests.layer_test_case import randomise_weights
 from tf_moe.layers.batchwise_router import tokens_per_expert
 
 
@@ -84,17 +84,6 @@ def test_inference_uses_thresholds_within_a_candidate_set(threshold):
         assert (sigma > thresholds).sum(axis=1).max() > 3
     else:
         assert keep.sum(axis=1).min() == 0
-
-
-def test_moe_citizenship_inference_and_training():
-    for call_kwargs in ({}, {"training": True}):
-        run_layer_test(
-            tf_moe.MoELayer,
-            dict(num_experts=4, k=2, hidden_units=8, output_units=6, router="batchwise"),
-            input_shape=(3, 5, 10),
-            expected_output_shape=(3, 5, 6),
-            call_kwargs=call_kwargs,
-        )
 
 
 def test_moe_training_output_and_unrouted_metric():

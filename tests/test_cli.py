@@ -13,8 +13,9 @@ import pytest
 
 import _tf_moe_launcher
 import tf_moe
-from tf_moe import cli, data, experiments
-from tf_moe.experiments import Config
+from tf_moe import data
+from tf_moe.reproduction import cli, corpora, language_model, reports
+from tf_moe.reproduction.config import Config
 from tf_moe.models import Seq2SeqDecoder
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
@@ -123,9 +124,9 @@ def test_a_mistake_prints_one_line_and_exits_with_status_2(argv, message, capsys
 
 def test_a_corpus_that_cannot_be_fetched_is_one_line_or_with_v_a_traceback(monkeypatch, capsys):
     def unavailable(name, split="train", cache_dir=None):
-        raise data.CorpusUnavailableError("The Debian package `sword-text-web` is needed,\nbut apt-get is missing.")
+        raise corpora.CorpusUnavailableError("The Debian package `sword-text-web` is needed,\nbut apt-get is missing.")
 
-    monkeypatch.setattr(experiments.data, "load_lm_corpus", unavailable)
+    monkeypatch.setattr(language_model.corpora, "load_lm_corpus", unavailable)
     with pytest.raises(SystemExit) as exit_info:
         cli.main(["train", "lm", "--quick"])
     assert exit_info.value.code == 2
@@ -159,6 +160,20 @@ def test_launcher_sets_tensorflows_log_level_from_v(monkeypatch):
         assert _tf_moe_launcher.main(["train", "lm", *argv]) == 0
         assert levels.pop() == level
         assert os.environ["TF_CPU_ALLOCATOR_USE_BFC"] == "1"
+
+
+def test_without_the_paper_extra_the_command_names_it_in_one_line(monkeypatch, capsys):
+    monkeypatch.setattr(cli, "main", lambda argv: pytest.fail("the command ran without its packages"))
+    monkeypatch.delenv("TF_CPU_ALLOCATOR_USE_BFC", raising=False)
+    monkeypatch.setenv("TF_CPP_MIN_LOG_LEVEL", "3")
+    for name in ("tqdm", "sacrebleu"):
+        monkeypatch.setitem(sys.modules, name, None)  # as if not installed
+    assert _tf_moe_launcher.main(["train", "lm", "--quick"]) == 2
+    out, err = capsys.readouterr()
+    assert out == "" and err == (
+        "tf-moe: error: the command needs tf_moe's `paper` extra (missing: sacrebleu, tqdm): "
+        'pip install "tf_moe[paper]"\n'
+    )
 
 
 def test_help_and_version_start_quietly(tmp_path):
@@ -208,11 +223,11 @@ def test_quick_lm_run_is_quiet_prints_its_plan_results_and_logs_and_saves_the_mo
     # The printed table is the saved results, one row per model.
     results = json.load(open(out / "lm_results.json"))
     assert results["config"] == {**vars(config), "output": str(out)}
-    table = experiments.format_table(results["rows"]).splitlines()
+    table = reports.format_table(results["rows"]).splitlines()
     start = lines.index(table[0])
     assert lines[start:start + len(table)] == table and len(table) == 4
     assert table[0].startswith("| model | params | ops_per_timestep | valid_perplexity |")
-    assert experiments.verdict(results["rows"]) in lines  # which model is ahead, in words
+    assert reports.verdict(results["rows"]) in lines  # which model is ahead, in words
     moe, wide = results["rows"]
     assert (moe["model"], wide["model"].replace("-", "_")) == ("moe", "moe_1_wide")
     assert moe["cv_load"] >= 0 and moe["max_over_mean_load"] >= 1 and wide["cv_load"] is None
@@ -225,7 +240,7 @@ def test_quick_lm_run_is_quiet_prints_its_plan_results_and_logs_and_saves_the_mo
     # The saved models give the perplexity the table reports on the validation texts.
     tokenizer = data.WordpieceTokenizer(str(out / "lm_vocab.txt"))
     assert tokenizer.get_vocabulary()[:4] == ["[PAD]", "[UNK]", "[START]", "[END]"]
-    valid = data.lm_dataset(data.load_lm_corpus("web", "valid")[: config.valid_size], tokenizer,
+    valid = data.lm_dataset(corpora.load_lm_corpus("web", "valid")[: config.valid_size], tokenizer,
                             config.seq_len, config.batch_size, shuffle=False, fixed_length=True)
     for row in results["rows"]:
         model = keras.models.load_model(out / f"lm_{row['model'].replace('-', '_')}.keras")
@@ -239,7 +254,7 @@ def test_quick_mt_run_scores_bleu_and_saves_a_decodable_model(tmp_path, capsys):
     results = json.load(open(tmp_path / "mt_results.json"))
     assert [row["model"] for row in results["rows"]] == ["mt_moe", "mt_dense"]
     assert all(0 <= row["test_bleu"] <= 100 for row in results["rows"])
-    assert experiments.format_table(results["rows"]) in capsys.readouterr().out
+    assert reports.format_table(results["rows"]) in capsys.readouterr().out
     model = keras.models.load_model(tmp_path / "mt_moe.keras")
     decoder = Seq2SeqDecoder(model, start_id=2, end_id=3, max_length=5)
     assert decoder.greedy(np.array([[2, 7, 8, 3]], "int32")).shape == (1, 5)
@@ -258,7 +273,7 @@ def test_experiment_table6_trains_each_weighting(tmp_path, capsys):
     assert weights == [(0.0, 0.0), (0.2, 0.0), (0.0, 0.2), (0.1, 0.1), (0.01, 0.01), (1.0, 1.0)]
     out = capsys.readouterr().out
     assert out.startswith("Training the MoE language model at each balancing-loss weighting")
-    assert experiments.format_table(results["rows"]) in out and "Table 6" in out
+    assert reports.format_table(results["rows"]) in out and "Table 6" in out
     # The same model each time: only the loss weights differ.
     assert len({(row["params"], row["ops_per_timestep"]) for row in results["rows"]}) == 1
     assert len(os.listdir(tmp_path / "runs")) == 6
@@ -273,7 +288,7 @@ def test_experiment_experts_sweeps_at_fixed_ops(tmp_path, capsys):
     assert list(rows) == ["moe-4", "moe-32", "moe-256", "moe-256-h", "moe-1-wide", "moe-1-deep", "4xlstm"]
     assert rows["moe-4"]["params"] < rows["moe-32"]["params"] < rows["moe-256"]["params"]
     out = capsys.readouterr().out
-    assert experiments.format_table(results["rows"]) in out and "Figure 2" in out
+    assert reports.format_table(results["rows"]) in out and "Figure 2" in out
 
 
 @pytest.mark.slow
@@ -291,4 +306,4 @@ def test_experiment_routers_compares_routers_at_equal_expert_ops(tmp_path, capsy
         assert 1 < row["valid_perplexity"] < results["config"]["vocab_size"] and row["step_ms"] > 0
     out = capsys.readouterr().out
     assert out.startswith("Training the MoE language model with each router at equal ops per timestep")
-    assert experiments.format_table(results["rows"]) in out and "step_ms" in out
+    assert reports.format_table(results["rows"]) in out and "step_ms" in out

@@ -6,17 +6,18 @@ import tensorflow as tf
 
 from tests.test_data_tokenizer import learn_test_tokenizer
 from tf_moe import data
+from tf_moe.reproduction import corpora
 
 
 @pytest.fixture(scope="session")
 def texts():
     # The validation books: about 1.3k verses of varied lengths.
-    return data.load_lm_corpus("web", "valid")
+    return corpora.load_lm_corpus("web", "valid")
 
 
 @pytest.fixture(scope="session")
 def pairs():
-    return data.load_translation_pairs("web-sparv", "valid")
+    return corpora.load_translation_pairs("web-sparv", "valid")
 
 
 @pytest.fixture(scope="session")

@@ -1,11 +1,14 @@
 """Tests of the WordPiece tokenizer (learning, round trip, unknown words, SavedModel)."""
 
+import contextlib
 import functools
+import logging
 
 import pytest
 import tensorflow as tf
 
 from tf_moe import data
+from tf_moe.reproduction import corpora
 
 # Learning on a slice of the corpus keeps the tests fast (vocabulary learning
 # is pure Python: seconds for a thousand verses).
@@ -15,13 +18,13 @@ _NUM_PAIRS = 500
 @functools.lru_cache(maxsize=None)
 def learn_test_tokenizer():
     """Returns the English-Spanish tokenizer of the data tests, learned once per session."""
-    pairs = data.load_translation_pairs("web-sparv", "train")[:_NUM_PAIRS]
+    pairs = corpora.load_translation_pairs("web-sparv", "train")[:_NUM_PAIRS]
     return data.WordpieceTokenizer.from_translation_pairs(pairs, vocab_size=1000)
 
 
 @pytest.fixture(scope="session")
 def training_texts():
-    pairs = data.load_translation_pairs("web-sparv", "train")[:_NUM_PAIRS]
+    pairs = corpora.load_translation_pairs("web-sparv", "train")[:_NUM_PAIRS]
     return [source for source, _ in pairs] + [target for _, target in pairs]
 
 
@@ -57,6 +60,32 @@ def test_vocabulary_is_that_of_bert_vocab_from_dataset(training_texts):
     )
     assert data.learn_vocabulary(texts, 400, batch_size=100) == reference
     assert data.learn_vocabulary(tf.data.Dataset.from_tensor_slices(texts), 400) == reference
+
+
+def test_learning_reports_its_two_steps_to_progress(training_texts, caplog):
+    class Recorded(data.Progress):
+        def __init__(self):
+            self.steps = []
+
+        def iterate(self, iterable, desc, total=None, unit="it"):
+            self.steps.append((desc, total, unit))
+            return iterable
+
+        def busy(self, desc):
+            self.steps.append(desc)
+            return contextlib.nullcontext()
+
+    texts = training_texts[:250]
+    recorded = Recorded()
+    with caplog.at_level(logging.INFO, logger="tf_moe.data"):
+        vocab = data.WordpieceTokenizer.from_texts(texts, 300, progress=recorded).get_vocabulary()
+        assert not caplog.records
+        assert vocab == data.learn_vocabulary(texts, 300)
+    counting, learning = recorded.steps
+    assert counting == ("Counting words", 1, "batch")
+    assert learning.startswith("Learning a vocabulary of up to 300 wordpieces from ")
+    # Without a `progress`, each step is a log line.
+    assert [record.getMessage() for record in caplog.records][-2:] == ["Counting words", learning]
 
 
 def test_normalize_lower_cases_and_splits_punctuation(tokenizer):

@@ -11,7 +11,7 @@ import pytest
 import tensorflow as tf
 
 from tf_moe.distribute import get_strategy
-from tf_moe.distribute.exchange import EXCHANGES, Traffic, exchange, record_traffic, resolve_exchange
+from tf_moe.distribute.exchange import EXCHANGES, Traffic, TrafficRecorder, exchange, resolve_exchange
 
 
 def _strategy(replicas):
@@ -58,15 +58,15 @@ def test_all_to_all_traffic_is_one_over_replicas_of_the_all_gather_exchange(repl
     row_bytes = 5 * 3 * 4
     totals = {}
     for method in ("all_to_all", "all_gather"):
-        with record_traffic() as traffic:
+        traffic = TrafficRecorder()
 
-            def step(x):
-                with tf.GradientTape() as tape:
-                    tape.watch(x)
-                    loss = tf.reduce_sum(exchange(x, method))
-                return tape.gradient(loss, x)
+        def step(x):
+            with tf.GradientTape() as tape:
+                tape.watch(x)
+                loss = tf.reduce_sum(exchange(x, method, traffic))
+            return tape.gradient(loss, x)
 
-            _run(strategy, step, sent)
+        _run(strategy, step, sent)
         assert sorted(t.replica for t in traffic) == sorted(list(range(replicas)) * 2)
         assert {t.direction for t in traffic} == {"forward", "backward"}
         totals[method] = sum(t.bytes_sent for t in traffic if t.replica == 0)
@@ -79,12 +79,12 @@ def test_all_to_all_traffic_is_one_over_replicas_of_the_all_gather_exchange(repl
 
 def test_traffic_of_a_dynamic_shape_is_unknown_when_traced():
     strategy = _strategy(2)
-    with record_traffic() as traffic:
-        step = tf.function(
-            lambda x: strategy.run(lambda t: exchange(t, "all_to_all"), args=(x,)),
-            input_signature=[tf.TensorSpec([2, None], tf.float32)],
-        )
-        step.get_concrete_function()
+    traffic = TrafficRecorder()
+    step = tf.function(
+        lambda x: strategy.run(lambda t: exchange(t, "all_to_all", traffic), args=(x,)),
+        input_signature=[tf.TensorSpec([2, None], tf.float32)],
+    )
+    step.get_concrete_function()
     assert traffic and all(t == Traffic("all_to_all", t.replica, "forward", None) for t in traffic)
 
 

@@ -5,6 +5,8 @@ same global batch: sharding the experts over replicas must not change the
 maths, whatever the router.
 """
 
+import math
+
 import keras
 import numpy as np
 import pytest
@@ -13,6 +15,7 @@ import tensorflow as tf
 import tf_moe
 from tests.layer_test_case import randomise_weights, run_layer_test
 from tf_moe.distribute import ExpertParallelMoE, expert_parallel_optimizer, get_strategy
+from tf_moe.distribute.exchange import Traffic, TrafficRecorder
 from tf_moe.distribute.expert_parallel import _ShardedExperts, gather_shards
 
 D, N = 6, 4
@@ -359,3 +362,41 @@ def test_new_routers_on_two_replicas_equal_the_single_device_layer(kind):
         np.testing.assert_allclose(history[key], expected[key], rtol=1e-4, atol=1e-6, err_msg=key)
     for ref_weight, weight in zip(layer.weights, target.weights):
         np.testing.assert_allclose(gather_shards(weight), ref_weight.numpy(), rtol=1e-4, atol=1e-5, err_msg=weight.path)
+
+
+def test_the_layers_traffic_recorder_sees_both_exchanges_of_every_replica():
+    x, _ = _data()
+    strategy = _strategy(2)
+    with strategy.scope():
+        layer = ExpertParallelMoE(hidden_units=8, router=_router(), capacity_factor=2.0, exchange="all_to_all")
+        layer.traffic = traffic = TrafficRecorder()  # before the build: handed to the experts
+        layer.build((None, 3, D))
+    _run_on_halves(strategy, layer, x)
+    # Per replica: its buffer [2 replicas, 2 experts, capacity 6, D] out, the outputs back.
+    capacity = math.ceil(2.0 * 2 * 8 * 3 / N)
+    sent = 2 * (N // 2) * capacity * D * 4 // 2  # half the rows leave the replica
+    assert sorted(traffic, key=lambda t: t.replica) == [Traffic("all_to_all", r, "forward", sent)
+                                                         for r in (0, 0, 1, 1)]
+    layer.traffic = None  # after the build too
+    assert layer.experts.traffic is None
+
+
+def test_each_replica_keeps_its_own_last_routing():
+    x, _ = _data()
+    mask = np.ones(x.shape[:-1], bool)
+    mask[: len(x) // 2] = False  # replica 0 routes nothing, replica 1 everything
+    strategy = _strategy(2)
+    with strategy.scope():
+        layer = ExpertParallelMoE(hidden_units=8, router=_router())
+        layer.build((None, 3, D))
+    halves = [tf.constant(part) for part in np.split(x, 2)]
+    masks = [tf.constant(part) for part in np.split(mask, 2)]
+
+    def loads(context_inputs, context_mask):
+        layer(context_inputs, mask=context_mask)
+        return tf.reduce_sum(layer.last_routing.load)
+
+    per_replica = [strategy.experimental_distribute_values_from_function(lambda c, p=p: p[c.replica_id_in_sync_group])
+                   for p in (halves, masks)]
+    totals = strategy.experimental_local_results(strategy.run(loads, args=per_replica))
+    assert [float(t) for t in totals] == [0.0, 8 * 3 * 2]  # k = 2 choices of every token of replica 1

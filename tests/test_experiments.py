@@ -6,17 +6,18 @@ import math
 import numpy as np
 import pytest
 
-from tf_moe import experiments
+from tf_moe.reproduction import language_model, reports
+from tf_moe.reproduction.config import Config
 
 
 @pytest.fixture(scope="module")
 def word_lm_results(tmp_path_factory):
     output = tmp_path_factory.mktemp("word_lm")
-    config = experiments.Config(**{
-        **experiments.Config.WORD_LEVEL, **experiments.Config.QUICK,
+    config = Config(**{
+        **Config.WORD_LEVEL, **Config.QUICK,
         "corpus": "ptb", "epochs": 2, "k": 4, "output": str(output), "verbose": 0,
     })
-    rows = experiments.expert_sweep(config, models=("moe-4", "moe-4-h", "moe-1-wide"))
+    rows = language_model.expert_sweep(config, models=("moe-4", "moe-4-h", "moe-1-wide"))
     return config, rows, output
 
 
@@ -45,23 +46,23 @@ def test_word_lm_rows_are_matched_and_complete(word_lm_results):
 def test_plot_writes_a_png(word_lm_results, tmp_path):
     pytest.importorskip("matplotlib")
     _, _, output = word_lm_results
-    path = experiments.plot_curves([str(output / "sweep_ptb_results.json")], str(tmp_path / "c.png"))
+    path = reports.plot_curves([str(output / "sweep_ptb_results.json")], str(tmp_path / "c.png"))
     with open(path, "rb") as f:
         assert f.read(8) == b"\x89PNG\r\n\x1a\n"
 
 
 def test_bad_model_labels_are_named():
-    config = experiments.Config(k=4)
+    config = Config(k=4)
     with pytest.raises(ValueError, match="moe-5-h"):
-        experiments.variant_arguments("moe-5-h", config)
+        language_model.variant_arguments("moe-5-h", config)
     with pytest.raises(ValueError, match="dense"):
-        experiments.variant_arguments("dense", config)
+        language_model.variant_arguments("dense", config)
     with pytest.raises(ValueError, match="moe-4-x"):
-        experiments.variant_arguments("moe-4-x", config)
-    assert experiments.variant_arguments("moe-16-h", config) == dict(num_experts=16, num_groups=4, k=2)
-    assert experiments.variant_arguments("moe-16", config) == dict(num_experts=16, num_groups=None)
-    assert experiments.variant_arguments("moe", config) == {}
-    assert experiments.variant_arguments("4xlstm", config) == dict(model="4xlstm")
+        language_model.variant_arguments("moe-4-x", config)
+    assert language_model.variant_arguments("moe-16-h", config) == dict(num_experts=16, num_groups=4, k=2)
+    assert language_model.variant_arguments("moe-16", config) == dict(num_experts=16, num_groups=None)
+    assert language_model.variant_arguments("moe", config) == {}
+    assert language_model.variant_arguments("4xlstm", config) == dict(model="4xlstm")
 
 
 def test_word_level_main_job_saves_a_stateless_model_and_its_word_vocabulary(tmp_path):
@@ -69,11 +70,11 @@ def test_word_level_main_job_saves_a_stateless_model_and_its_word_vocabulary(tmp
 
     from tf_moe.data import WordVocabulary, load_vocabulary
 
-    config = experiments.Config(**{
-        **experiments.Config.MAIN_LM, **experiments.Config.QUICK,
+    config = Config(**{
+        **Config.MAIN_LM, **Config.QUICK,
         "corpus": "web", "output": str(tmp_path), "verbose": 0,
     })
-    rows = experiments.train_lm(config, models=["moe"])
+    rows = language_model.train_lm(config, models=["moe"])
     vocab = load_vocabulary(str(tmp_path / "lm_vocab.json"))
     assert isinstance(vocab, WordVocabulary) and vocab.normalize  # raw Bible text
     assert vocab.vocabulary_size == config.vocab_size + 1
@@ -89,17 +90,17 @@ def test_verdict_names_the_model_ahead_and_by_how_much():
     moe = dict(model="moe", params=1_321_984, ops_per_timestep=526_336, valid_perplexity=48.3, cv_load=0.08)
     wide = dict(model="moe-1-wide", params=526_464, ops_per_timestep=524_288, valid_perplexity=49.3, cv_load=None)
     deep = dict(wide, model="moe-1-deep", valid_perplexity=52.0)
-    ahead = experiments.verdict([moe, wide, deep])
+    ahead = reports.verdict([moe, wide, deep])
     assert "48.3 against 49.3 for moe-1-wide" in ahead and ahead.endswith("the MoE is ahead by 1.0 (2.0%).")
-    behind = experiments.verdict([dict(moe, valid_perplexity=51.0), wide])
+    behind = reports.verdict([dict(moe, valid_perplexity=51.0), wide])
     assert "the dense model is ahead by 1.7 (3.4%)" in behind and "--epochs" in behind
-    assert experiments.verdict([moe]) is None and experiments.verdict([wide]) is None
+    assert reports.verdict([moe]) is None and reports.verdict([wide]) is None
 
 
 def test_curves_to_plot_draws_each_model_once_from_the_first_results():
     long = {"rows": [{"model": "moe-16", "curve": [[10, 9.0], [20, 8.0]]}, {"model": "moe-1-wide", "curve": [[10, 9.5]]}]}
     short = {"rows": [{"model": "moe-1-wide", "curve": [[10, 9.6]]}, {"model": "moe-4", "curve": [[10, 9.9]]},
                       {"model": "moe-64-h", "curve": []}]}
-    assert experiments.curves_to_plot([long, short]) == [
+    assert reports.curves_to_plot([long, short]) == [
         ("moe-16", [10, 20], [9.0, 8.0]), ("moe-1-wide", [10], [9.5]), ("moe-4", [10], [9.9]),
     ]

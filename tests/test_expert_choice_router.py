@@ -9,7 +9,7 @@ import tensorflow as tf
 
 import tf_moe
 from tests import numpy_reference as ref
-from tests.layer_test_case import randomise_weights, run_layer_test
+from tests.layer_test_case import randomise_weights
 from tf_moe import routers
 from tf_moe.layers.expert_choice_router import expert_capacity
 
@@ -132,20 +132,6 @@ def test_xla_with_a_batch_size_known_only_when_the_graph_runs():
         expected = ref.dense_moe(x, gates, e.kernel_in.numpy(), e.bias_in.numpy()[:, 0], e.kernel_out.numpy(),
                                  e.bias_out.numpy()[:, 0])
         np.testing.assert_allclose(step(x).numpy(), expected, rtol=1e-5, atol=1e-5)
-
-
-@pytest.mark.parametrize("call_kwargs", [{}, {"training": True}])
-def test_moe_citizenship(call_kwargs):
-    run_layer_test(
-        tf_moe.MoELayer,
-        dict(num_experts=4, k=2, hidden_units=8, output_units=6, router="expert_choice"),
-        input_shape=(3, 5, 10),
-        expected_output_shape=(3, 5, 6),
-        # A masked token changes which tokens the experts choose: masked
-        # tokens are checked above.
-        supports_masking=False,
-        call_kwargs=call_kwargs,
-    )
 
 
 def test_by_name_k_is_the_capacity_factor():

@@ -5,10 +5,13 @@ here, with the name of what moved, before the tests of the layers, the
 backups and expert parallelism fail less clearly.
 """
 
+import ast
 import inspect
+import os
 
 import keras
 import numpy as np
+import pytest
 import tensorflow as tf
 from tensorflow.python.distribute import collective_all_reduce_strategy, cross_device_ops, cross_device_utils
 
@@ -158,3 +161,87 @@ def test_keep_local_gradients_skips_the_sum_for_the_variables_it_names():
     tf.function(lambda: strategy.run(step))()
     assert [float(v) for v in strategy.experimental_local_results(shared.value)] == [-3.0, -3.0]  # 1 + 2
     assert [float(v) for v in strategy.experimental_local_results(local.value)] == [-10.0, -20.0]
+
+
+def test_in_symbolic_scope_only_while_keras_traces_shapes():
+    seen = []
+
+    class Probe(keras.layers.Layer):
+        def call(self, x):
+            seen.append(_internals.in_symbolic_scope())
+            return x
+
+    probe = Probe()
+    probe(keras.Input((3,)))
+    probe(np.zeros((2, 3), "float32"))
+    tf.function(probe)(np.zeros((2, 3), "float32"))
+    assert seen == [True, False, False]
+
+
+def test_own_variables_are_those_save_own_variables_stores_and_loading_checks_them():
+    class Outer(keras.layers.Layer):
+        def build(self, input_shape):
+            self.kernel = self.add_weight(name="kernel", shape=(input_shape[-1], 3))
+            self.inner = keras.layers.Dense(4)  # a sublayer: its variables are not `outer`'s own
+            self.inner.build(input_shape)
+            self.steps = self.add_weight(name="steps", shape=(), trainable=False)
+
+    outer = Outer()
+    outer.build((None, 2))
+    store = {}
+    outer.save_own_variables(store)
+    own = _internals.own_variables(outer)
+    assert [v.path for v in own] == [outer.kernel.path, outer.steps.path]
+    assert [tuple(store[str(i)].shape) for i in range(len(store))] == [(2, 3), ()]
+    _internals.check_load_own_variables(outer, store)
+    del store["1"]
+    with pytest.raises(ValueError, match="expected 2 variables"):
+        _internals.check_load_own_variables(outer, store)
+
+
+def test_the_loss_tracker_is_the_loss_that_fit_logs():
+    class Halved(keras.Model):
+        def train_step(self, data):
+            _internals.loss_tracker(self).update_state(0.5)
+            return {"loss": _internals.loss_tracker(self).result()}
+
+    inputs = keras.Input((2,))
+    model = Halved(inputs, keras.layers.Dense(1)(inputs))
+    model.compile("sgd")
+    assert isinstance(_internals.loss_tracker(model), keras.metrics.Mean)
+    history = model.fit(np.ones((4, 2), "float32"), np.ones((4, 1), "float32"), epochs=1, verbose=0)
+    assert history.history["loss"] == [0.5]
+    assert _internals.loss_tracker(model) in model.metrics
+
+
+def test_added_losses_go_to_the_replacement_list_and_each_call_clears_it():
+    class Recorded(list):
+        pass
+
+    class Adds(keras.layers.Layer):
+        def call(self, x):
+            self.add_loss(tf.reduce_sum(x))
+            return x
+
+    layer, store = Adds(), Recorded()
+    _internals.replace_added_losses(layer, store)
+    layer(np.ones((2, 3), "float32"))
+    assert len(store) == 1 and float(store[0]) == 6.0 and [float(v) for v in layer.losses] == [6.0]
+    layer(np.zeros((2, 3), "float32"))
+    assert [float(v) for v in store] == [0.0]
+
+
+def test_no_other_module_imports_keras_or_tensorflow_internals():
+    package = os.path.dirname(_internals.__file__)
+    private = ("keras.src", "tensorflow.python")
+    found = []
+    for folder, _, files in os.walk(package):
+        for file in sorted(files):
+            path = os.path.join(folder, file)
+            if not file.endswith(".py") or path == _internals.__file__:
+                continue
+            for node in ast.walk(ast.parse(open(path, encoding="utf-8").read())):
+                names = [a.name for a in node.names] if isinstance(node, ast.Import) else (
+                    [node.module or ""] if isinstance(node, ast.ImportFrom) else [])
+                found += [(os.path.relpath(path, package), n) for n in names if n.startswith(private)]
+    assert not found

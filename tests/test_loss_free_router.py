@@ -9,7 +9,7 @@ import tensorflow as tf
 
 import tf_moe
 from tests import numpy_reference as ref
-from tests.layer_test_case import randomise_weights, run_layer_test
+from tests.layer_test_case import randomise_weights
 from tf_moe.distribute import get_strategy
 
 
@@ -204,16 +204,6 @@ def test_bias_updates_balance_the_load():
     balanced, unbalanced = train(1e-2), train(0.0)
     assert balanced < 0.3
     assert unbalanced > 3 * balanced
-
-
-def test_moe_citizenship():
-    # At inference (training updates the bias between the helper's calls).
-    run_layer_test(
-        tf_moe.MoELayer,
-        dict(num_experts=4, k=2, hidden_units=8, output_units=6, router="loss_free"),
-        input_shape=(3, 5, 10),
-        expected_output_shape=(3, 5, 6),
-    )
 
 
 def test_moe_output_equals_the_dense_reference():

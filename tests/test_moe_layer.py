@@ -814,3 +814,21 @@ def test_new_routers_under_mirrored_strategy_match_one_device(kind):
         np.testing.assert_allclose(mirrored[key], single[key], rtol=1e-4, atol=1e-6, err_msg=key)
     for a, b in zip(mirrored_weights, single_weights):
         np.testing.assert_allclose(a, b, rtol=1e-4, atol=1e-5)
+
+
+def test_return_routing_gives_the_calls_routing_and_eager_calls_keep_it():
+    layer = tf_moe.MoELayer(4, 2, 8, router=tf_moe.NoisyTopKRouter(4, 2, noisy=False))
+    x = np.random.default_rng(0).standard_normal((3, 5, 6)).astype("float32")
+    assert layer.last_routing is None
+    y, routing = layer(x, return_routing=True)
+    np.testing.assert_array_equal(np.asarray(y), np.asarray(layer(x)))
+    # Independent count: each token's top-2 experts of x @ W_g.
+    top = np.argsort(-(x.reshape(-1, 6) @ layer.router.w_gate.numpy()), axis=-1)[:, :2]
+    np.testing.assert_array_equal(routing.load.numpy(), np.bincount(top.reshape(-1), minlength=4))
+    np.testing.assert_array_equal(layer.last_routing.load.numpy(), routing.load.numpy())
+    # Traced calls keep no routing; symbolic ones return its structure.
+    fresh = tf_moe.MoELayer(4, 2, 8)
+    traced_y, traced = tf.function(lambda t: fresh(t, return_routing=True))(x)
+    assert fresh.last_routing is None and traced.load.shape == (4,) and traced_y.shape == x.shape
+    outputs, symbolic = fresh(keras.Input((5, 6)), return_routing=True)
+    assert outputs.shape == (None, 5, 6) and isinstance(symbolic, tf_moe.Routing)

@@ -75,16 +75,18 @@ def test_setup_cell_installs_from_the_repository_or_a_wheel_or_says_how(tmp_path
         namespace = {"get_ipython": Shell}
         with warnings.catch_warnings():
             exec(code, namespace)
-        return namespace["TF_MOE_SOURCE"]
+        return namespace["TF_MOE_SOURCE"], namespace.get("source")
 
     with pytest.raises(RuntimeError, match="set TF_MOE_SOURCE in this cell to the project's git URL"):
         run_setup()
     assert Shell.magics == []
-    (tmp_path / "tf_moe-0.1.0-py3-none-any.whl").write_bytes(b"")  # an uploaded wheel
-    assert run_setup() == "tf_moe-0.1.0-py3-none-any.whl"
+    wheel = tmp_path / "tf_moe-0.1.0-py3-none-any.whl"
+    wheel.write_bytes(b"")  # an uploaded wheel
+    assert run_setup() == ("tf_moe-0.1.0-py3-none-any.whl", wheel.resolve().as_uri())
     monkeypatch.setenv("TF_MOE_SOURCE", "git+https://example.org/tf_moe")
-    assert run_setup() == "git+https://example.org/tf_moe"
-    assert Shell.magics == [("pip", "install -q {TF_MOE_SOURCE}")] * 2
+    assert run_setup() == ("git+https://example.org/tf_moe", "git+https://example.org/tf_moe")
+    # With the `paper` extra, whose corpora the notebooks read.
+    assert Shell.magics == [("pip", 'install -q "tf_moe[paper] @ {source}"')] * 2
 
 
 @pytest.mark.timeout(1800)  # a whole notebook; nbclient limits each cell to 600 s

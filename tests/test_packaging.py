@@ -76,15 +76,17 @@ def test_wheel_and_sdist_hold_the_package_and_its_metadata(installed):
         info = next(name.split("/")[0] for name in names if name.endswith(".dist-info/METADATA"))
         metadata = wheel.read(f"{info}/METADATA").decode()
         entry_points = wheel.read(f"{info}/entry_points.txt").decode()
-    assert {"_tf_moe_launcher.py", "tf_moe/__init__.py", "tf_moe/cli.py", "tf_moe/data/corpora.py",
+    assert {"_tf_moe_launcher.py", "tf_moe/__init__.py", "tf_moe/reproduction/cli.py",
+            "tf_moe/reproduction/corpora.py",
             "tf_moe/layers/__init__.py"} <= names
     assert not any(name.startswith(("tests/", "notebooks/", "docs/")) for name in names)
     assert f"\nVersion: {tf_moe.__version__}\n" in metadata
-    assert "Requires-Dist: tensorflow==2.21.*" in metadata and 'extra == "corpora"' in metadata
+    assert "Requires-Dist: tensorflow==2.21.*" in metadata and 'Requires-Dist: pysword>=0.2.8; extra == "paper"' in metadata
     assert "tf-moe = _tf_moe_launcher:main" in entry_points
     with tarfile.open(installed.sdist) as sdist:
         members = {name.split("/", 1)[1] for name in sdist.getnames() if "/" in name}
-    assert {"README.md", "setup.cfg", "pyproject.toml", "_tf_moe_launcher.py", "tf_moe/cli.py"} <= members
+    assert {"README.md", "setup.cfg", "pyproject.toml", "_tf_moe_launcher.py",
+            "tf_moe/reproduction/cli.py"} <= members
 
 
 def test_the_installed_wheel_runs_without_the_checkout(installed):

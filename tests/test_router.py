@@ -16,6 +16,7 @@ import tf_moe
 from tests import numpy_reference as ref
 from tests.layer_test_case import randomise_weights
 from tf_moe import routers
+from tf_moe.layers import router_registry
 
 
 @keras.saving.register_keras_serializable(package="tf_moe_tests")
@@ -23,6 +24,7 @@ class TokenIdRouter(tf_moe.Router):
     """Token t goes to expert `token_ids[t] % n` with weight 1 (a fixed hash)."""
 
     metric_names = ("routed_tokens",)
+    loss_names = ("scale",)
     uses_balancing_loss = False
 
     def __init__(self, num_experts, **kwargs):
@@ -122,6 +124,34 @@ def test_moe_layer_rejects_metrics_other_than_declared():
     layer = tf_moe.MoELayer(hidden_units=5, router=Undeclared(3))
     with pytest.raises(ValueError, match="metric_names"):
         layer(np.zeros((2, 4), "float32"), token_ids=np.zeros(2, "int32"))
+
+
+def test_moe_layer_rejects_losses_other_than_declared():
+    class Undeclared(TokenIdRouter):
+        loss_names = ("z_loss",)
+
+    layer = tf_moe.MoELayer(hidden_units=5, router=Undeclared(3))
+    with pytest.raises(ValueError, match="not among its `loss_names`"):
+        layer(np.zeros((2, 4), "float32"), token_ids=np.zeros(2, "int32"))
+
+
+def test_routers_register_themselves_by_name():
+    assert routers.NAMES == tuple(sorted(
+        ("noisy_top_k", "softmax", "batchwise", "switch", "top_k", "expert_choice", "loss_free", "hash")))
+    assert routers.ONE_EXPERT == ("hash", "switch")
+
+    @router_registry.register_router("test_token_id", k=router_registry.K_ONE)
+    class Registered(TokenIdRouter):
+        pass
+
+    try:
+        assert type(routers.get("test_token_id", 5)) is Registered
+        layer = tf_moe.MoELayer(num_experts=5, hidden_units=3, router="test_token_id")
+        assert type(layer.router) is Registered and layer.k == 1
+        with pytest.raises(ValueError, match="already registered"):
+            router_registry.register_router("test_token_id")(TokenIdRouter)
+    finally:
+        router_registry._ROUTERS.pop("test_token_id")
 
 
 def test_base_router_requires_call_and_counts_a_gate_matmul():

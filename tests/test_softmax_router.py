@@ -5,7 +5,7 @@ import pytest
 
 import tf_moe
 from tests import numpy_reference as ref
-from tests.layer_test_case import randomise_weights, run_layer_test
+from tests.layer_test_case import randomise_weights
 
 
 def test_gates_are_the_softmax_over_all_experts():
@@ -24,15 +24,6 @@ def test_gates_are_the_softmax_over_all_experts():
     np.testing.assert_allclose(routing.importance, expected.sum(axis=0), rtol=1e-5)
     np.testing.assert_array_equal(routing.load, np.full(5, mask.sum()))
     assert routing.metrics == {} and routing.losses == {}
-
-
-def test_moe_citizenship():
-    run_layer_test(
-        tf_moe.MoELayer,
-        dict(num_experts=3, hidden_units=8, output_units=6, router="softmax"),
-        input_shape=(3, 5, 10),
-        expected_output_shape=(3, 5, 6),
-    )
 
 
 @pytest.mark.parametrize("capacity_factor", [None, 1.0])

@@ -6,7 +6,7 @@ import pytest
 
 import tf_moe
 from tests import numpy_reference as ref
-from tests.layer_test_case import randomise_weights, run_layer_test
+from tests.layer_test_case import randomise_weights
 from tf_moe import routers
 
 
@@ -70,19 +70,6 @@ def test_moe_output_equals_the_dense_reference_with_capacity_drops():
     dropped = (gates > 0).sum() - (kept > 0).sum()
     assert dropped > 0
     assert float(layer.balance.result()[f"{layer.name}_dropped_fraction"]) == pytest.approx(dropped / 30)
-
-
-@pytest.mark.parametrize("call_kwargs", [{}, {"training": True}])
-def test_moe_citizenship(call_kwargs):
-    # Jitter makes training calls differ: it is tested above.
-    router = keras.layers.serialize(tf_moe.SwitchRouter(4, jitter_epsilon=0.0))
-    run_layer_test(
-        tf_moe.MoELayer,
-        dict(hidden_units=8, output_units=6, router=router),
-        input_shape=(3, 5, 10),
-        expected_output_shape=(3, 5, 6),
-        call_kwargs=call_kwargs,
-    )
 
 
 def test_by_name_k_must_be_one():

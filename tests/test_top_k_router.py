@@ -6,7 +6,7 @@ import tensorflow as tf
 
 import tf_moe
 from tests import numpy_reference as ref
-from tests.layer_test_case import randomise_weights, run_layer_test
+from tests.layer_test_case import randomise_weights
 
 
 def _randomised(n=6, k=2, d=5, seed=0, **kwargs):
@@ -102,17 +102,6 @@ def test_moe_output_equals_the_dense_reference():
     # Its own loss only, no CV^2 loss: the aux loss is the router's.
     (loss,) = layer.losses
     np.testing.assert_allclose(float(loss), float(layer.router(x).losses["load_balancing"]), rtol=1e-6)
-
-
-@pytest.mark.parametrize("call_kwargs", [{}, {"training": True}])
-def test_moe_citizenship(call_kwargs):
-    run_layer_test(
-        tf_moe.MoELayer,
-        dict(num_experts=4, k=2, hidden_units=8, output_units=6, router="top_k"),
-        input_shape=(3, 5, 10),
-        expected_output_shape=(3, 5, 6),
-        call_kwargs=call_kwargs,
-    )
 
 
 @pytest.mark.parametrize(

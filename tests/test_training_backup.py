@@ -1,7 +1,7 @@
 """Tests of the crash-safe backup: atomic checkpoints, exact resumption, kills.
 
 The kill tests run training in subprocesses (the library callbacks, and
-`python -m tf_moe.cli train lm`), SIGKILL them at random moments and rerun
+`python -m tf_moe.reproduction.cli train lm`), SIGKILL them at random moments and rerun
 them until they finish, then check that every rerun resumed where the
 killed one left off (losing at most the epoch it was in) and that the final
 weights equal those of an uninterrupted run, bit for bit, with gating noise
@@ -371,7 +371,7 @@ def _cli_kill_test(tmp_path, kills, seed):
 
     def start(name):
         return lambda i: _Attempt(
-            [sys.executable, "-m", "tf_moe.cli", "train", "lm", *flags, "--output", str(tmp_path / name)],
+            [sys.executable, "-m", "tf_moe.reproduction.cli", "train", "lm", *flags, "--output", str(tmp_path / name)],
             str(tmp_path / f"{name}-{i}.log"),
         )
 

@@ -9,6 +9,14 @@ what moved.
 * Keras: `keras.callbacks.BackupAndRestore` makes `fit` resume at the
   restored epoch by setting `model._initial_epoch`, which `fit` reads
   instead of its `initial_epoch` argument (`set_resume_epoch`).
+* Keras: whether a layer is being traced for shapes only
+  (`in_symbolic_scope`); a layer's own variables, in the order
+  `save_own_variables` stores them (`own_variables`), and the check of a
+  store's size before loading them (`check_load_own_variables`), for a
+  layer that saves its sharded weights whole; the `loss` metric that
+  `compile` gives a model (`loss_tracker`), which a custom `train_step`
+  updates; and the list a layer's `add_loss` appends to
+  (`replace_added_losses`), which `MoELayer` makes per replica thread.
 * tf.distribute has no public all-to-all. TensorFlow's collective
   all-to-all kernel (`CollectiveAllToAllV2`, CPU and GPU) needs a group
   key, an instance key that every member of the group agrees on, and, to
@@ -28,6 +36,7 @@ what moved.
 """
 
 import tensorflow as tf
+from keras.src.backend.common.symbolic_scope import in_symbolic_scope as _in_symbolic_scope
 from tensorflow.python.distribute import collective_all_reduce_strategy, cross_device_ops
 from tensorflow.python.ops import collective_ops, control_flow_util
 
@@ -53,6 +62,32 @@ def set_resume_epoch(model, epoch):
 def clear_resume_epoch(model):
     """Lets a later `fit` on the same model start at its `initial_epoch` argument again."""
     model._initial_epoch = None
+
+
+def in_symbolic_scope():
+    """Whether Keras is tracing layers for output shapes only (e.g. on `keras.Input`)."""
+    return _in_symbolic_scope()
+
+
+def own_variables(layer):
+    """The variables of `layer` itself, not of its sublayers, in `save_own_variables` order."""
+    return layer._trainable_variables + layer._non_trainable_variables
+
+
+def check_load_own_variables(layer, store):
+    """Raises Keras's error for a `store` that does not hold `layer`'s own variables."""
+    layer._check_load_own_variables(store)
+
+
+def loss_tracker(model):
+    """The `keras.metrics.Mean` behind the `loss` that `fit` logs (set by `compile`)."""
+    return model._loss_tracker
+
+
+def replace_added_losses(layer, losses):
+    """Makes `layer.add_loss` append to `losses` (a list), which `layer.losses` reads and each call clears."""
+    # Plain attribute assignment would let Keras's tracking copy it into a list.
+    object.__setattr__(layer, "_losses", losses)
 
 
 def _collective_all_reduce(strategy):

@@ -21,7 +21,8 @@ Empty texts, empty batches and rows of padding get the answers that
 docs/serving.md lists; inputs of the wrong shape and out-of-range token ids
 are refused with an error naming the input.
 
-Command line (`tf_moe.cli`; `python -m tf_moe.export ...` is the same):
+`load_model` reads the `.keras` file training saved. The reproduction's
+command line (`tf_moe.reproduction.cli`) calls these functions:
 
     tf-moe export lm saved_models/lm_moe.keras \\
         --vocab saved_models/lm_vocab.txt --name lm
@@ -34,13 +35,15 @@ See docs/serving.md for serving the result and the REST request bodies.
 
 import os
 import shutil
-import sys
 import tempfile
 import zipfile
 
 import keras
 import tensorflow as tf
 
+# Importing these registers tf_moe's serializable classes for `load_model`.
+import tf_moe.distribute  # noqa: F401
+import tf_moe.models  # noqa: F401
 from tf_moe.data.tokenizer import END_ID, PAD_ID, START_ID, WordpieceTokenizer
 from tf_moe.data.vocabulary import WordVocabulary
 from tf_moe.models.seq2seq import Seq2SeqDecoder
@@ -405,11 +408,20 @@ def export_keras_model(model, export_dir, input_signature=None, overwrite=False,
     return export_dir
 
 
-def _load_keras(path):
-    # Importing these registers tf_moe's serializable classes for load_model.
-    import tf_moe.distribute  # noqa: F401
-    import tf_moe.models  # noqa: F401
+def load_model(path):
+    """Loads a `.keras` model that tf_moe trained, with a clear error for a missing or damaged file.
 
+    Args:
+        path: the `.keras` file (e.g. `saved_models/lm_moe.keras`).
+
+    Returns:
+        The Keras model, with tf_moe's layers, models and optimizers.
+
+    Raises:
+        FileNotFoundError: there is no such file.
+        ValueError: the file is not a `.keras` archive (e.g. cut short by an
+            interrupted save).
+    """
     if not os.path.isfile(path):
         raise FileNotFoundError(f"No model file {path}: pass the .keras file that training saved.")
     if str(path).endswith(".keras") and not zipfile.is_zipfile(path):
@@ -419,14 +431,3 @@ def _load_keras(path):
             "interrupted save. Save or train the model again."
         )
     return keras.models.load_model(path)
-
-
-def main(argv=None):
-    """`python -m tf_moe.export ARGS`: the same as `tf-moe export ARGS`."""
-    from tf_moe import cli
-
-    return cli.main(["export", *(sys.argv[1:] if argv is None else argv)])
-
-
-if __name__ == "__main__":
-    sys.exit(main())

@@ -1,24 +1,10 @@
-"""Text data for the MoE experiments: corpora, WordPiece tokenisation, tf.data pipelines."""
+"""Text data for the models: WordPiece tokenisation, word vocabularies, tf.data pipelines.
 
-from tf_moe.data.corpora import (
-    SPLITS,
-    TEST_BOOKS,
-    WORD_TOKENIZED_CORPORA,
-    VALID_BOOKS,
-    CorpusError,
-    CorpusUnavailableError,
-    Verse,
-    available_corpora,
-    bible_source,
-    clean_osis,
-    default_cache_dir,
-    load_lm_corpus,
-    load_translation_pairs,
-    load_verses,
-    split_of_book,
-)
+The corpora the paper's reproduction trains on are in `tf_moe.reproduction.corpora`.
+"""
+
 from tf_moe.data.pipelines import lm_dataset, lm_stream_dataset, translation_dataset
-from tf_moe.data.tfds_loaders import load_lm1b, load_wmt14_pairs
+from tf_moe.data.progress import Progress
 from tf_moe.data.tokenizer import (
     END_ID,
     PAD_ID,
@@ -32,34 +18,18 @@ from tf_moe.data.tokenizer import (
 from tf_moe.data.vocabulary import WordVocabulary, load_vocabulary
 
 __all__ = [
-    "CorpusError",
-    "CorpusUnavailableError",
     "END_ID",
     "PAD_ID",
+    "Progress",
     "RESERVED_TOKENS",
-    "SPLITS",
     "START_ID",
-    "TEST_BOOKS",
     "UNK_ID",
-    "WORD_TOKENIZED_CORPORA",
-    "VALID_BOOKS",
-    "Verse",
     "WordVocabulary",
     "WordpieceTokenizer",
-    "available_corpora",
-    "bible_source",
-    "clean_osis",
-    "default_cache_dir",
     "learn_vocabulary",
     "normalize_words",
     "lm_dataset",
     "lm_stream_dataset",
-    "load_lm1b",
-    "load_lm_corpus",
     "load_vocabulary",
-    "load_translation_pairs",
-    "load_verses",
-    "load_wmt14_pairs",
-    "split_of_book",
     "translation_dataset",
 ]

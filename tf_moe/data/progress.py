@@ -1,62 +1,35 @@
-"""Progress bars for the slow data steps: fetching and cleaning corpora, learning vocabularies.
+"""How the slow data steps (learning a vocabulary) report their progress.
 
-A bar appears only when its step takes longer than `DELAY` seconds, on
-standard error. `TQDM_DISABLE=1` turns them all off (tqdm reads `TQDM_*`
-variables as its defaults).
+The library shows no bars: `Progress` logs one line when a step starts
+(logger `tf_moe.data`, level INFO). A caller that wants bars passes a
+subclass, as the `tf-moe` command does with tqdm.
 """
 
 import contextlib
-import threading
-import time
+import logging
 
-from tqdm import tqdm
-
-DELAY = 2.0  # seconds a step runs before its bar shows
+_log = logging.getLogger("tf_moe.data")
 
 
-def progress(iterable, desc, total=None, unit="it"):
-    """Iterates over `iterable` with a progress bar shown after `DELAY` seconds.
-
-    Args:
-        iterable: anything iterable.
-        desc: what is being done, e.g. "Reading the World English Bible".
-        total: number of items, if `len(iterable)` does not give it.
-        unit: what one item is called.
-
-    Returns:
-        A `tqdm` iterator over the same items.
-    """
-    return tqdm(iterable, desc=desc, total=total, unit=unit, delay=DELAY)
-
-
-@contextlib.contextmanager
-def busy(desc):
-    """Shows the elapsed time of a step that has no countable items.
-
-    After `DELAY` seconds a line `desc: mm:ss` appears and counts up each
-    second until the block ends.
-
-    Args:
-        desc: what is being done.
+class Progress:
+    """Reports a slow data step: this base logs its description, a subclass may draw a bar.
 
     Example:
 
-    >>> with busy("Learning the vocabulary"):
-    ...     vocabulary = learn()  # doctest: +SKIP
+    >>> class Printed(Progress):
+    ...     def iterate(self, iterable, desc, total=None, unit="it"):
+    ...         print(desc)
+    ...         return iterable
+    >>> vocab = learn_vocabulary(texts, 1000, progress=Printed())  # doctest: +SKIP
     """
-    bar = tqdm(total=None, desc=desc, bar_format="{desc}: {elapsed}", delay=DELAY)
-    start, done = time.monotonic(), threading.Event()
 
-    def tick():
-        while not done.wait(1.0):
-            if time.monotonic() - start >= DELAY:
-                bar.refresh()
+    def iterate(self, iterable, desc, total=None, unit="it"):
+        """Iterates over `iterable`, a step of `total` items called `unit`, described by `desc`."""
+        _log.info("%s", desc)
+        return iterable
 
-    thread = threading.Thread(target=tick, daemon=True)
-    thread.start()
-    try:
+    @contextlib.contextmanager
+    def busy(self, desc):
+        """A context manager around a step that has no countable items, described by `desc`."""
+        _log.info("%s", desc)
         yield
-    finally:
-        done.set()
-        thread.join()
-        bar.close()

@@ -8,7 +8,7 @@ import tensorflow_text as tf_text
 from tensorflow_text.python.ops.bert_tokenizer import BasicTokenizer
 from tensorflow_text.tools.wordpiece_vocab import wordpiece_tokenizer_learner_lib
 
-from tf_moe.data.progress import busy, progress
+from tf_moe.data.progress import Progress
 
 PAD_TOKEN = "[PAD]"
 UNK_TOKEN = "[UNK]"
@@ -48,22 +48,23 @@ def normalize_words(strings):
 _NORMALIZE_BATCH = 4096
 
 
-def learn_vocabulary(texts, vocab_size=8000, batch_size=1024):
+def learn_vocabulary(texts, vocab_size=8000, batch_size=1024, progress=None):
     """Learns a WordPiece vocabulary from training text.
 
     The vocabulary of `tensorflow_text`'s `bert_vocab_from_dataset`, learnt
     on case-folded text split on whitespace and punctuation as
     `WordpieceTokenizer` does, in its two steps (counting words, then
-    learning the pieces) with a progress bar for each when it takes more
-    than a moment. The result starts with `RESERVED_TOKENS` (`[PAD]`=0,
-    `[UNK]`=1, `[START]`=2, `[END]`=3). Learning takes about a minute per
-    million words on one CPU.
+    learning the pieces), each reported to `progress`. The result starts
+    with `RESERVED_TOKENS` (`[PAD]`=0, `[UNK]`=1, `[START]`=2, `[END]`=3).
+    Learning takes about a minute per million words on one CPU.
 
     Args:
         texts: list of strings, or a `tf.data.Dataset` of scalar strings.
         vocab_size: maximum vocabulary size (the result can be smaller on
             small corpora).
         batch_size: how many texts are pre-tokenised at a time.
+        progress: a `tf_moe.data.Progress` that reports the two steps
+            (e.g. with progress bars); by default a log line for each.
 
     Returns:
         The vocabulary as a list of strings; suffix pieces start with `##`.
@@ -86,11 +87,12 @@ def learn_vocabulary(texts, vocab_size=8000, batch_size=1024):
         if not texts:
             raise ValueError("`texts` is empty: cannot learn a vocabulary.")
         dataset, batches = tf.data.Dataset.from_tensor_slices(texts), math.ceil(len(texts) / batch_size)
+    progress = progress or Progress()
     words = dataset.batch(batch_size).map(tf_text.case_fold_utf8).map(BasicTokenizer(lower_case=False).tokenize)
     counts = wordpiece_tokenizer_learner_lib.count_words(
-        progress(words, "Counting words", total=batches, unit="batch")
+        progress.iterate(words, "Counting words", total=batches, unit="batch")
     )
-    with busy(f"Learning a vocabulary of up to {vocab_size} wordpieces from {len(counts)} distinct words"):
+    with progress.busy(f"Learning a vocabulary of up to {vocab_size} wordpieces from {len(counts)} distinct words"):
         return wordpiece_tokenizer_learner_lib.learn(counts, vocab_size, list(RESERVED_TOKENS))
 
 
@@ -149,25 +151,26 @@ class WordpieceTokenizer(tf.Module):
         )
 
     @classmethod
-    def from_texts(cls, texts, vocab_size=8000, name=None):
+    def from_texts(cls, texts, vocab_size=8000, name=None, progress=None):
         """Learns a vocabulary from `texts` (see `learn_vocabulary`) and builds a tokenizer."""
-        return cls(learn_vocabulary(texts, vocab_size), name=name)
+        return cls(learn_vocabulary(texts, vocab_size, progress=progress), name=name)
 
     @classmethod
-    def from_translation_pairs(cls, pairs, vocab_size=8000, name=None):
+    def from_translation_pairs(cls, pairs, vocab_size=8000, name=None, progress=None):
         """Builds a tokenizer with one vocabulary shared by both languages of `pairs`.
 
         Args:
             pairs: list of `(source, target)` strings.
             vocab_size: maximum vocabulary size.
             name: module name.
+            progress: a `tf_moe.data.Progress` (see `learn_vocabulary`).
 
         Returns:
             A `WordpieceTokenizer`.
         """
         pairs = list(pairs)
         texts = [source for source, _ in pairs] + [target for _, target in pairs]
-        return cls.from_texts(texts, vocab_size, name=name)
+        return cls.from_texts(texts, vocab_size, name=name, progress=progress)
 
     @property
     def start_id(self):

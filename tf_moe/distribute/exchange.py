@@ -20,8 +20,6 @@ Two implementations:
 `"auto"` takes the all-to-all wherever the strategy has one.
 """
 
-import contextlib
-import threading
 from typing import NamedTuple, Optional
 
 import tensorflow as tf
@@ -51,52 +49,45 @@ class Traffic(NamedTuple):
     bytes_sent: Optional[int]
 
 
-_recorders = []
-_recorders_lock = threading.Lock()
-
-
-@contextlib.contextmanager
-def record_traffic():
-    """Records the `Traffic` of every exchange traced while it is open.
+class TrafficRecorder:
+    """Collects the `Traffic` of the exchanges it is passed to, as they are traced.
 
     The exchanges of a step are recorded when the step function is traced
     (e.g. by the first `fit` step), one entry per replica, direction and
     exchange, with bytes counted from the static shape and dtype of the
     tensor sent. A traced step runs each of them once, so the entries of
-    one trace are the traffic of one step.
-
-    Yields:
-        The list the entries are appended to.
+    one trace are the traffic of one step. Pass it to `exchange(...,
+    traffic=recorder)`, or set `ExpertParallelMoE.traffic` before the step
+    is traced. Iterating over it gives the entries.
 
     Example:
 
-    >>> with record_traffic() as traffic:
-    ...     model.fit(x, y, epochs=1, steps_per_epoch=1)  # doctest: +SKIP
+    >>> traffic = TrafficRecorder()
+    >>> layer.traffic = traffic  # an ExpertParallelMoE
+    >>> model.fit(x, y, epochs=1, steps_per_epoch=1)  # doctest: +SKIP
     >>> sum(t.bytes_sent for t in traffic if t.replica == 0)  # doctest: +SKIP
     """
-    entries = []
-    with _recorders_lock:
-        _recorders.append(entries)
-    try:
-        yield entries
-    finally:
-        with _recorders_lock:
-            _recorders.remove(entries)
 
+    def __init__(self):
+        self.entries = []
 
-def _record(method, replica, direction, tensor, num_replicas):
-    if not _recorders:
-        return
-    size = tensor.shape.num_elements()
-    if size is None:
-        sent = None
-    elif method == "all_to_all":
-        sent = size * tensor.dtype.size * (num_replicas - 1) // num_replicas
-    else:
-        sent = size * tensor.dtype.size * (num_replicas - 1)
-    with _recorders_lock:
-        for entries in _recorders:
-            entries.append(Traffic(method, replica, direction, sent))
+    def __iter__(self):
+        return iter(list(self.entries))
+
+    def __len__(self):
+        return len(self.entries)
+
+    def record(self, method, replica, direction, tensor, num_replicas):
+        """Appends the `Traffic` of sending `tensor` [replicas, ...] by `method`."""
+        size = tensor.shape.num_elements()
+        if size is None:
+            sent = None
+        elif method == "all_to_all":
+            sent = size * tensor.dtype.size * (num_replicas - 1) // num_replicas
+        else:
+            sent = size * tensor.dtype.size * (num_replicas - 1)
+        # One trace per replica thread: list.append is atomic.
+        self.entries.append(Traffic(method, replica, direction, sent))
 
 
 def _is_tpu(strategy):
@@ -130,7 +121,7 @@ def resolve_exchange(strategy, method):
     return method
 
 
-def exchange(tensor, method="auto"):
+def exchange(tensor, method="auto", traffic=None):
     """All-to-all of `tensor` [replicas, ...] in a replica context.
 
     Row `i` of each replica's `tensor` goes to replica `i`; row `i` of the
@@ -140,6 +131,8 @@ def exchange(tensor, method="auto"):
     Args:
         tensor: [replicas, ...] with the same shape on every replica.
         method: one of `EXCHANGES` (see the module docstring).
+        traffic: optional `TrafficRecorder` that records what the exchange
+            sends, forward and backward.
 
     Returns:
         A tensor of the shape and dtype of `tensor`.
@@ -178,16 +171,18 @@ def exchange(tensor, method="auto"):
     if tensor.dtype == tf.bfloat16 and not _is_tpu(strategy):
         # TensorFlow's CPU/GPU collectives have no bfloat16 kernel: travel as
         # float32 (exactly) and come back as bfloat16.
-        return tf.cast(exchange(tf.cast(tensor, tf.float32), method), tf.bfloat16)
+        return tf.cast(exchange(tf.cast(tensor, tf.float32), method, traffic), tf.bfloat16)
 
     @tf.custom_gradient
     def exchanged(x):
-        _record(method, replica, "forward", x, replicas)
+        if traffic is not None:
+            traffic.record(method, replica, "forward", x, replicas)
 
         def gradient(upstream):
             # The gradient has the forward tensor's shape, static or not.
             upstream = tf.ensure_shape(upstream, x.shape)
-            _record(method, replica, "backward", upstream, replicas)
+            if traffic is not None:
+                traffic.record(method, replica, "backward", upstream, replicas)
             return send(upstream)
 
         return send(x), gradient

@@ -4,9 +4,10 @@ import contextlib
 
 import keras
 import tensorflow as tf
-from keras.src.backend.common.symbolic_scope import in_symbolic_scope
 
+from tf_moe import _internals
 from tf_moe.distribute.exchange import EXCHANGES, exchange, resolve_exchange
+from tf_moe.layers import legacy
 from tf_moe.layers.feed_forward_experts import FeedForwardExperts
 from tf_moe.layers.moe_layer import MoELayer
 
@@ -199,9 +200,10 @@ class _ShardedExperts(FeedForwardExperts):
     restores onto any number of replicas and workers.
     """
 
-    # How buffers travel between replicas, one of `exchange.EXCHANGES`;
-    # set by ExpertParallelMoE.
+    # How buffers travel between replicas, one of `exchange.EXCHANGES`, and
+    # the optional `TrafficRecorder` of the exchanges; set by ExpertParallelMoE.
     exchange = "auto"
+    traffic = None
 
     def build(self, input_shape):
         strategy = tf.distribute.get_strategy()
@@ -241,7 +243,7 @@ class _ShardedExperts(FeedForwardExperts):
         if self.num_shards == 1:
             return super().call(inputs)
         context = tf.distribute.get_replica_context()
-        if context is None and in_symbolic_scope():
+        if context is None and _internals.in_symbolic_scope():
             # Keras traces the model for shapes only, outside any replica.
             return tf.zeros(tf.concat([tf.shape(inputs)[:-1], [self.output_units]], 0), self.compute_dtype)
         if context is None or context.num_replicas_in_sync != self.num_shards:
@@ -264,25 +266,26 @@ class _ShardedExperts(FeedForwardExperts):
         inputs = tf.pad(inputs, [[0, 0], [0, padded_capacity - capacity], [0, 0]])
         # [owners, local, C, d] -> [sources, local, C, d]: every replica's
         # slots of this replica's experts.
-        received = exchange(tf.reshape(inputs, [shards, local, padded_capacity, units]), self.exchange)
+        received = exchange(
+            tf.reshape(inputs, [shards, local, padded_capacity, units]), self.exchange, self.traffic
+        )
         # Each local expert runs once on the slots of all replicas.
         batch = tf.reshape(tf.transpose(received, [1, 0, 2, 3]), [local, -1, units])
         outputs = super().call(batch)
         out_units = outputs.shape[-1]
         outputs = tf.transpose(tf.reshape(outputs, [local, shards, padded_capacity, out_units]), [1, 0, 2, 3])
         # [sources, local, C, o] -> [owners, local, C, o]: back where the tokens came from.
-        returned = exchange(outputs, self.exchange)
+        returned = exchange(outputs, self.exchange, self.traffic)
         returned = tf.reshape(returned, [shards * local, padded_capacity, out_units])
         return returned[:, :capacity]
 
     def save_own_variables(self, store):
-        variables = self._trainable_variables + self._non_trainable_variables
-        for i, value in enumerate(gather_all_shards(variables)):
+        for i, value in enumerate(gather_all_shards(_internals.own_variables(self))):
             store[f"{i}"] = value
 
     def load_own_variables(self, store):
-        self._check_load_own_variables(store)
-        for i, variable in enumerate(self._trainable_variables + self._non_trainable_variables):
+        _internals.check_load_own_variables(self, store)
+        for i, variable in enumerate(_internals.own_variables(self)):
             assign_shards(variable, store[f"{i}"][...])
 
 
@@ -321,6 +324,11 @@ class ExpertParallelMoE(MoELayer):
             times the traffic, but only needs `all_gather`), or `"auto"`
             (the all-to-all where the strategy has one).
 
+    Attributes:
+        traffic: None, or a `tf_moe.distribute.exchange.TrafficRecorder`
+            that records the bytes of the exchanges when the steps are
+            traced (set it before the first step).
+
     Call arguments:
         As `MoELayer`, inside a replica context when there are several
         replicas (`fit`, `evaluate`, `predict`, `strategy.run`).
@@ -345,6 +353,18 @@ class ExpertParallelMoE(MoELayer):
         if exchange not in EXCHANGES:
             raise ValueError(f"`exchange` must be one of {EXCHANGES}, got {exchange!r}.")
         self.exchange = exchange
+        self._traffic = None
+
+    @property
+    def traffic(self):
+        """The `TrafficRecorder` of this layer's exchanges, or None."""
+        return self._traffic
+
+    @traffic.setter
+    def traffic(self, recorder):
+        self._traffic = recorder
+        if self.built:
+            self.experts.traffic = recorder
 
     def _build_experts(self, num_experts, input_units):
         strategy = tf.distribute.get_strategy()
@@ -358,9 +378,15 @@ class ExpertParallelMoE(MoELayer):
             resolve_exchange(strategy, self.exchange)  # an unavailable one fails now
         experts = super()._build_experts(num_experts // shards, input_units)
         experts.exchange = self.exchange
+        experts.traffic = self._traffic
         return experts
 
     def get_config(self):
         config = super().get_config()
         config["exchange"] = self.exchange
         return config
+
+    @classmethod
+    def from_config(cls, config):
+        # tf_moe 0.1 configs name a gate instead of a router.
+        return super().from_config(legacy.router_config(config))

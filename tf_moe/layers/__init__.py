@@ -6,8 +6,8 @@ from tf_moe.layers.feed_forward_experts import FeedForwardExperts
 from tf_moe.layers.hash_router import HashRouter
 from tf_moe.layers.hierarchical_moe import HierarchicalMoE
 from tf_moe.layers.hierarchical_router import HierarchicalRouter
+from tf_moe.layers.legacy import MoE
 from tf_moe.layers.loss_free_router import LossFreeRouter
-from tf_moe.layers.moe import MoE
 from tf_moe.layers.moe_layer import MoELayer
 from tf_moe.layers.noisy_top_k_router import NoisyTopKRouter
 from tf_moe.layers.router import Router, Routing

@@ -5,6 +5,7 @@ import tensorflow as tf
 
 from tf_moe.layers.checks import check_not_above, check_positive_int
 from tf_moe.layers.router import Router, Routing
+from tf_moe.layers.router_registry import register_router
 from tf_moe.ops import gating
 from tf_moe.ops.dispatch import token_choice_assignments
 
@@ -60,6 +61,7 @@ def batchwise_threshold_loss(gates, thresholds, threshold_mask, batch_mask, vali
     return tf.reduce_sum(terms) / tf.maximum(tokens, 1.0)
 
 
+@register_router("batchwise")
 @keras.saving.register_keras_serializable(package="tf_moe")
 class BatchwiseRouter(Router):
     """Strictly balanced gating: every expert takes the same batch size (appendix F).
@@ -116,6 +118,8 @@ class BatchwiseRouter(Router):
     >>> routing.load.numpy()  # every expert gets m = 2 * 16 // 4 tokens
     array([8., 8., 8., 8.], dtype=float32)
     """
+
+    loss_names = ("batchwise_threshold", "z_loss")
 
     def __init__(self, num_experts, k, max_experts_per_token=None, **kwargs):
         super().__init__(num_experts, k, **kwargs)

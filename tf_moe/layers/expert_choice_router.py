@@ -7,6 +7,7 @@ import tensorflow as tf
 
 from tf_moe.layers.checks import check_positive
 from tf_moe.layers.router import Router, Routing
+from tf_moe.layers.router_registry import K_OPTIONAL, register_router
 from tf_moe.layers.top_k_router import router_kernel_initializer
 from tf_moe.ops.dispatch import static_capacity
 
@@ -24,6 +25,7 @@ def expert_capacity(capacity_factor, num_tokens, num_experts):
     return tf.minimum(capacity, tf.cast(num_tokens, tf.int32))
 
 
+@register_router("expert_choice", k=K_OPTIONAL)
 @keras.saving.register_keras_serializable(package="tf_moe")
 class ExpertChoiceRouter(Router):
     """Expert-choice routing: each expert takes its top C tokens of the batch (Zhou et al. 2022).

@@ -4,6 +4,7 @@ import keras
 import tensorflow as tf
 
 from tf_moe.layers.router import Router, Routing, check_per_token
+from tf_moe.layers.router_registry import K_ONE, register_router
 from tf_moe.ops import gating
 
 _MASK32 = 0xFFFFFFFF
@@ -45,6 +46,7 @@ def hash_experts(token_ids, num_experts, seed=0):
     return tf.cast(tf.math.floormod(h, num_experts), tf.int32)
 
 
+@register_router("hash", k=K_ONE)
 @keras.saving.register_keras_serializable(package="tf_moe")
 class HashRouter(Router):
     """Hash routing: token id -> one expert by a fixed random map (Roller et al. 2021).
@@ -88,6 +90,7 @@ class HashRouter(Router):
     >>> y = MoELayer(hidden_units=64, router=HashRouter(8))(x, token_ids=ids)
     """
 
+    loss_names = ()
     uses_balancing_loss = False
     has_logits = False
     required_inputs = ("token_ids",)

@@ -22,22 +22,18 @@ class HierarchicalMoE(MoELayer):
         experts_per_group: int, experts per group b.
         k_primary: int, groups per token, <= num_groups.
         k_secondary: int, experts per chosen group, <= experts_per_group.
-        hidden_units: int, hidden width of each expert (keyword only).
-        output_units, activation, importance_weight, load_weight, use_bias,
-            kernel_initializer, bias_initializer, kernel_regularizer,
-            bias_regularizer: as `MoELayer`.
         noisy_gating: bool, add both gates' tunable noise while training.
         noise_epsilon: finite float >= 0 added to the noise scales.
-        capacity_factor: None for dropless dispatch (dynamic shapes), or a
-            finite float > 0 for static capacities: each expert takes
-            `ceil(capacity_factor * k_primary * k_secondary * tokens / (a*b))`
-            tokens and each group's gate
-            `ceil(capacity_factor * k_primary * tokens / a)`; what is over
-            capacity contributes zero and counts as dropped.
         seed: optional int seed of the gating noise.
-        **kwargs: base layer arguments (`name`, `dtype`, ...). A `router`,
-            `gate`, `num_experts` or `k` is an error: the router is always
-            the hierarchical one (use `MoELayer` for others).
+        **kwargs: `MoELayer`'s arguments (`hidden_units`, which is required,
+            `output_units`, `importance_weight`, ...) and the base layer's.
+            `capacity_factor` sizes the groups' gates too: each group's gate
+            takes `ceil(capacity_factor * k_primary * tokens / a)` tokens and
+            each expert `ceil(capacity_factor * k_primary * k_secondary *
+            tokens / (a*b))`; what is over capacity contributes zero and
+            counts as dropped. A `router`, `gate`, `num_experts` or `k` is an
+            error: the router is always the hierarchical one (use `MoELayer`
+            for others).
 
     Example:
 
@@ -49,27 +45,8 @@ class HierarchicalMoE(MoELayer):
     default_name = "hierarchical_moe"
 
     def __init__(
-        self,
-        num_groups,
-        experts_per_group,
-        k_primary=2,
-        k_secondary=2,
-        *,
-        hidden_units,
-        output_units=None,
-        activation="relu",
-        noisy_gating=True,
-        noise_epsilon=1e-2,
-        importance_weight=0.1,
-        load_weight=0.1,
-        capacity_factor=None,
-        use_bias=True,
-        kernel_initializer=None,
-        bias_initializer="zeros",
-        kernel_regularizer=None,
-        bias_regularizer=None,
-        seed=None,
-        **kwargs,
+        self, num_groups, experts_per_group, k_primary=2, k_secondary=2, *, noisy_gating=True,
+        noise_epsilon=1e-2, seed=None, **kwargs,
     ):
         for arg in ("router", "gate", "num_experts", "k"):
             if arg in kwargs:
@@ -78,30 +55,10 @@ class HierarchicalMoE(MoELayer):
                     "use `MoELayer(router=...)` for another router."
                 )
         router = HierarchicalRouter(
-            num_groups,
-            experts_per_group,
-            k_primary,
-            k_secondary,
-            noisy=noisy_gating,
-            noise_epsilon=noise_epsilon,
-            capacity_factor=capacity_factor,
-            seed=seed,
+            num_groups, experts_per_group, k_primary, k_secondary, noisy=noisy_gating,
+            noise_epsilon=noise_epsilon, capacity_factor=kwargs.get("capacity_factor"), seed=seed,
         )
-        super().__init__(
-            hidden_units=hidden_units,
-            output_units=output_units,
-            activation=activation,
-            router=router,
-            importance_weight=importance_weight,
-            load_weight=load_weight,
-            capacity_factor=capacity_factor,
-            use_bias=use_bias,
-            kernel_initializer=kernel_initializer,
-            bias_initializer=bias_initializer,
-            kernel_regularizer=kernel_regularizer,
-            bias_regularizer=bias_regularizer,
-            **kwargs,
-        )
+        super().__init__(router=router, **kwargs)
         self.noisy_gating = router.noisy
         self.noise_epsilon = router.noise_epsilon
         self.seed = seed
@@ -138,7 +95,3 @@ class HierarchicalMoE(MoELayer):
             }
         )
         return config
-
-    @classmethod
-    def from_config(cls, config):
-        return super(MoELayer, cls).from_config(config)

@@ -1,5 +1,7 @@
 """Two-level noisy top-k gating of the hierarchical MoE (Shazeer et al. 2017, appendix B)."""
 
+from typing import NamedTuple
+
 import keras
 import tensorflow as tf
 
@@ -13,6 +15,7 @@ from tf_moe.layers.checks import (
 )
 from tf_moe.layers.noisy_top_k_router import NoisyTopKRouter, scaled_gate_weight
 from tf_moe.layers.router import Router, Routing
+from tf_moe.layers.router_registry import INSTANCE_ONLY, register_router
 from tf_moe.ops import dispatch as dispatch_ops
 from tf_moe.ops import gating
 from tf_moe.ops.replicas import replica_normal
@@ -48,6 +51,30 @@ def hierarchical_load(primary_load, secondary_load, group_size):
     return tf.reshape(primary_load[:, None] * ratio, [-1])
 
 
+class _Groups(NamedTuple):
+    """The (token, group) pairs of the primary gate, dispatched into per-group buffers."""
+
+    buffer: tf.Tensor  # [a, C, d] tokens per group slot
+    slot: tf.Tensor  # [pairs] slot of each pair (a * C: none)
+    kept: tf.Tensor  # [pairs] bool, the pair has a slot
+    occupied: tf.Tensor  # [a, C] float32, 1 where a slot holds a pair
+    capacity: object  # C, an int or a scalar tensor
+
+
+class _Secondary(NamedTuple):
+    """The groups' gates on their buffers."""
+
+    clean_logits: tf.Tensor  # [a, C, b]
+    logits: tf.Tensor  # [a, C, b], with noise while training
+    stddev: object  # [a, C, b] noise scale, None without noise
+    slot_index: tf.Tensor  # [a, C, k_secondary] chosen experts of each slot
+    slot_gate: tf.Tensor  # [a, C, k_secondary] their gate values
+
+
+@register_router(
+    "hierarchical", k=INSTANCE_ONLY,
+    usage="HierarchicalRouter(num_groups, experts_per_group, k_primary, k_secondary)",
+)
 @keras.saving.register_keras_serializable(package="tf_moe")
 class HierarchicalRouter(Router):
     """Primary noisy top-k gate over groups, then one noisy top-k gate per group (appendix B).
@@ -160,74 +187,107 @@ class HierarchicalRouter(Router):
         self.w_noise = self.add_weight(name="w_noise", shape=shape, initializer="zeros")
 
     def call(self, inputs, training=None, mask=None, noise=None):
+        """Routes each token to `k_primary` groups, then within each to `k_secondary` experts.
+
+        Steps: the primary gate picks groups, giving (token, group) pairs;
+        the pairs are dispatched into per-group buffers [a, C, d] (with
+        `capacity_factor`, pairs over a group's capacity are dropped); each
+        group's gate picks its experts for the tokens in its buffer; the
+        choices go back from buffer slots to pairs, then to assignments of
+        experts `group * b + expert`.
+
+        Args:
+            inputs: [T, d] tokens.
+            training: adds the gates' noise (with `noisy`).
+            mask: optional [T] bool, False for tokens to leave unrouted.
+            noise: optional `(primary, secondary)` standard-normal draws of
+                shapes [T, a] and [T, a, b], in place of the router's own.
+
+        Returns:
+            A `Routing` over the `a * b` experts.
+        """
         x, valid = self.masked_tokens(inputs, mask)
-        a, b = self.num_groups, self.experts_per_group
         primary_noise, secondary_noise = (None, None) if noise is None else noise
         # One (token, group) pair per primary choice, choice-major.
         primary = self.primary(x, training=training, mask=valid, noise=primary_noise)
-        pair_token, pair_group, pair_gate = primary.token_id, primary.expert_id, primary.weight
         num_tokens = x.shape[0] if x.shape[0] is not None else tf.shape(x)[0]
+        groups = self._dispatch_pairs(x, primary, num_tokens)
+        secondary = self._secondary_gates(groups, primary, training, secondary_noise)
+        expert_index, expert_weight = self._pair_choices(groups, primary, secondary)
+        return self._routing(primary, groups, secondary, expert_index, expert_weight, num_tokens)
 
+    def _dispatch_pairs(self, x, primary, num_tokens):
+        """The (token, group) pairs of the primary gate in per-group buffers: a `_Groups`."""
+        a = self.num_groups
         capacity = None
         if self.capacity_factor is not None:
-            capacity = dispatch_ops.static_capacity(
-                self.capacity_factor, self.k_primary * num_tokens, a
-            )
-        buffer, slot, kept, _ = dispatch_ops.dispatch(x, pair_token, pair_group, a, capacity)
+            capacity = dispatch_ops.static_capacity(self.capacity_factor, self.k_primary * num_tokens, a)
+        buffer, slot, kept, _ = dispatch_ops.dispatch(x, primary.token_id, primary.expert_id, a, capacity)
         if capacity is None:
             capacity = tf.shape(buffer)[1]
         occupied = tf.reshape(
             tf.scatter_nd(slot[:, None], tf.cast(kept, tf.float32), [a * capacity + 1])[:-1],
             [a, capacity],
         )
+        return _Groups(buffer, slot, kept, occupied, capacity)
 
-        clean_logits = tf.matmul(buffer, scaled_gate_weight(self.w_gate, self.learning_rate_multiplier))  # [a, C, b]
-        add_noise = self.noisy and bool(training)
-        logits = clean_logits
-        if add_noise:
+    def _secondary_gates(self, groups, primary, training, secondary_noise):
+        """Each group's gate on its buffer: a `_Secondary` of [a, C, b] logits and top-k choices."""
+        clean_logits = tf.matmul(groups.buffer, scaled_gate_weight(self.w_gate, self.learning_rate_multiplier))
+        logits, stddev = clean_logits, None
+        if self.noisy and bool(training):
             stddev = gating.noise_stddev(
-                tf.matmul(buffer, scaled_gate_weight(self.w_noise, self.learning_rate_multiplier)), self.noise_epsilon
+                tf.matmul(groups.buffer, scaled_gate_weight(self.w_noise, self.learning_rate_multiplier)),
+                self.noise_epsilon,
             )
             draws = self._slot_noise(
-                secondary_noise, clean_logits, pair_token, pair_group, slot, capacity
+                secondary_noise, clean_logits, primary.token_id, primary.expert_id, groups.slot, groups.capacity
             )
             logits = clean_logits + draws * stddev
         slot_index, slot_gate, _ = gating.top_k_gates(logits, self.k_secondary)
+        return _Secondary(clean_logits, logits, stddev, slot_index, slot_gate)
 
-        # Back from slots to pairs; pairs without a slot get no experts.
-        ks = self.k_secondary
+    def _pair_choices(self, groups, primary, secondary):
+        """[pairs, k_secondary] expert ids and weights, from slots back to pairs; pairs without a slot get none."""
+        a, b, ks = self.num_groups, self.experts_per_group, self.k_secondary
         pair_index = tf.gather(
-            tf.concat([tf.reshape(slot_index, [-1, ks]), tf.zeros([1, ks], tf.int32)], 0), slot
+            tf.concat([tf.reshape(secondary.slot_index, [-1, ks]), tf.zeros([1, ks], tf.int32)], 0), groups.slot
         )
         pair_secondary_gate = tf.gather(
-            tf.concat([tf.reshape(slot_gate, [-1, ks]), tf.zeros([1, ks])], 0), slot
+            tf.concat([tf.reshape(secondary.slot_gate, [-1, ks]), tf.zeros([1, ks])], 0), groups.slot
         )
-        expert_index = tf.where(kept[:, None], pair_group[:, None] * b + pair_index, a * b)
-        expert_weight = tf.where(
-            kept[:, None], tf.cast(pair_gate, tf.float32)[:, None] * pair_secondary_gate, 0.0
-        )
+        kept = groups.kept[:, None]
+        expert_index = tf.where(kept, primary.expert_id[:, None] * b + pair_index, a * b)
+        expert_weight = tf.where(kept, tf.cast(primary.weight, tf.float32)[:, None] * pair_secondary_gate, 0.0)
+        return expert_index, expert_weight
 
-        if add_noise and ks < b:
-            secondary_load = gating.smooth_load(clean_logits, logits, stddev, ks, occupied > 0)
+    def _routing(self, primary, groups, secondary, expert_index, expert_weight, num_tokens):
+        """The `Routing`: assignments, Importance_H and Load_H, drops, losses and the primary's metrics."""
+        a, b, ks = self.num_groups, self.experts_per_group, self.k_secondary
+        occupied = groups.occupied > 0
+        if secondary.stddev is not None and ks < b:
+            secondary_load = gating.smooth_load(
+                secondary.clean_logits, secondary.logits, secondary.stddev, ks, occupied
+            )
         else:
             secondary_load = tf.reshape(gating.hard_load(expert_index, a * b), [a, b])
-        losses = self.z_losses(clean_logits, occupied > 0)
+        losses = self.z_losses(secondary.clean_logits, occupied)
         if losses:  # the primary gate's z-loss too
             losses["z_loss"] += primary.losses["z_loss"]
-        routed_pairs = tf.cast(pair_group < a, tf.float32)
+        routed_pairs = tf.cast(primary.expert_id < a, tf.float32)
         # Pairs are [k_primary * T] (primary choice major) with ks choices
         # each; assignments go (primary choice, secondary choice, token).
         token_id, expert_id, weight = [
             tf.reshape(tf.transpose(tf.reshape(t, [self.k_primary, num_tokens, ks]), [0, 2, 1]), [-1])
-            for t in (tf.tile(pair_token[:, None], [1, ks]), expert_index, expert_weight)
+            for t in (tf.tile(primary.token_id[:, None], [1, ks]), expert_index, expert_weight)
         ]
         return Routing(
             token_id=token_id,
             expert_id=expert_id,
             weight=weight,
             importance=gating.importance(expert_id, weight, a * b),
-            load=hierarchical_load(primary.load, secondary_load, tf.reduce_sum(occupied, axis=1)),
-            dropped=ks * tf.reduce_sum(routed_pairs - tf.cast(kept, tf.float32)),
+            load=hierarchical_load(primary.load, secondary_load, tf.reduce_sum(groups.occupied, axis=1)),
+            dropped=ks * tf.reduce_sum(routed_pairs - tf.cast(groups.kept, tf.float32)),
             losses=losses,
             metrics=primary.metrics,
         )

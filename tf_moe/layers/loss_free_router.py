@@ -5,6 +5,7 @@ import tensorflow as tf
 
 from tf_moe.layers.checks import check_non_negative
 from tf_moe.layers.router import Router, Routing
+from tf_moe.layers.router_registry import register_router
 from tf_moe.layers.top_k_router import balance_statistics, router_kernel_initializer
 from tf_moe.ops import gating
 from tf_moe.ops.dispatch import token_choice_assignments
@@ -63,6 +64,7 @@ def sequence_balance_loss(expert_index, probabilities, valid, sequence_ids, k):
     return total / tf.maximum(sequences, 1.0)
 
 
+@register_router("loss_free")
 @keras.saving.register_keras_serializable(package="tf_moe")
 class LossFreeRouter(Router):
     """Top-k routing balanced by per-expert biases instead of a loss (Wang et al. 2024; DeepSeek-V3).
@@ -132,6 +134,7 @@ class LossFreeRouter(Router):
     (8,)
     """
 
+    loss_names = ("sequence_balance", "z_loss")
     uses_balancing_loss = False
 
     def __init__(

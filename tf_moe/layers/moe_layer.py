@@ -1,13 +1,9 @@
 """The sparsely-gated Mixture-of-Experts layer (Shazeer et al. 2017)."""
 
-import contextlib
-import threading
-
 import keras
 import numpy as np
 import tensorflow as tf
 
-from tf_moe import routers
 from tf_moe._internals import in_xla_compilation
 from tf_moe.layers.checks import (
     check_bool,
@@ -20,40 +16,12 @@ from tf_moe.layers.checks import (
 from tf_moe.layers.feed_forward_experts import FeedForwardExperts
 from tf_moe.layers.replica_losses import use_thread_local_losses
 from tf_moe.layers.router import check_per_token
+from tf_moe.layers.router_registry import get_router
 from tf_moe.metrics import LoadBalanceMetrics
 from tf_moe.ops import dispatch as dispatch_ops
 from tf_moe.ops.gating import cv_squared
 from tf_moe.ops.replicas import cross_replica_sum
 
-# The gate arguments of tf_moe 0.1's MoE, now a router's.
-_LEGACY_GATE_ARGUMENTS = ("gate", "noisy_gating", "noise_epsilon", "seed")
-
-
-_recording = threading.local()
-
-
-@contextlib.contextmanager
-def recorded_routings():
-    """Records the `Routing` of every `MoELayer` call made inside the block.
-
-    Yields a dict that fills with layer name -> the `Routing` of that
-    layer's last call in this thread, for inspection tools (e.g.
-    `tf_moe.training.expert_loads`): run a model eagerly inside the block
-    and read how each MoE layer routed, whatever the layer's call
-    arguments. Calls traced in a `tf.function` record symbolic tensors.
-
-    Example:
-
-    >>> with recorded_routings() as routings:
-    ...     model(x, training=False)
-    >>> routings["moe"].load
-    """
-    previous = getattr(_recording, "routings", None)
-    _recording.routings = {}
-    try:
-        yield _recording.routings
-    finally:
-        _recording.routings = previous
 
 
 def flatten_tokens(inputs, mask):
@@ -109,6 +77,23 @@ def _not_finite_to_nan(tokens, valid, outputs):
     if valid is not None:
         not_finite = tf.logical_and(not_finite, valid)
     return tf.where(not_finite[:, None], tf.constant(np.nan, outputs.dtype), outputs)
+
+
+class _RoutingRecord:
+    """The last eager `Routing` of each replica of a layer.
+
+    A plain object, so Keras and TensorFlow do not track it: it is no state
+    to save (a tracked dict of tensors would break `SavedModel` export).
+    """
+
+    def __init__(self):
+        self.by_replica = {}
+
+
+def _replica_id():
+    """The id of the replica this eager code runs on (0 outside a replica context)."""
+    context = tf.distribute.get_replica_context()
+    return 0 if context is None else int(context.replica_id_in_sync_group)
 
 
 @keras.saving.register_keras_serializable(package="tf_moe")
@@ -215,9 +200,13 @@ class MoELayer(keras.layers.Layer):
             `inputs.shape[:-1] + ...`, flattened like the tokens (e.g.
             `noise` draws for the noisy top-k router, `token_ids` for the
             hash router).
+        return_routing: bool, also return the call's `Routing` (as
+            `keras.layers.MultiHeadAttention` returns its attention scores).
 
     Returns:
-        [..., output_units or d].
+        [..., output_units or d], or `(outputs, routing)` with
+        `return_routing=True`. An eager call also keeps its `Routing` in
+        `last_routing`, for inspection tools (`tf_moe.training.expert_loads`).
 
     Example:
 
@@ -269,7 +258,7 @@ class MoELayer(keras.layers.Layer):
         check_capacity_factor(capacity_factor)
         check_capacity_factor(eval_capacity_factor, "eval_capacity_factor")
         num_shared_experts = check_non_negative_int("num_shared_experts", num_shared_experts)
-        self.router = routers.get(router, num_experts, k)
+        self.router = get_router(router, num_experts, k)
         for arg, value, routers_value in (
             ("num_experts", num_experts, self.router.num_experts),
             ("k", k, self.router.k),
@@ -309,6 +298,7 @@ class MoELayer(keras.layers.Layer):
         # default `jit_compile="auto"` then leaves the model unjitted.
         self.supports_jit = self.router.supports_jit
         use_thread_local_losses(self)
+        self._last_routings = _RoutingRecord()
         self.balance = LoadBalanceMetrics(name=self.name, router_metrics=self.router.metric_names)
 
     @property
@@ -362,19 +352,23 @@ class MoELayer(keras.layers.Layer):
         experts.build((num_experts, None, input_units))
         return experts
 
-    def call(self, inputs, training=None, mask=None, inputs_mask=None, **router_inputs):
+    def call(self, inputs, training=None, mask=None, inputs_mask=None, return_routing=False, **router_inputs):
         if mask is None:
             mask = inputs_mask
         tokens, valid, num_tokens = flatten_tokens(inputs, mask)
         router_inputs = flatten_router_inputs(router_inputs, inputs)
         routing = self.router(tokens, training=training, mask=valid, **router_inputs)
-        recording = getattr(_recording, "routings", None)
-        if recording is not None:
-            recording[self.name] = routing
+        if tf.executing_eagerly():
+            self._last_routings.by_replica[_replica_id()] = routing
         if set(routing.metrics) != set(self.router.metric_names):
             raise ValueError(
                 f"{type(self.router).__name__} returned the metrics {sorted(routing.metrics)}, "
                 f"not its `metric_names` {sorted(self.router.metric_names)}."
+            )
+        if not set(routing.losses) <= set(self.router.loss_names):
+            raise ValueError(
+                f"{type(self.router).__name__} returned the losses {sorted(routing.losses)}, "
+                f"not among its `loss_names` {sorted(self.router.loss_names)}."
             )
         capacity_factor = self.capacity_factor if training else self.inference_capacity_factor
         if capacity_factor is None and in_xla_compilation():
@@ -398,7 +392,18 @@ class MoELayer(keras.layers.Layer):
             outputs = outputs + self._shared_outputs(tokens, valid)
         outputs = _not_finite_to_nan(tokens, valid, outputs)
         self._add_losses_and_track(routing, kept, valid, num_tokens, training)
-        return tf.reshape(outputs, tf.concat([tf.shape(inputs)[:-1], [outputs.shape[-1]]], 0))
+        outputs = tf.reshape(outputs, tf.concat([tf.shape(inputs)[:-1], [outputs.shape[-1]]], 0))
+        return (outputs, routing) if return_routing else outputs
+
+    @property
+    def last_routing(self):
+        """The `Routing` of the layer's last eager call on this replica (None before one).
+
+        Calls traced in a `tf.function` (`fit`, `predict`) keep none. Under a
+        distribution strategy each replica keeps its own: read it in the
+        replica context of the call.
+        """
+        return self._last_routings.by_replica.get(_replica_id())
 
     @property
     def inference_capacity_factor(self):
@@ -455,6 +460,12 @@ class MoELayer(keras.layers.Layer):
     def compute_output_shape(self, input_shape):
         return tuple(input_shape[:-1]) + (self.output_units or input_shape[-1],)
 
+    def compute_output_spec(self, *args, return_routing=False, **kwargs):
+        if return_routing:
+            # Traced: which losses a `Routing` holds depends on the router.
+            return keras.Operation.compute_output_spec(self, *args, return_routing=True, **kwargs)
+        return super().compute_output_spec(*args, **kwargs)
+
     def get_config(self):
         config = super().get_config()
         config.update(
@@ -478,16 +489,6 @@ class MoELayer(keras.layers.Layer):
             }
         )
         return config
-
-    @classmethod
-    def from_config(cls, config):
-        config = dict(config)
-        # tf_moe 0.1 configs (e.g. of ExpertParallelMoE) name a gate instead of a router.
-        legacy = {key: config.pop(key) for key in _LEGACY_GATE_ARGUMENTS if key in config}
-        if legacy:
-            config["router"] = routers.from_gate_arguments(config["num_experts"], config["k"], **legacy)
-            config["k"] = None  # the softmax gate ignored `k`
-        return super().from_config(config)
 
 
 def _serialize(module, value):

@@ -5,6 +5,7 @@ import tensorflow as tf
 
 from tf_moe.layers.checks import check_bool, check_non_negative, check_positive
 from tf_moe.layers.router import Router, Routing
+from tf_moe.layers.router_registry import register_router
 from tf_moe.ops import gating
 from tf_moe.ops.dispatch import token_choice_assignments
 from tf_moe.ops.replicas import replica_normal
@@ -21,6 +22,7 @@ def scaled_gate_weight(weight, learning_rate_multiplier):
     return weight if learning_rate_multiplier == 1.0 else weight * learning_rate_multiplier
 
 
+@register_router("noisy_top_k")
 @keras.saving.register_keras_serializable(package="tf_moe")
 class NoisyTopKRouter(Router):
     """Noisy top-k gating of the sparsely-gated MoE (section 2.1).

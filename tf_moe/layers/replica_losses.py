@@ -9,6 +9,8 @@ one store per thread keeps each replica's losses its own.
 
 import threading
 
+from tf_moe import _internals
+
 
 class ThreadLocalLosses(list):
     """A list whose contents are private to the thread that uses it."""
@@ -46,5 +48,4 @@ class ThreadLocalLosses(list):
 
 def use_thread_local_losses(layer):
     """Makes `layer.add_loss` safe when replica threads share the layer."""
-    # Plain attribute assignment would let Keras's tracking copy it into a list.
-    object.__setattr__(layer, "_losses", ThreadLocalLosses())
+    _internals.replace_added_losses(layer, ThreadLocalLosses())

@@ -67,8 +67,9 @@ class Routing(NamedTuple):
             (e.g. for a capacity of its own); the MoE counts its own
             capacity drops and reports both as `<layer>_dropped_fraction`.
         losses: dict name -> float32 scalar, the router's own auxiliary
-            losses; the MoE adds their sum while training. Same keys on
-            every call (0 where a loss is only defined while training).
+            losses, keys among `router.loss_names`; the MoE adds their sum
+            while training. Same keys on every call (0 where a loss is only
+            defined while training).
         metrics: dict name -> float32 scalar, the router's diagnostics; its
             keys are `router.metric_names` on every call. The MoE logs their
             batch averages as `<layer>_<name>`.
@@ -106,6 +107,8 @@ class Router(keras.layers.Layer):
       the others: a router that ranks the whole batch leaves such tokens
       out of the ranking (`MoELayer` gives them a NaN output).
     * `metric_names`: the keys of `Routing.metrics`, fixed per router.
+    * `loss_names`: every key `Routing.losses` may hold (a loss whose
+      weight is 0 may be left out, as the z-loss is).
     * `uses_balancing_loss`: whether `MoELayer` adds the paper's
       `w_importance * CV(Importance)^2 + w_load * CV(Load)^2` (section 4)
       for this router; a router with a loss of its own may turn it off and
@@ -155,6 +158,8 @@ class Router(keras.layers.Layer):
     uses_balancing_loss = True
     # Keys of `Routing.metrics`.
     metric_names = ()
+    # Keys `Routing.losses` may hold: the z-loss of a router with logits.
+    loss_names = ("z_loss",)
     # Whether the router computes logits (and so takes a z-loss).
     has_logits = True
     # Whether a token's routing depends on that token alone.

@@ -4,10 +4,12 @@ import keras
 import tensorflow as tf
 
 from tf_moe.layers.router import Router, Routing
+from tf_moe.layers.router_registry import K_ALL, register_router
 from tf_moe.ops import gating
 from tf_moe.ops.dispatch import token_choice_assignments
 
 
+@register_router("softmax", k=K_ALL)
 @keras.saving.register_keras_serializable(package="tf_moe")
 class SoftmaxRouter(Router):
     """Plain softmax gating `G(x) = Softmax(x W_g)` over all experts.

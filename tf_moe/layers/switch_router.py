@@ -2,9 +2,11 @@
 
 import keras
 
+from tf_moe.layers.router_registry import K_ONE, register_router
 from tf_moe.layers.top_k_router import TopKRouter
 
 
+@register_router("switch", k=K_ONE)
 @keras.saving.register_keras_serializable(package="tf_moe")
 class SwitchRouter(TopKRouter):
     """Switch routing: k = 1 with the `f · P` loss and input jitter (Fedus et al. 2022, section 2.2).

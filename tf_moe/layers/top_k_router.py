@@ -5,6 +5,7 @@ import tensorflow as tf
 
 from tf_moe.layers.checks import check_bool, check_non_negative
 from tf_moe.layers.router import Router, Routing
+from tf_moe.layers.router_registry import register_router
 from tf_moe.ops import gating
 from tf_moe.ops.dispatch import token_choice_assignments
 from tf_moe.ops.replicas import cross_replica_sum, replica_uniform
@@ -45,6 +46,7 @@ def balance_statistics(expert_index, probabilities, valid):
     return cross_replica_sum([counts, tf.reduce_sum(probabilities, axis=0), tokens])
 
 
+@register_router("top_k")
 @keras.saving.register_keras_serializable(package="tf_moe")
 class TopKRouter(Router):
     """Softmax top-k routing with the `f · P` load-balancing loss.
@@ -99,6 +101,7 @@ class TopKRouter(Router):
     ['load_balancing']
     """
 
+    loss_names = ("load_balancing", "z_loss")
     uses_balancing_loss = False
 
     def __init__(

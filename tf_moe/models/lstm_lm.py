@@ -81,10 +81,14 @@ def moe_layer(
     )
 
 
-def _residual(x, y, dropout, name):
-    """`x + Dropout(y)`: the dropout and residual connection of appendix C."""
+def residual(x, y, dropout, name, add=None):
+    """`x + Dropout(y)`: the dropout and residual connection of appendix C.
+
+    `add` is the `Add` layer to use, for a builder that records it; by
+    default a new one named `<name>_residual`.
+    """
     y = keras.layers.Dropout(dropout, name=f"{name}_dropout")(y)
-    return keras.layers.Add(name=f"{name}_residual")([x, y])
+    return (add or keras.layers.Add(name=f"{name}_residual"))([x, y])
 
 
 def router_inputs(router, token_ids):
@@ -106,24 +110,35 @@ def _middle_block(x, tokens, kind, units, dropout, moe_kwargs, stateful):
     k, hidden = moe_kwargs["k"], moe_kwargs["hidden_units"]
     if kind == "moe":
         moe = moe_layer(name="moe", **moe_kwargs)
-        return _residual(x, moe(x, **router_inputs(moe.router, tokens)), dropout, "moe")
+        return residual(x, moe(x, **router_inputs(moe.router, tokens)), dropout, "moe")
     if kind == "moe-1-wide":
         # One expert as wide as the k experts a token visits: same ops.
         h = keras.layers.Dense(k * hidden, activation="relu", name="wide_hidden")(x)
-        return _residual(x, keras.layers.Dense(units, name="wide_output")(h), dropout, "wide")
+        return residual(x, keras.layers.Dense(units, name="wide_output")(h), dropout, "wide")
     if kind == "moe-1-deep":
         # One expert with k hidden layers of the experts' width.
         h = x
         for i in range(k):
             h = keras.layers.Dense(hidden, activation="relu", name=f"deep_hidden_{i + 1}")(h)
-        return _residual(x, keras.layers.Dense(units, name="deep_output")(h), dropout, "deep")
+        return residual(x, keras.layers.Dense(units, name="deep_output")(h), dropout, "deep")
     if kind == "4xlstm":
         # Two more LSTMs stand in for the MoE (the paper's 4xLSTM-512).
         for name in ("lstm_extra_1", "lstm_extra_2"):
             y = keras.layers.LSTM(units, return_sequences=True, stateful=stateful, name=name)(x)
-            x = _residual(x, y, dropout, name)
+            x = residual(x, y, dropout, name)
         return x
     raise ValueError(f"`model` must be 'moe' or one of {BASELINES}, got {kind!r}.")
+
+
+def _check_arguments(vocab_size, units, dropout, stateful, batch_size):
+    """Raises a ValueError naming the first of `lstm_lm`'s arguments that is out of range."""
+    for arg, value in (("vocab_size", vocab_size), ("units", units)):
+        if not isinstance(value, int) or value < 1:
+            raise ValueError(f"`{arg}` must be a positive int, got {value!r}.")
+    if not 0 <= dropout < 1:
+        raise ValueError(f"`dropout` must be in [0, 1), got {dropout!r}.")
+    if stateful and (not isinstance(batch_size, int) or batch_size < 1):
+        raise ValueError(f"A stateful model needs a positive int `batch_size`, got {batch_size!r}.")
 
 
 def lstm_lm(
@@ -204,13 +219,7 @@ def lstm_lm(
     >>> model(np.ones((2, 7), "int32")).shape
     TensorShape([2, 7, 1000])
     """
-    for arg, value in (("vocab_size", vocab_size), ("units", units)):
-        if not isinstance(value, int) or value < 1:
-            raise ValueError(f"`{arg}` must be a positive int, got {value!r}.")
-    if not 0 <= dropout < 1:
-        raise ValueError(f"`dropout` must be in [0, 1), got {dropout!r}.")
-    if stateful and (not isinstance(batch_size, int) or batch_size < 1):
-        raise ValueError(f"A stateful model needs a positive int `batch_size`, got {batch_size!r}.")
+    _check_arguments(vocab_size, units, dropout, stateful, batch_size)
     moe_kwargs = dict(
         num_experts=num_experts,
         k=k,
@@ -231,8 +240,8 @@ def lstm_lm(
 
     x = keras.layers.Embedding(vocab_size, units, mask_zero=True, name="embedding")(tokens)
     x = keras.layers.Dropout(dropout, name="embedding_dropout")(x)
-    x = _residual(x, lstm("lstm_1")(x), dropout, "lstm_1")
+    x = residual(x, lstm("lstm_1")(x), dropout, "lstm_1")
     x = _middle_block(x, tokens, model, units, dropout, moe_kwargs, stateful)
-    x = _residual(x, lstm("lstm_2")(x), dropout, "lstm_2")
+    x = residual(x, lstm("lstm_2")(x), dropout, "lstm_2")
     logits = keras.layers.Dense(vocab_size, dtype="float32", name="logits")(x)
     return MoEModel(tokens, logits, name=name or model.replace("-", "_"))

@@ -1,12 +1,14 @@
 """The GNMT-style translation model of appendix E, at small scale, and its decoders."""
 
+import functools
 from typing import NamedTuple
 
 import keras
 import tensorflow as tf
 
+from tf_moe.layers.legacy import v01_seq2seq_part_names
 from tf_moe.layers.moe_layer import MoELayer
-from tf_moe.models.lstm_lm import _residual, moe_layer
+from tf_moe.models.lstm_lm import moe_layer, residual
 from tf_moe.training.model import MoEModel
 
 _NEG_INF = -1e9
@@ -38,7 +40,7 @@ class Seq2SeqParts(NamedTuple):
     @classmethod
     def of(cls, model):
         """The parts of `model`, a `Seq2SeqModel` (or a tf_moe 0.1 seq2seq `MoEModel`)."""
-        names = getattr(model, "part_names", None) or _v01_part_names(model)
+        names = getattr(model, "part_names", None) or v01_seq2seq_part_names(model)
         layer = model.get_layer
         return cls(
             encoder=keras.Model(model.inputs[0], layer(names["encoder_output"]).output),
@@ -49,21 +51,6 @@ class Seq2SeqParts(NamedTuple):
             decoder_lstm_2=layer(names["decoder_lstm_2"]),
             logits=layer(names["logits"]),
         )
-
-
-def _v01_part_names(model):
-    """The fixed layout of seq2seq models saved by tf_moe 0.1, which recorded no parts."""
-    names = {layer.name for layer in model.layers}
-    middle = ["decoder_moe"] if "decoder_moe" in names else ["decoder_wide_hidden", "decoder_wide_output"]
-    return {
-        "encoder_output": "encoder_lstm_3_residual",
-        "embedding": "embedding",
-        "decoder_lstm_1": "decoder_lstm_1",
-        "attention": "attention",
-        "decoder_middle": middle,
-        "decoder_lstm_2": "decoder_lstm_2",
-        "logits": "logits",
-    }
 
 
 @keras.saving.register_keras_serializable(package="tf_moe")
@@ -160,6 +147,34 @@ def seq2seq(
     >>> model((np.ones((2, 9), "int32"), np.ones((2, 7), "int32"))).shape
     TensorShape([2, 7, 500])
     """
+    _check_arguments(units, attention_heads)
+    moe_kwargs = None
+    if use_moe:
+        moe_kwargs = dict(
+            num_groups=num_groups, importance_weight=importance_weight, load_weight=load_weight,
+            capacity_factor=capacity_factor, seed=seed,
+            gate_learning_rate_multiplier=gate_learning_rate_multiplier,
+        )
+    middle = functools.partial(
+        _middle_layers, units=units, num_experts=num_experts, k=k, expert_hidden_units=expert_hidden_units,
+        moe_kwargs=moe_kwargs,
+    )
+    source = keras.Input((None,), dtype="int32", name="source")
+    decoder_input = keras.Input((None,), dtype="int32", name="decoder_input")
+    embedding = keras.layers.Embedding(vocab_size, units, mask_zero=True, name="embedding")
+    encoded, encoder_output = _encoder(source, embedding, units, dropout, middle)
+    logits, parts = _decoder(decoder_input, encoded, embedding, units, attention_heads, dropout, middle, vocab_size)
+    part_names = {role: [layer.name for layer in part] if isinstance(part, list) else part.name
+                  for role, part in dict(encoder_output=encoder_output, **parts).items()}
+    return Seq2SeqModel(
+        (source, decoder_input),
+        logits,
+        part_names=part_names,
+        name=name or ("seq2seq_moe" if use_moe else "seq2seq_dense"),
+    )
+
+
+def _check_arguments(units, attention_heads):
     if not isinstance(units, int) or units < 2 or units % 2:
         raise ValueError(f"`units` must be an even int >= 2, got {units!r}.")
     if units % attention_heads:
@@ -167,70 +182,65 @@ def seq2seq(
             f"`units` ({units}) must be a multiple of `attention_heads` ({attention_heads})."
         )
 
-    def middle(x, prefix):
-        """The MoE (or its dense stand-in) with its residual; returns (output, layers)."""
-        if use_moe:
-            layers = [moe_layer(
-                num_experts,
-                k,
-                expert_hidden_units,
-                num_groups=num_groups,
-                importance_weight=importance_weight,
-                load_weight=load_weight,
-                capacity_factor=capacity_factor,
-                seed=seed,
-                gate_learning_rate_multiplier=gate_learning_rate_multiplier,
-                name=f"{prefix}_moe",
-            )]
-        else:
-            layers = [
-                keras.layers.Dense(k * expert_hidden_units, activation="relu", name=f"{prefix}_wide_hidden"),
-                keras.layers.Dense(units, name=f"{prefix}_wide_output"),
-            ]
-        y = x
-        for layer in layers:
-            y = layer(y)
-        return _residual(x, y, dropout, f"{prefix}_moe"), layers
 
-    source = keras.Input((None,), dtype="int32", name="source")
-    decoder_input = keras.Input((None,), dtype="int32", name="decoder_input")
-    embedding = keras.layers.Embedding(vocab_size, units, mask_zero=True, name="embedding")
+def _middle_layers(prefix, units, num_experts, k, expert_hidden_units, moe_kwargs):
+    """The MoE layer between two LSTMs or, with `moe_kwargs` None, its dense stand-in of the same ops."""
+    if moe_kwargs is not None:
+        return [moe_layer(num_experts, k, expert_hidden_units, name=f"{prefix}_moe", **moe_kwargs)]
+    return [
+        keras.layers.Dense(k * expert_hidden_units, activation="relu", name=f"{prefix}_wide_hidden"),
+        keras.layers.Dense(units, name=f"{prefix}_wide_output"),
+    ]
 
+
+def _apply_middle(x, layers, dropout, prefix):
+    """`layers` on `x`, in order, with the dropout and residual connection."""
+    y = x
+    for layer in layers:
+        y = layer(y)
+    return residual(x, y, dropout, f"{prefix}_moe")
+
+
+def _encoder(source, embedding, units, dropout, middle):
+    """embedding -> bidirectional LSTM -> LSTM -> MoE -> LSTM; returns the output and its `Add` layer."""
     x = keras.layers.Dropout(dropout, name="encoder_embedding_dropout")(embedding(source))
     bidirectional = keras.layers.Bidirectional(
         keras.layers.LSTM(units // 2, return_sequences=True), name="encoder_lstm_1"
     )
-    x = _residual(x, bidirectional(x), dropout, "encoder_lstm_1")
-    x = _residual(x, keras.layers.LSTM(units, return_sequences=True, name="encoder_lstm_2")(x), dropout, "encoder_lstm_2")
-    x, _ = middle(x, "encoder")
-    encoded = _residual(x, keras.layers.LSTM(units, return_sequences=True, name="encoder_lstm_3")(x), dropout, "encoder_lstm_3")
+    x = residual(x, bidirectional(x), dropout, "encoder_lstm_1")
+    x = residual(x, keras.layers.LSTM(units, return_sequences=True, name="encoder_lstm_2")(x), dropout, "encoder_lstm_2")
+    x = _apply_middle(x, middle("encoder"), dropout, "encoder")
+    encoder_output = keras.layers.Add(name="encoder_lstm_3_residual")
+    encoded = residual(
+        x, keras.layers.LSTM(units, return_sequences=True, name="encoder_lstm_3")(x), dropout, "encoder_lstm_3",
+        add=encoder_output,
+    )
+    return encoded, encoder_output
 
+
+def _decoder(decoder_input, encoded, embedding, units, attention_heads, dropout, middle, vocab_size):
+    """embedding -> LSTM (attending over `encoded`) -> MoE -> LSTM -> softmax.
+
+    Returns the logits and the decoder's parts: a dict of the roles of
+    `Seq2SeqParts` but the encoder to their layers (`decoder_middle` a list).
+    """
     y = keras.layers.Dropout(dropout, name="decoder_embedding_dropout")(embedding(decoder_input))
     bottom = keras.layers.LSTM(units, return_sequences=True, name="decoder_lstm_1")
-    y = _residual(y, bottom(y), dropout, "decoder_lstm_1")
+    y = residual(y, bottom(y), dropout, "decoder_lstm_1")
     attention = keras.layers.MultiHeadAttention(
         attention_heads, units // attention_heads, name="attention"
     )
     context = attention(y, encoded)
-    y, decoder_middle = middle(y, "decoder")
+    decoder_middle = middle("decoder")
+    y = _apply_middle(y, decoder_middle, dropout, "decoder")
     top = keras.layers.LSTM(units, return_sequences=True, name="decoder_lstm_2")
-    y = _residual(y, top(keras.layers.Concatenate(name="decoder_lstm_2_input")([y, context])), dropout, "decoder_lstm_2")
+    y = residual(y, top(keras.layers.Concatenate(name="decoder_lstm_2_input")([y, context])), dropout, "decoder_lstm_2")
     logits = keras.layers.Dense(vocab_size, dtype="float32", name="logits")
-    part_names = {
-        "encoder_output": "encoder_lstm_3_residual",  # the Add that `_residual` names
-        "embedding": embedding.name,
-        "decoder_lstm_1": bottom.name,
-        "attention": attention.name,
-        "decoder_middle": [layer.name for layer in decoder_middle],
-        "decoder_lstm_2": top.name,
-        "logits": logits.name,
-    }
-    return Seq2SeqModel(
-        (source, decoder_input),
-        logits(y),
-        part_names=part_names,
-        name=name or ("seq2seq_moe" if use_moe else "seq2seq_dense"),
+    parts = dict(
+        embedding=embedding, decoder_lstm_1=bottom, attention=attention, decoder_middle=decoder_middle,
+        decoder_lstm_2=top, logits=logits,
     )
+    return logits(y), parts
 
 
 class Seq2SeqDecoder(tf.Module):

@@ -10,6 +10,7 @@ the number of experts: no [tokens, experts, capacity] one-hot tensors.
 """
 
 import fractions
+from typing import NamedTuple
 
 import tensorflow as tf
 
@@ -284,41 +285,18 @@ def dropless_static(tokens, token_id, expert_id, weight, num_experts, num_tokens
     Returns:
         [T, o], as `combine(experts(buffer), ...)` after a dropless `dispatch`.
     """
-    num_assignments = tf.size(expert_id) if expert_id.shape[0] is None else int(expert_id.shape[0])
-    factors = dropless_capacity_factors(num_experts)
-    capacities = [static_capacity(factor, num_assignments, num_experts) for factor in factors]
-    # Up to 4 experts the last capacity holds every assignment: no window loop.
-    windows_needed = factors[-1] < num_experts
-    window = capacities[-1]
-    _, counts = expert_positions(expert_id, num_experts)
-    largest = tf.reduce_max(tf.concat([counts, [0]], axis=0))
-    # len(capacities) (every capacity too small) is the windowed branch.
-    branch = tf.reduce_sum(tf.cast(tf.stack(capacities) < largest, tf.int32))
-    num_windows = (largest + window - 1) // tf.maximum(window, 1)
+    plan = _static_plan(expert_id, num_experts)
 
     def run(capacity, tokens, weight, offset=0):
         buffer, slot, kept, _ = dispatch(tokens, token_id, expert_id, num_experts, capacity, offset)
         return combine(experts(buffer), slot, kept, token_id, weight, num_tokens)
 
-    def windowed(step):
-        """The sum of `step(offset)`, a list of tensors, over the largest expert's windows."""
-        _, total = tf.while_loop(
-            lambda i, _: i < num_windows,
-            lambda i, total: (i + 1, [a + b for a, b in zip(total, step(i * window))]),
-            (tf.constant(1, num_windows.dtype), step(0)),
-        )
-        return total
-
     @tf.custom_gradient
     def forward(tokens, weight):
-        def loop():
-            return windowed(lambda offset: [run(window, tokens, weight, offset)])[0]
-
-        branches = [lambda c=c: run(c, tokens, weight) for c in capacities]
-        outputs = tf.switch_case(branch, branches + ([loop] if windows_needed else []))
+        outputs = _at_chosen_capacity(plan, lambda capacity, offset: [run(capacity, tokens, weight, offset)])[0]
 
         def gradient(d_outputs, variables=()):
-            def grads_of(capacity, offset=0):
+            def grads_of(capacity, offset):
                 with tf.GradientTape() as tape:
                     tape.watch([tokens, weight])
                     out = run(capacity, tokens, weight, offset)
@@ -329,13 +307,53 @@ def dropless_static(tokens, token_id, expert_id, weight, num_experts, num_tokens
                 # Dense here, where the shapes are static (a gather's gradient is sparse).
                 return [tf.convert_to_tensor(g) for g in grads]
 
-            def loop():
-                return windowed(lambda offset: grads_of(window, offset))
-
-            branches = [lambda c=c: grads_of(c) for c in capacities]
-            grads = tf.switch_case(branch, branches + ([loop] if windows_needed else []))
+            grads = _at_chosen_capacity(plan, grads_of)
             return grads[:2], grads[2:]
 
         return outputs, gradient
 
     return forward(tokens, weight)
+
+
+class _StaticPlan(NamedTuple):
+    """Which static capacity `dropless_static` runs a batch at."""
+
+    capacities: list  # the capacities of `dropless_capacity_factors`, one branch each
+    window: int  # the last capacity, the window of the windowed branch
+    windows_needed: bool  # whether the windowed branch exists (more than 4 experts)
+    branch: tf.Tensor  # the branch that runs: the smallest capacity that holds the largest expert
+    num_windows: tf.Tensor  # windows of the largest expert, for the windowed branch
+
+
+def _static_plan(expert_id, num_experts):
+    """The `_StaticPlan` of a batch's assignments to `num_experts` experts."""
+    num_assignments = tf.size(expert_id) if expert_id.shape[0] is None else int(expert_id.shape[0])
+    factors = dropless_capacity_factors(num_experts)
+    capacities = [static_capacity(factor, num_assignments, num_experts) for factor in factors]
+    window = capacities[-1]
+    _, counts = expert_positions(expert_id, num_experts)
+    largest = tf.reduce_max(tf.concat([counts, [0]], axis=0))
+    return _StaticPlan(
+        capacities=capacities,
+        window=window,
+        # Up to 4 experts the last capacity holds every assignment: no window loop.
+        windows_needed=factors[-1] < num_experts,
+        # len(capacities) (every capacity too small) is the windowed branch.
+        branch=tf.reduce_sum(tf.cast(tf.stack(capacities) < largest, tf.int32)),
+        num_windows=(largest + window - 1) // tf.maximum(window, 1),
+    )
+
+
+def _at_chosen_capacity(plan, step):
+    """`step(capacity, offset)`, a list of tensors, at the plan's branch: one capacity, or summed over windows."""
+
+    def windowed():
+        _, total = tf.while_loop(
+            lambda i, _: i < plan.num_windows,
+            lambda i, total: (i + 1, [a + b for a, b in zip(total, step(plan.window, i * plan.window))]),
+            (tf.constant(1, plan.num_windows.dtype), step(plan.window, 0)),
+        )
+        return total
+
+    branches = [lambda c=c: step(c, 0) for c in plan.capacities]
+    return tf.switch_case(plan.branch, branches + ([windowed] if plan.windows_needed else []))

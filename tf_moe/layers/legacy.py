@@ -1,10 +1,71 @@
-"""`MoE`: tf_moe 0.1's spelling of `MoELayer`, kept so old code and files load."""
+"""tf_moe 0.1 compatibility, in one place: its `MoE` layer, gate arguments and model layouts.
+
+tf_moe 0.1 had one layer, `MoE`, whose gate was chosen by name with the
+noise options on the layer (`gate=`, `noisy_gating=`, `noise_epsilon=`,
+`seed=`); its `ExpertParallelMoE` configs carry those arguments too, and
+its seq2seq models recorded no parts. `MoE` keeps that API and its config;
+`from_gate_arguments` and `router_config` turn the gate arguments into the
+router they meant; `v01_seq2seq_part_names` is the fixed layout of its
+seq2seq models. (`MoELayer.gate`, the router under its 0.1 name, stays on
+`MoELayer`: every `.keras` file saves the router's weights under it.)
+"""
 
 import keras
 
-from tf_moe import routers
+from tf_moe.layers.batchwise_router import BatchwiseRouter
 from tf_moe.layers.checks import check_bool, check_not_above, check_positive_int
 from tf_moe.layers.moe_layer import MoELayer
+from tf_moe.layers.noisy_top_k_router import NoisyTopKRouter
+from tf_moe.layers.softmax_router import SoftmaxRouter
+
+# The gate arguments of tf_moe 0.1's layers, now a router's.
+GATE_ARGUMENTS = ("gate", "noisy_gating", "noise_epsilon", "seed")
+
+
+def from_gate_arguments(num_experts, k, gate="noisy_top_k", noisy_gating=True, noise_epsilon=1e-2, seed=None):
+    """The router that tf_moe 0.1's `MoE(gate=..., noisy_gating=..., ...)` meant.
+
+    Args:
+        num_experts, k: the MoE's.
+        gate: "noisy_top_k", "softmax" or "batchwise".
+        noisy_gating, noise_epsilon, seed: the noisy top-k gate's options
+            (unused by the other gates, as in 0.1).
+
+    Returns:
+        A `Router`.
+    """
+    if gate == "noisy_top_k":
+        return NoisyTopKRouter(num_experts, k, noisy=noisy_gating, noise_epsilon=noise_epsilon, seed=seed)
+    if gate == "softmax":
+        return SoftmaxRouter(num_experts)
+    if gate == "batchwise":
+        return BatchwiseRouter(num_experts, k)
+    raise ValueError(f"`gate` must be one of ('noisy_top_k', 'softmax', 'batchwise'), got {gate!r}.")
+
+
+def router_config(config):
+    """An `MoELayer` config with tf_moe 0.1's gate arguments (if any) replaced by its `router`."""
+    config = dict(config)
+    gate = {key: config.pop(key) for key in GATE_ARGUMENTS if key in config}
+    if gate:
+        config["router"] = from_gate_arguments(config["num_experts"], config["k"], **gate)
+        config["k"] = None  # the softmax gate ignored `k`
+    return config
+
+
+def v01_seq2seq_part_names(model):
+    """The layer of each part of a seq2seq model saved by tf_moe 0.1, which recorded none."""
+    names = {layer.name for layer in model.layers}
+    middle = ["decoder_moe"] if "decoder_moe" in names else ["decoder_wide_hidden", "decoder_wide_output"]
+    return {
+        "encoder_output": "encoder_lstm_3_residual",
+        "embedding": "embedding",
+        "decoder_lstm_1": "decoder_lstm_1",
+        "attention": "attention",
+        "decoder_middle": middle,
+        "decoder_lstm_2": "decoder_lstm_2",
+        "logits": "logits",
+    }
 
 
 @keras.saving.register_keras_serializable(package="tf_moe")
@@ -13,7 +74,7 @@ class MoE(MoELayer):
 
     `MoE(n, k, h, gate=..., noisy_gating=..., noise_epsilon=..., seed=...)`
     is `MoELayer(n, k, h, router=...)` with the router those arguments
-    describe (`tf_moe.routers.from_gate_arguments`); everything else is
+    describe (`from_gate_arguments`); everything else is
     `MoELayer`'s. Its config keeps the 0.1 form, and `.keras` files saved
     by tf_moe 0.1 load into it unchanged. New code should use `MoELayer`.
 
@@ -60,7 +121,7 @@ class MoE(MoELayer):
         num_experts = check_positive_int("num_experts", num_experts)
         k = check_positive_int("k", k)
         check_not_above("k", k, "num_experts", num_experts)
-        router = routers.from_gate_arguments(num_experts, k, gate, noisy_gating, noise_epsilon, seed)
+        router = from_gate_arguments(num_experts, k, gate, noisy_gating, noise_epsilon, seed)
         super().__init__(
             num_experts=num_experts,
             hidden_units=hidden_units,
@@ -91,7 +152,3 @@ class MoE(MoELayer):
         del config["router"]
         config.update(self.gate_arguments)
         return config
-
-    @classmethod
-    def from_config(cls, config):
-        return super(MoELayer, cls).from_config(config)

@@ -1,0 +1,276 @@
+"""The language-model experiments: the main job and the small-scale reproductions of the paper.
+
+`train_lm` trains the MoE LSTM language model and its computationally
+matched dense baseline on an embedded corpus and returns their validation
+perplexity with the MoE layers' load balance. `table6` and `expert_sweep`
+rerun the language model at several settings (Shazeer et al. 2017, Table 6
+and Figure 2); `router_comparison` trains it with each router. The command
+line (`tf_moe.reproduction.cli`) prints their tables; docs/results.md
+reports them.
+"""
+
+import functools
+import logging
+import math
+import os
+import time
+import typing
+
+import keras
+import numpy as np
+import tensorflow as tf
+
+from tf_moe import data
+from tf_moe import routers as routers_module
+from tf_moe.models import BASELINES, lstm_lm
+from tf_moe.reproduction import corpora, runs
+from tf_moe.reproduction.progress import BARS
+from tf_moe.training import ResetRecurrentState
+
+_log = logging.getLogger(__name__)
+
+
+class LMData(typing.NamedTuple):
+    """The data of one language-modelling protocol, and how models must use it."""
+
+    vocabulary: typing.Any  # WordpieceTokenizer or WordVocabulary
+    make_train: typing.Callable[[], tf.data.Dataset]  # the training data, built afresh
+    valid: tf.data.Dataset
+    test: tf.data.Dataset | None
+    stateful: bool  # stream segments: the models carry LSTM state across batches
+
+
+def _lm_data(config):
+    """The data of `config.level`'s protocol on `config.corpus`.
+
+    "wordpiece": every text (verse) on its own, `[START]` ... `[END]`,
+    WordPieces learned from the training texts, cut at `seq_len`. "word":
+    the word-level protocol of the Penn Treebank benchmark (Mikolov et al.
+    2010): words split on whitespace (raw text, e.g. the Bibles, first
+    case-folded with punctuation split off, `data.normalize_words`; PTB comes
+    tokenised), `<eos>` after each sentence, the
+    `vocab_size` most frequent training words, and each split one stream
+    cut into consecutive segments of `seq_len` for truncated
+    backpropagation through stateful LSTMs.
+    """
+    texts = {
+        split: runs.subset(corpora.load_lm_corpus(config.corpus, split),
+                       config.train_size if split == "train" else config.valid_size)
+        for split in corpora.SPLITS
+    }
+    if config.level == "word":
+        vocab = data.WordVocabulary.from_texts(
+            texts["train"], max_size=config.vocab_size,
+            normalize=config.corpus not in corpora.WORD_TOKENIZED_CORPORA,
+        )
+        make_train, valid, test = (
+            functools.partial(data.lm_stream_dataset, vocab.encode(texts[split]), config.batch_size, config.seq_len)
+            for split in corpora.SPLITS
+        )
+        return LMData(vocab, make_train, valid(), test(), stateful=True)
+    tokenizer = data.WordpieceTokenizer.from_texts(texts["train"], config.vocab_size, progress=BARS)
+    make_train, valid, test = (
+        functools.partial(data.lm_dataset, texts[split], tokenizer, config.seq_len, config.batch_size,
+                          shuffle=split == "train", seed=config.seed, fixed_length=True)
+        for split in corpora.SPLITS
+    )
+    return LMData(tokenizer, make_train, valid(), test(), stateful=False)
+
+
+def variant_arguments(label, config):
+    """`lstm_lm` arguments of a model label.
+
+    "moe" is the MoE of `config` (flat, or hierarchical with `config.groups`);
+    "moe-<n>" a flat MoE of n experts with `config.k` per token; "moe-<n>-h"
+    a hierarchical one of sqrt(n) groups with sqrt(k) experts per level (so
+    a token still visits k experts); or one of the dense `BASELINES`.
+    """
+    if label in BASELINES:
+        return dict(model=label)
+    if label == "moe":
+        return {}
+    parts = label.split("-")
+    if parts[0] != "moe" or len(parts) not in (2, 3) or not parts[1].isdigit() or parts[2:] not in ([], ["h"]):
+        raise ValueError(f"Unknown model {label!r}: expected moe, moe-<n>, moe-<n>-h or one of {BASELINES}.")
+    experts = int(parts[1])
+    if len(parts) == 2:
+        return dict(num_experts=experts, num_groups=None)
+    groups = int(round(math.sqrt(experts)))
+    level_k = int(round(math.sqrt(config.k)))
+    if groups * groups != experts or level_k * level_k != config.k:
+        raise ValueError(f"{label!r}: a hierarchical MoE here needs square numbers of experts and k.")
+    return dict(num_experts=experts, num_groups=groups, k=level_k)
+
+
+def _train_lm_variant(config, lm_data, label, run_name, callbacks=(), **overrides):
+    """Builds the model `label`, trains it on `lm_data`; returns `(model, row)`.
+
+    `callbacks` are added to the run's; `overrides` replace `lstm_lm`
+    arguments. Every model starts from `config.seed`, whether or not the
+    ones before it trained in this process or were restored from their
+    backups. A model trained statefully on a stream is returned as its
+    stateless copy (same weights, any batch size), the model to save and
+    serve.
+    """
+    keras.utils.set_random_seed(config.seed)
+    settings = dict(runs.model_settings(config), vocab_size=lm_data.vocabulary.vocabulary_size,
+                    name=label.replace("-", "_"))
+    settings.update(variant_arguments(label, config), **overrides)
+    if lm_data.stateful:
+        settings.update(stateful=True, batch_size=config.batch_size)
+    model = lstm_lm(**settings)
+    callbacks = ([ResetRecurrentState()] if lm_data.stateful else []) + list(callbacks)
+    run_dir = runs.run_dir(config, run_name)
+    row = runs.fit(model, config, lm_data.make_train, lm_data.valid, run_dir, lm_data.test, callbacks)
+    if lm_data.stateful:
+        trained, model = model, lstm_lm(**{**settings, "stateful": False, "batch_size": None})
+        model.set_weights(trained.get_weights())
+    row["model"] = label
+    _log.info(
+        "%s: valid perplexity %.1f, test %.1f (%d training tokens, %.0f s)",
+        label, row["valid_perplexity"], row["test_perplexity"], row["train_tokens"], row["train_seconds"],
+    )
+    return model, row
+
+
+def train_lm(config, models=None, save=True):
+    """Trains the MoE language model and its matched baseline; returns the table rows.
+
+    Args:
+        config: a `Config`.
+        models: model labels to train (default: "moe" and `config.baseline`;
+            see `variant_arguments`).
+        save: save each model as `<output>/lm_<label>.keras` and the
+            vocabulary as `<output>/lm_vocab.txt` (wordpieces) or
+            `lm_vocab.json` (a `WordVocabulary`, `--level word`).
+
+    Returns:
+        A list of dicts, one per model: name, params (without embedding and
+        softmax), ops per timestep, validation and test perplexity, training
+        seconds, the validation curve and the MoE layers' load balance (mean
+        over MoE layers) on the last epoch's training batches and, under
+        `valid_`, on the validation set.
+    """
+    lm_data = _lm_data(config)
+    rows, run_names = [], []
+    for label in models or ["moe", config.baseline]:
+        name = label.replace("-", "_")
+        run_names.append(f"lm_{name}")
+        model, row = _train_lm_variant(config, lm_data, label, run_names[-1])
+        rows.append(row)
+        if save:
+            model.save(os.path.join(config.output, f"lm_{name}.keras"))
+    if save:
+        suffix = ".json" if isinstance(lm_data.vocabulary, data.WordVocabulary) else ".txt"
+        lm_data.vocabulary.save_vocabulary(os.path.join(config.output, f"lm_vocab{suffix}"))
+        runs.write_json(os.path.join(config.output, "lm_results.json"), config, rows)
+    runs.delete_backups(config, run_names)
+    return rows
+
+
+def table6(config, settings=((0.0, 0.0), (0.2, 0.0), (0.0, 0.2), (0.1, 0.1), (0.01, 0.01), (1.0, 1.0))):
+    """The MoE LM at each (w_importance, w_load) of the paper's Table 6."""
+    lm_data = _lm_data(config)
+    rows, run_names = [], []
+    for w_importance, w_load in settings:
+        run_names.append(f"table6_{w_importance}_{w_load}")
+        _, row = _train_lm_variant(config, lm_data, "moe", run_names[-1],
+                                   importance_weight=w_importance, load_weight=w_load)
+        row.update(w_importance=w_importance, w_load=w_load)
+        rows.append(row)
+    runs.write_json(os.path.join(config.output, f"table6_{config.corpus}_results.json"), config, rows)
+    runs.delete_backups(config, run_names)
+    return rows
+
+
+
+# Figure 2 at fixed ops: flat MoEs of growing size, a hierarchical one, and
+# the three dense baselines matched to them.
+SWEEP_MODELS = ("moe-4", "moe-32", "moe-256", "moe-256-h", *BASELINES)
+
+
+def expert_sweep(config, models=SWEEP_MODELS):
+    """Figure 2 at fixed ops: MoEs of growing size against the dense baselines.
+
+    Every MoE model sends each token to `config.k` experts of the same width
+    (see `variant_arguments`), so all cost the same ops per timestep up to their
+    gates; the dense baselines are matched to them.
+    """
+    lm_data = _lm_data(config)
+    run_names = [f"sweep_{label}" for label in models]
+    rows = [_train_lm_variant(config, lm_data, label, run_name)[1] for label, run_name in zip(models, run_names)]
+    runs.write_json(os.path.join(config.output, f"sweep_{config.corpus}_results.json"), config, rows)
+    runs.delete_backups(config, run_names)
+    return rows
+
+
+# The routers `router_comparison` trains by default: the paper's and the later ones.
+ROUTER_COMPARISON = ("noisy_top_k", "switch", "top_k", "expert_choice", "loss_free", "hash")
+
+
+class StepTimer(keras.callbacks.Callback):
+    """Wall time of each training step; `median_ms` leaves out the first (tracing) step."""
+
+    def __init__(self):
+        super().__init__()
+        self.seconds = []
+
+    def on_train_batch_begin(self, batch, logs=None):
+        self._start = time.perf_counter()
+
+    def on_train_batch_end(self, batch, logs=None):
+        self.seconds.append(time.perf_counter() - self._start)
+
+    @property
+    def median_ms(self):
+        steps = self.seconds[1:] or self.seconds
+        return 1000 * float(np.median(steps)) if steps else None
+
+
+def router_comparison(config, routers=ROUTER_COMPARISON):
+    """The MoE language model with each router, at equal ops per timestep.
+
+    Every model is `config`'s MoE LM with a router of `tf_moe.routers` by
+    name: token-choice routers send each token to `config.k` experts of
+    `config.expert_hidden` units (expert choice: `config.k` on average, its
+    capacity factor), and the one-expert routers (switch, hash) to one
+    expert `config.k` times as wide, so every model spends the same expert
+    multiply-adds per token (the routers' own `d * n` differ: the hash
+    router has none). Expert choice is not causal (see
+    `ExpertChoiceRouter`): its perplexity is of a model whose positions see
+    a little of the batch's future.
+
+    Args:
+        config: a `Config` (flat MoE: `groups` must be None).
+        routers: router names (not "softmax", which runs every expert).
+
+    Returns:
+        A list of dicts as `train_lm`'s, with `model` the router's name and
+        `step_ms`, the median wall time of a training step (the first left
+        out).
+    """
+    if config.groups is not None:
+        raise ValueError("The router comparison uses flat MoEs: leave `groups` (--hierarchical) unset.")
+    for name in routers:
+        if name not in routers_module.NAMES or name == "softmax":
+            choices = [n for n in routers_module.NAMES if n != "softmax"]
+            raise ValueError(f"Unknown router {name!r} for the comparison: choose from {choices}.")
+    lm_data = _lm_data(config)
+    rows, run_names = [], []
+    for name in routers:
+        one_expert = name in routers_module.ONE_EXPERT
+        timer = StepTimer()
+        run_names.append(f"routers_{name}")
+        # The paper's router is the models' default, with the gates' learning
+        # rate multiplier; the others by name, at their papers' settings.
+        router = {} if name == "noisy_top_k" else dict(router=name, gate_learning_rate_multiplier=1.0)
+        _, row = _train_lm_variant(
+            config, lm_data, "moe", run_names[-1], callbacks=[timer], **router,
+            k=1 if one_expert else config.k,
+            expert_hidden_units=config.expert_hidden * (config.k if one_expert else 1),
+        )
+        row.update(model=name, step_ms=timer.median_ms)
+        rows.append(row)
+    runs.write_json(os.path.join(config.output, f"routers_{config.corpus}_results.json"), config, rows)
+    runs.delete_backups(config, run_names)
+    return rows
