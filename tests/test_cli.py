@@ -140,6 +140,36 @@ def test_a_corpus_that_cannot_be_fetched_is_one_line_or_with_v_a_traceback(monke
         cli.main(["train", "lm", "--quick", "-v"])
 
 
+def test_an_output_or_cache_that_cannot_be_written_stops_before_training(tmp_path, monkeypatch, capsys):
+    a_file = tmp_path / "a_file"
+    a_file.write_text("")
+    read_only = tmp_path / "read_only"
+    read_only.mkdir()
+    temporary_file = cli.tempfile.TemporaryFile
+
+    def refuse_read_only(*args, dir=None, **kwargs):  # as a read-only directory would, even for root
+        if dir is not None and os.path.abspath(dir) == str(read_only):
+            raise PermissionError(13, "Permission denied")
+        return temporary_file(*args, dir=dir, **kwargs)
+
+    monkeypatch.setattr(cli.tempfile, "TemporaryFile", refuse_read_only)
+    for argv, environment, message in [
+        (["--output", str(a_file)], {}, f"--output {a_file} is a file, not a directory"),
+        (["--output", str(read_only)], {}, f"--output {read_only} cannot be written: Permission denied"),
+        (["--output", str(tmp_path / "out")], {"TF_MOE_CACHE": str(a_file)},
+         f"the corpus cache {a_file} (TF_MOE_CACHE) is a file, not a directory"),
+    ]:
+        for name, value in environment.items():
+            monkeypatch.setenv(name, value)
+        with pytest.raises(SystemExit) as exit_info:
+            cli.main(["train", "lm", "--quick", *argv])
+        assert exit_info.value.code == 2
+        out, err = capsys.readouterr()
+        assert out == "" and err == f"tf-moe train: error: {message}\n"
+        for name in environment:
+            monkeypatch.delenv(name)
+
+
 def test_launcher_sets_tensorflows_log_level_from_v(monkeypatch):
     assert _tf_moe_launcher.verbosity(["train", "lm", "--quick"]) == 0
     assert _tf_moe_launcher.verbosity(["-v", "train", "lm", "--verbose"]) == 2
