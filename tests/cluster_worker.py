@@ -8,8 +8,10 @@ process, loads WORKDIR/init.weights.h5 (saved by the test from the
 single-device model) and feeds it WORKDIR/data.npz in global batches of
 `GLOBAL_BATCH` rows, replica r taking rows r*b...(r+1)*b-1 of each.
 
-SCENARIO "match": one training step on the first global batch, then the
-outputs on that batch (via `strategy.run`, gathered in row order).
+SCENARIO "match": `STEPS` steps of SGD with momentum, then the outputs on
+the first global batch (via `strategy.run`, gathered in row order); then a
+model compiled with the same SGD unwrapped must refuse to train (its
+error goes in the results).
 
 SCENARIO "resume": `EPOCHS` epochs of `STEPS` steps with a `ClusterBackup`
 in WORKDIR/backup, resumed from it when there is one. Worker 1 marks the
@@ -45,9 +47,14 @@ def model(layer_cls, optimizer):
     return built
 
 
-def optimizer():
+def optimizer(scenario):
+    """SGD with momentum for "match": its update scales with the gradient, so a
+    gradient summed over the wrong replicas shows (Adam's first step would
+    hide it). Adam for "resume"."""
     import keras
 
+    if scenario == "match":
+        return keras.optimizers.SGD(0.1, momentum=0.9)
     return keras.optimizers.Adam(0.05)
 
 
@@ -88,6 +95,19 @@ def _outputs(strategy, built, x):
     return strategy.gather(outputs, axis=0).numpy()
 
 
+def _plain_optimizer_error(strategy, x, y):
+    """What `fit` says when the optimizer is not wrapped ("" if it trains)."""
+    from tf_moe.distribute import ExpertParallelMoE
+
+    with strategy.scope():
+        plain = model(ExpertParallelMoE, optimizer("match"))
+    try:
+        plain.fit(_distributed(strategy, x, y, 1), epochs=1, steps_per_epoch=1, verbose=0)
+    except ValueError as error:
+        return str(error)
+    return ""
+
+
 def _kill_marker(workdir):
     """Worker 1's callback: marks each finished epoch, and slows steps down."""
     import keras
@@ -117,14 +137,14 @@ def main(scenario, local_devices, workdir):
     strategy = get_strategy("multiworker", devices=devices)
     task = strategy.cluster_resolver.task_id
     with strategy.scope():
-        built = model(ExpertParallelMoE, expert_parallel_optimizer(optimizer()))
+        built = model(ExpertParallelMoE, expert_parallel_optimizer(optimizer(scenario)))
     built.load_weights(os.path.join(workdir, "init.weights.h5"))
     data = np.load(os.path.join(workdir, "data.npz"))
     x, y = data["x"], data["y"]
     results = {"replicas": strategy.num_replicas_in_sync}
 
     if scenario == "match":
-        steps, epochs, callbacks, initial_epoch = 1, 1, [], 0
+        steps, epochs, callbacks, initial_epoch = STEPS, 1, [], 0
     elif scenario == "resume":
         backup = ClusterBackup(os.path.join(workdir, "backup"))
         initial_epoch = results["initial_epoch"] = backup.initial_epoch
@@ -140,6 +160,8 @@ def main(scenario, local_devices, workdir):
     results["loss"], results["aux_loss"] = history.get("loss", []), history.get("moe_aux_loss", [])
     results["outputs"] = _outputs(strategy, built, x[:GLOBAL_BATCH])
     save_weights(built, os.path.join(workdir, "trained.weights.h5"))
+    if scenario == "match":
+        results["plain_error"] = _plain_optimizer_error(strategy, x, y)
     if is_chief(strategy):
         np.savez(os.path.join(workdir, "results.npz"), **results)
 

@@ -93,6 +93,9 @@ BAD_FLAGS = [
     (["train", "lm", "--unknown"], "unrecognized arguments: --unknown"),
     (["experiment", "ptb", "--models", "moe-16", "moe-5-h"], "--models: 'moe-5-h'"),
     (["experiment", "experts", "--models", "dense"], "--models: Unknown model 'dense'"),
+    (["experiment", "experts", "--quick", "--models", "moe-0"], "--models: 'moe-0': an MoE of k=2 experts"),
+    (["experiment", "experts", "--models", "moe-1"], "--models: 'moe-1': an MoE of k=4 experts"),
+    (["experiment", "ptb", "--models", "moe-0-h"], "--models: 'moe-0-h': a hierarchical MoE of k=4"),
     (["experiment", "routers", "--routers", "softmax"], "argument --routers: invalid choice: 'softmax'"),
     (["experiment", "routers", "--models", "moe-4"], "--models is for `tf-moe experiment experts or ptb or tune`"),
     (["experiment", "table6", "--routers", "switch"], "--routers is for `tf-moe experiment routers`"),
@@ -156,6 +159,36 @@ def test_a_corpus_that_cannot_be_fetched_is_one_line_or_with_v_a_traceback(monke
     assert err == "tf-moe train: error: The Debian package `sword-text-web` is needed, but apt-get is missing.\n"
     with pytest.raises(cli.UsageError, match="sword-text-web"):
         cli.main(["train", "lm", "--quick", "-v"])
+
+
+def test_an_output_or_cache_that_cannot_be_written_stops_before_training(tmp_path, monkeypatch, capsys):
+    a_file = tmp_path / "a_file"
+    a_file.write_text("")
+    read_only = tmp_path / "read_only"
+    read_only.mkdir()
+    temporary_file = cli.tempfile.TemporaryFile
+
+    def refuse_read_only(*args, dir=None, **kwargs):  # as a read-only directory would, even for root
+        if dir is not None and os.path.abspath(dir) == str(read_only):
+            raise PermissionError(13, "Permission denied")
+        return temporary_file(*args, dir=dir, **kwargs)
+
+    monkeypatch.setattr(cli.tempfile, "TemporaryFile", refuse_read_only)
+    for argv, environment, message in [
+        (["--output", str(a_file)], {}, f"--output {a_file} is a file, not a directory"),
+        (["--output", str(read_only)], {}, f"--output {read_only} cannot be written: Permission denied"),
+        (["--output", str(tmp_path / "out")], {"TF_MOE_CACHE": str(a_file)},
+         f"the corpus cache {a_file} (TF_MOE_CACHE) is a file, not a directory"),
+    ]:
+        for name, value in environment.items():
+            monkeypatch.setenv(name, value)
+        with pytest.raises(SystemExit) as exit_info:
+            cli.main(["train", "lm", "--quick", *argv])
+        assert exit_info.value.code == 2
+        out, err = capsys.readouterr()
+        assert out == "" and err == f"tf-moe train: error: {message}\n"
+        for name in environment:
+            monkeypatch.delenv(name)
 
 
 def test_launcher_sets_tensorflows_log_level_from_v(monkeypatch):

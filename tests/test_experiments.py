@@ -59,6 +59,9 @@ def test_bad_model_labels_are_named():
         language_model.variant_arguments("dense", config)
     with pytest.raises(ValueError, match="moe-4-x"):
         language_model.variant_arguments("moe-4-x", config)
+    for label in ("moe-0", "moe-3", "moe-0-h", "moe-1-h"):  # fewer experts than k
+        with pytest.raises(ValueError, match=f"'{label}'.* needs at least 4"):
+            language_model.variant_arguments(label, config)
     assert language_model.variant_arguments("moe-16-h", config) == dict(num_experts=16, num_groups=4, k=2)
     assert language_model.variant_arguments("moe-16", config) == dict(num_experts=16, num_groups=None)
     assert language_model.variant_arguments("moe", config) == {}

@@ -71,6 +71,25 @@ def test_masked_tokens_are_never_taken():
     assert np.sum(np.asarray(few.expert_id) < 4) == 12
 
 
+def test_an_empty_batch_trains():
+    """C = 0: no assignment, zero outputs and gradients (top_k's own gradient fails there)."""
+    moe = tf_moe.MoELayer(4, None, 8, router="expert_choice")
+    x = tf.zeros((0, 5, 4))
+    with tf.GradientTape() as tape:
+        y = moe(x, training=True)
+        objective = tf.reduce_sum(y) + tf.add_n(moe.losses)
+    assert y.shape == (0, 5, 4)
+    gradients = tape.gradient(objective, moe.trainable_weights)
+    assert all(np.all(np.asarray(g) == 0) for g in gradients if g is not None)
+    inputs = keras.Input((5, 4))
+    model = keras.Model(inputs, tf_moe.MoELayer(4, None, 8, router="expert_choice")(inputs))
+    model.compile(keras.optimizers.SGD(0.1), "mse")
+    before = [w.numpy() for w in model.weights]
+    model.train_on_batch(np.zeros((0, 5, 4), "float32"), np.zeros((0, 5, 4), "float32"))
+    for weight, value in zip(model.weights, before):
+        np.testing.assert_array_equal(weight.numpy(), value)
+
+
 def test_expert_capacity_is_exact_and_capped():
     assert expert_capacity(2.0, 22, 4) == 11
     assert expert_capacity(1.25, 10, 4) == 4  # ceil(3.125)

@@ -2,8 +2,11 @@
 
 Every export is loaded in a fresh Python process that imports only
 TensorFlow and TensorFlow Text, called there, and compared with the
-in-memory model. `.keras` round trips of the models themselves are tested
-beside them (tests/test_models_lstm_lm.py and tests/test_models_seq2seq.py,
+in-memory model. The models are trained a few steps first: their
+zero-initialised noisy top-k gates would otherwise route every token to
+the same experts, and an export that lost the gates' weights would still
+pass. `.keras` round trips of the models themselves are tested beside
+them (tests/test_models_lstm_lm.py and tests/test_models_seq2seq.py,
 `test_keras_round_trip_gives_identical_outputs`, loaded with
 `safe_mode=True`; tests/layer_test_case.py for every layer); here only the
 safe-mode guarantee and a batchwise-gate model are added.
@@ -92,6 +95,26 @@ def _top_k_next(model, rows):
     return np.array(ids), np.array(probs)
 
 
+def _trained(model, inputs, targets, loss=None):
+    """`model` after a few Adam steps, checked to route tokens to different experts."""
+    # Eagerly: four steps of these small models cost less than tracing them.
+    model.compile(keras.optimizers.Adam(0.05), loss, run_eagerly=True)
+    model.fit(inputs, targets, batch_size=16, epochs=2, verbose=0)
+    moes = [layer for layer in model.layers if isinstance(layer, tf_moe.MoELayer)]
+    assert moes
+    for moe in moes:
+        hidden = np.random.default_rng(0).normal(size=(64, moe.router.w_gate.shape[0])).astype("float32")
+        first_choices = np.asarray(moe.router(hidden, training=False).expert_id)[:64]
+        assert len(set(first_choices.tolist())) > 1, f"{moe.name} routes every token to one expert"
+    return model
+
+
+def _token_rows(rng, rows, length):
+    ids = rng.integers(4, len(VOCAB), (rows, length)).astype("int32")
+    ids[:, 0] = START_ID
+    return ids
+
+
 @pytest.fixture(scope="module")
 def tokenizer():
     return WordpieceTokenizer(VOCAB)
@@ -105,7 +128,10 @@ def exports(tmp_path_factory, tokenizer):
     cases, requests = {}, {}
 
     # Language model, through the command line (.keras file + vocabulary).
+    rng = np.random.default_rng(0)
     lm = lstm_lm(len(VOCAB), units=16, num_experts=4, k=2, expert_hidden_units=16, dropout=0.5)
+    rows = _token_rows(rng, 32, 6)
+    _trained(lm, rows[:, :-1], rows[:, 1:])
     lm.save(os.path.join(base, "lm.keras"))
     tokenizer.save_vocabulary(os.path.join(base, "vocab.txt"))
     cli.main(["export", "lm", os.path.join(base, "lm.keras"), "--vocab", os.path.join(base, "vocab.txt"),
@@ -171,6 +197,8 @@ def exports(tmp_path_factory, tokenizer):
 
     # Translation model, greedy and beam.
     mt = seq2seq(len(VOCAB), units=16, num_experts=4, k=2, expert_hidden_units=16, attention_heads=2)
+    source_rows, target_rows = _token_rows(rng, 32, 5), _token_rows(rng, 32, 6)
+    _trained(mt, {"source": source_rows, "decoder_input": target_rows[:, :-1]}, target_rows[:, 1:])
     mt_dir = export.export_translation_model(
         mt, tokenizer, export.version_dir(base, "mt"), max_length=MAX_LENGTH, beam_size=2
     )
@@ -201,6 +229,8 @@ def exports(tmp_path_factory, tokenizer):
     a, b = keras.Input((6,), name="features"), keras.Input((6,), name="context")
     h = MoE(4, 2, 8, name="moe")(keras.layers.Concatenate()([a, b]))
     numeric = keras.Model([a, b], keras.layers.Dense(3, name="scores")(keras.layers.Dropout(0.5)(h)))
+    features = rng.normal(size=(2, 32, 6)).astype("float32")
+    _trained(numeric, [features[0], features[1]], rng.normal(size=(32, 3)).astype("float32"), loss="mse")
     numeric.save(os.path.join(base, "numeric.keras"))
     cli.main(["export", "keras", os.path.join(base, "numeric.keras"), "--name", "numeric", "--output", base])
     x = np.random.default_rng(1).normal(size=(2, 5, 6)).astype("float32")

@@ -5,6 +5,7 @@ import os
 import keras
 import numpy as np
 import pytest
+import tensorflow as tf
 
 import tf_moe
 from tests import numpy_reference as ref
@@ -55,6 +56,34 @@ def test_the_ids_are_required_and_must_be_integers():
     with pytest.raises(ValueError, match="`k`"):
         routers.get("hash", 4, 2)
     assert "z_loss_weight" not in tf_moe.HashRouter(4).get_config()
+
+
+def test_the_ids_must_be_one_per_token():
+    """Fewer ids would leave tokens at output 0, more would index past the batch."""
+    layer = tf_moe.MoELayer(4, None, 16, router="hash")
+    x = np.random.default_rng(0).standard_normal((2, 3, 8)).astype("float32")
+    for ids in (np.array([[1, 2], [3, 4]]), np.arange(8).reshape(2, 4), np.arange(6).reshape(3, 2), np.arange(6)):
+        with pytest.raises(ValueError, match="`token_ids` must have the shape of `inputs`"):
+            layer(x, token_ids=ids)
+    with pytest.raises(ValueError, match="`token_ids` must have the shape of `inputs`"):
+        layer(x, token_ids=np.zeros((2, 3, 1), "int32"))  # the router's own check: [tokens]
+    router = tf_moe.HashRouter(4)
+    with pytest.raises(ValueError, match="`token_ids` must have the shape of `inputs`"):
+        router(x.reshape(6, 8), token_ids=np.arange(4))
+    # Shapes known only when the graph runs: the same message from the graph.
+    step = tf.function(
+        lambda t, ids: layer(t, token_ids=ids),
+        input_signature=[tf.TensorSpec([None, None, 8]), tf.TensorSpec([None, None], tf.int32)],
+    )
+    assert step(x, np.ones((2, 3), "int32")).shape == (2, 3, 8)
+    with pytest.raises(tf.errors.InvalidArgumentError, match="`token_ids` must have the shape of `inputs`"):
+        step(x, np.ones((2, 4), "int32"))
+
+
+def test_ids_passed_as_none_get_the_routers_message():
+    layer = tf_moe.MoELayer(4, None, 16, router="hash")
+    with pytest.raises(ValueError, match="HashRouter routes by token id: pass `token_ids`"):
+        layer(np.zeros((2, 3, 8), "float32"), token_ids=None)
 
 
 def test_moe_output_equals_the_dense_reference():

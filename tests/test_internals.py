@@ -130,6 +130,39 @@ def test_multi_worker_extended_takes_its_local_devices_from_one_method():
     ]
 
 
+def test_keras_optimizers_sum_gradients_over_replicas_in_one_method():
+    """`KeepLocalGradients` overrides it; the update step must still call it."""
+    from keras.src.backend.tensorflow.optimizer import TFOptimizer
+
+    assert isinstance(keras.optimizers.SGD(), TFOptimizer)
+    assert list(inspect.signature(TFOptimizer._all_reduce_sum_gradients).parameters) == ["self", "grads_and_vars"]
+    assert "self._all_reduce_sum_gradients(" in inspect.getsource(TFOptimizer._backend_update_step)
+
+
+def test_keep_local_gradients_skips_the_sum_for_the_variables_it_names():
+    from tf_moe.distribute.expert_parallel import is_replica_local, replica_local_variables
+
+    class KeepShards(_internals.KeepLocalGradients, keras.optimizers.SGD):
+        def keeps_local_gradient(self, variable):
+            return is_replica_local(variable)
+
+    strategy = _mirrored(2)
+    with strategy.scope():
+        shared = keras.Variable(0.0, name="shared")
+        with replica_local_variables():
+            local = keras.Variable(0.0, name="local")
+        optimizer = KeepShards(learning_rate=1.0)
+        optimizer.build([shared, local])
+
+    def step():
+        gradient = tf.cast(tf.distribute.get_replica_context().replica_id_in_sync_group + 1, tf.float32)
+        optimizer.apply_gradients([(gradient, shared), (10.0 * gradient, local)])
+
+    tf.function(lambda: strategy.run(step))()
+    assert [float(v) for v in strategy.experimental_local_results(shared.value)] == [-3.0, -3.0]  # 1 + 2
+    assert [float(v) for v in strategy.experimental_local_results(local.value)] == [-10.0, -20.0]
+
+
 def test_in_symbolic_scope_only_while_keras_traces_shapes():
     seen = []
 

@@ -110,7 +110,8 @@ def test_sequence_ids_through_the_moe_layer():
 
 
 def test_bias_is_saved_and_restored_with_the_model(tmp_path):
-    # Seeded: from some initial weights the steps' +-0.05 updates cancel out.
+    # Seeded: from some initial weights the four updates cancel out to a
+    # zero bias, which would check nothing (the full run hit one).
     keras.utils.set_random_seed(0)
     inputs = keras.Input((5,))
     moe = tf_moe.MoELayer(hidden_units=8, router=tf_moe.LossFreeRouter(4, 2, bias_update_rate=0.05), name="moe")

@@ -133,6 +133,58 @@ def test_training_output_and_loss_with_given_noise_equal_the_reference():
     np.testing.assert_allclose(float(layer.losses[0]), expected, rtol=1e-4)
 
 
+# Noise-free routers: the NaN and the clean run must route alike.
+_NAN_POLICY_ROUTERS = {
+    "noisy_top_k": lambda: tf_moe.NoisyTopKRouter(4, 2, noisy=False),
+    "softmax": lambda: tf_moe.SoftmaxRouter(4),
+    "top_k": lambda: tf_moe.TopKRouter(4, 2),
+    "switch": lambda: tf_moe.SwitchRouter(4, jitter_epsilon=0.0),
+    "loss_free": lambda: tf_moe.LossFreeRouter(4, 2),
+    "hash": lambda: tf_moe.HashRouter(4),
+    "hierarchical": lambda: tf_moe.HierarchicalRouter(2, 2, k_primary=1, noisy=False),
+    "expert_choice": lambda: tf_moe.ExpertChoiceRouter(4),
+    "batchwise": lambda: tf_moe.BatchwiseRouter(4, 2),
+}
+
+
+@pytest.mark.parametrize("training", [False, True], ids=["inference", "training"])
+@pytest.mark.parametrize("name", sorted(_NAN_POLICY_ROUTERS))
+def test_a_non_finite_unmasked_token_gets_nan_and_changes_no_other_token(name, training):
+    """The documented policy: that token's output is NaN; the others are those of
+    the clean batch, or, for routers that rank the batch, of the batch with that
+    token masked. (NaN at inference, inf while training.)"""
+    rng = np.random.default_rng(5)
+    x = rng.standard_normal((2, 8, 4)).astype("float32")
+    bad = x.copy()
+    bad[0, 3, 1] = np.inf if training else np.nan
+    others = np.ones((2, 8), bool)
+    others[0, 3] = False
+    kwargs = {"token_ids": rng.integers(0, 50, (2, 8))} if name == "hash" else {}
+
+    def fresh():  # the same initial state for each run (routers update state while training)
+        layer = tf_moe.MoELayer(hidden_units=8, router=_NAN_POLICY_ROUTERS[name]())
+        layer.build((None, None, 4))
+        randomise_weights(layer, seed=1)
+        return layer
+
+    got = fresh()(bad, training=training, **kwargs).numpy()
+    ranks_the_batch = name == "expert_choice" or (name == "batchwise" and training)
+    mask = others if ranks_the_batch else None
+    want = fresh()(x, training=training, mask=mask, **kwargs).numpy()
+    assert np.all(np.isnan(got[0, 3]))
+    np.testing.assert_allclose(got[others], want[others], rtol=1e-6, atol=1e-6)
+
+
+def test_router_inputs_must_be_per_token():
+    layer = _randomised()
+    x = np.zeros((4, 8, 6), "float32")
+    for bad in (np.zeros((4, 7, 5), "float32"), np.zeros((32, 5), "float32"), np.zeros((4,), "float32")):
+        with pytest.raises(ValueError, match="`noise` must have the shape of `inputs` without its last axis"):
+            layer(x, training=True, noise=bad)
+    # None is no input: the router draws its own noise.
+    assert layer(x, training=True, noise=None).shape == (4, 8, 6)
+
+
 def test_loss_is_the_papers_balancing_loss():
     """`w_imp CV(Importance)^2 + w_load CV(Load)^2` of the reference gates and
     smooth load (section 4, appendix A), and the metrics their square roots."""
@@ -328,11 +380,32 @@ def test_balancing_losses_balance_the_load():
         (dict(num_experts=8, router=tf_moe.NoisyTopKRouter(4, 2)), "`num_experts`"),
         (dict(k=1, router=tf_moe.NoisyTopKRouter(4, 2)), "`k`"),
         (dict(router="noisy_top_k"), "`num_experts`"),
+        (dict(num_experts=4.0, k=1), "`num_experts`"),
+        (dict(num_experts=4, k=True), "`k`"),
+        (dict(num_experts=4, k=1, output_units="8"), "`output_units`"),
+        (dict(num_experts=4, k=1, num_shared_experts=np.int64(-1)), "`num_shared_experts`"),
+        (dict(num_experts=4, k=1, use_bias="no"), "`use_bias`"),
+        (dict(num_experts=4, k=1, activation="foo"), "`activation`"),
+        (dict(num_experts=4, k=1, kernel_initializer="foo"), "`kernel_initializer`"),
+        (dict(num_experts=4, k=1, bias_initializer="foo"), "`bias_initializer`"),
+        (dict(num_experts=4, k=1, kernel_regularizer="foo"), "`kernel_regularizer`"),
+        (dict(num_experts=4, k=1, bias_regularizer=3), "`bias_regularizer`"),
     ],
 )
 def test_invalid_arguments_get_clear_errors(kwargs, arg):
     with pytest.raises(ValueError, match=arg):
         tf_moe.MoELayer(**{"hidden_units": 8, **kwargs})
+
+
+def test_numpy_integers_are_taken_as_ints():
+    layer = tf_moe.MoELayer(
+        np.int64(4), np.int32(2), np.int64(8), output_units=np.int16(3), num_shared_experts=np.uint8(1)
+    )
+    config = layer.get_config()
+    assert [type(config[key]) for key in ("num_experts", "k", "hidden_units", "output_units", "num_shared_experts")] == [int] * 5
+    assert layer(np.zeros((2, 5), "float32")).shape == (2, 3)
+    router = tf_moe.HierarchicalRouter(np.int64(2), np.int64(3), k_primary=np.int32(1))
+    assert (router.num_experts, router.k) == (6, 2) and type(router.get_config()["num_groups"]) is int
 
 
 def test_invalid_inputs_get_clear_errors():

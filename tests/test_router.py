@@ -54,12 +54,7 @@ class TokenIdRouter(tf_moe.Router):
         )
 
     def ops_per_token(self, input_units):
-        return 0
-
-    def get_config(self):
-        config = super().get_config()
-        config["num_experts"] = self.num_experts
-        return config
+        return 0  # no gate matmul
 
 
 def _layer(seed=0):
@@ -142,7 +137,7 @@ def test_moe_layer_rejects_losses_other_than_declared():
 
 def test_routers_register_themselves_by_name():
     assert routers.NAMES == tuple(sorted(
-        ("noisy_top_k", "softmax", "batchwise", "switch", "top_k", "expert_choice", "loss_free", "hash")))
+        ("noisy_top_k", "softmax", "batchwise", "switch", "top_k", "top_k_gate", "expert_choice", "loss_free", "hash")))
     assert routers.ONE_EXPERT == ("hash", "switch")
 
     @router_registry.register_router("test_token_id", k=router_registry.K_ONE)
@@ -159,12 +154,71 @@ def test_routers_register_themselves_by_name():
         router_registry._ROUTERS.pop("test_token_id")
 
 
-def test_base_router_requires_call_and_ops():
+def test_base_router_requires_call_and_counts_a_gate_matmul():
     router = tf_moe.Router(4, 2)
     with pytest.raises(NotImplementedError, match="Routing"):
         router.call(tf.zeros((2, 3)))
-    with pytest.raises(NotImplementedError, match="ops_per_token"):
-        router.ops_per_token(3)
+    assert router.ops_per_token(3) == 3 * 4
+
+
+@keras.saving.register_keras_serializable(package="tf_moe_tests")
+class RoundRobinRouter(tf_moe.Router):
+    """The least a router can be: only `call`. Token t's choice j is expert (t + j) % n, weight 1/k."""
+
+    uses_balancing_loss = False
+    has_logits = False
+
+    def call(self, inputs, training=None, mask=None):
+        _, valid = self.masked_tokens(inputs, mask)
+        tokens = tf.shape(inputs)[0]
+        token_id = tf.tile(tf.range(tokens), [self.k])
+        expert_id = (token_id + tf.repeat(tf.range(self.k), tokens)) % self.num_experts
+        if valid is not None:
+            expert_id = tf.where(tf.gather(valid, token_id), expert_id, self.num_experts)
+        weight = tf.where(expert_id < self.num_experts, 1.0 / self.k, 0.0)
+        load = tf.math.unsorted_segment_sum(tf.ones_like(weight), expert_id, self.num_experts + 1)
+        return tf_moe.Routing(
+            token_id=token_id, expert_id=expert_id, weight=weight,
+            importance=load[:-1] / self.k, load=load[:-1], dropped=tf.zeros(()), losses={}, metrics={},
+        )
+
+
+def test_a_minimal_router_subclass_saves_and_reloads(tmp_path):
+    router = RoundRobinRouter(5, 2, name="round_robin")
+    assert {"num_experts": 5, "k": 2}.items() <= router.get_config().items()
+    clone = RoundRobinRouter.from_config(router.get_config())
+    assert (clone.num_experts, clone.k) == (5, 2)
+    inputs = keras.Input((3, 4))
+    model = keras.Model(inputs, tf_moe.MoELayer(hidden_units=6, router=router, name="moe")(inputs))
+    randomise_weights(model.get_layer("moe"), seed=3)
+    x = np.random.default_rng(0).standard_normal((2, 3, 4)).astype("float32")
+    path = os.path.join(tmp_path, "model.keras")
+    model.save(path)
+    loaded = keras.models.load_model(path, safe_mode=True)
+    assert (loaded.get_layer("moe").router.num_experts, loaded.get_layer("moe").router.k) == (5, 2)
+    np.testing.assert_array_equal(loaded.predict(x, verbose=0), model.predict(x, verbose=0))
+
+
+def test_router_configs_hold_num_experts_and_k_where_the_constructor_takes_them():
+    """Each config is exactly what the constructor takes: it rebuilds the router."""
+    made = [
+        (tf_moe.NoisyTopKRouter(6, 2), {"num_experts": 6, "k": 2}),
+        (tf_moe.TopKRouter(6, 3), {"num_experts": 6, "k": 3}),
+        (tf_moe.BatchwiseRouter(6, 2), {"num_experts": 6, "k": 2}),
+        (tf_moe.LossFreeRouter(6, 2), {"num_experts": 6, "k": 2}),
+        (tf_moe.SoftmaxRouter(6), {"num_experts": 6}),
+        (tf_moe.SwitchRouter(6), {"num_experts": 6}),
+        (tf_moe.HashRouter(6), {"num_experts": 6}),
+        (tf_moe.ExpertChoiceRouter(6, 1.5), {"num_experts": 6}),
+        (tf_moe.HierarchicalRouter(2, 3), {}),
+        (TokenIdRouter(6), {"num_experts": 6}),
+    ]
+    for router, expected in made:
+        config = router.get_config()
+        assert {key: config[key] for key in ("num_experts", "k") if key in config} == expected, type(router)
+        clone = type(router).from_config(config)
+        assert (clone.num_experts, clone.k) == (router.num_experts, router.k)
+        assert clone.get_config() == config
 
 
 @pytest.mark.parametrize(

@@ -112,6 +112,8 @@ def test_moe_output_equals_the_dense_reference():
         (dict(num_experts=4, k=2, jitter_epsilon=1.0), "`jitter_epsilon`"),
         (dict(num_experts=4, k=2, jitter_epsilon=float("nan")), "`jitter_epsilon`"),
         (dict(num_experts=4, k=2, z_loss_weight=-1.0), "`z_loss_weight`"),
+        (dict(num_experts=4, k=2, normalize="yes"), "`normalize`"),
+        (dict(num_experts=4, k=2, normalize=1), "`normalize`"),
     ],
 )
 def test_bad_configurations(kwargs, arg):

@@ -26,6 +26,10 @@ what moved.
   `CollectiveReplicaLauncher` per local device, through which they launch
   `ReplicaContext.all_reduce` and `all_gather`; the all-to-all is launched
   through the same launcher, exactly as they launch an all-gather.
+* Keras's TensorFlow optimizers sum every gradient over the replicas in
+  `_all_reduce_sum_gradients` before applying it; `KeepLocalGradients`
+  leaves out the variables a subclass names (expert shards, whose
+  gradients belong to different experts on each replica).
 * MultiWorkerMirroredStrategy runs one replica per worker on CPUs whatever
   the logical devices; `init_multi_worker_strategy` gives it a list of
   local devices (several logical CPUs per worker, as GPUs would be).
@@ -142,6 +146,24 @@ def launch_all_to_all(launcher, tensor):
             timeout=options.timeout_seconds or 0,
             ordering_token=launcher._get_ordering_token(),
         )
+
+
+class KeepLocalGradients:
+    """Optimizer mixin: `keeps_local_gradient(variable)` variables skip the sum over replicas.
+
+    Their gradients are applied on each replica as that replica computed
+    them; every other gradient is summed as Keras does.
+    """
+
+    def keeps_local_gradient(self, variable):
+        """Whether `variable`'s gradient is applied without the sum (a tf.Variable here)."""
+        return False
+
+    def _all_reduce_sum_gradients(self, grads_and_vars):
+        grads_and_vars = list(grads_and_vars)
+        shared = [pair for pair in grads_and_vars if not self.keeps_local_gradient(pair[1])]
+        reduced = iter(super()._all_reduce_sum_gradients(shared))
+        return [pair if self.keeps_local_gradient(pair[1]) else next(reduced) for pair in grads_and_vars]
 
 
 class _LocalDevicesExtended(collective_all_reduce_strategy.CollectiveAllReduceExtended):

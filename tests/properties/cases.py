@@ -3,16 +3,18 @@
 A case is a layer to build (any MoE layer with any router, as a `Spec`
 that hypothesis prints as its constructor call), inputs of rank 2-4 with
 possibly zero tokens, a mask from none to all-masked with NaN, inf or
-garbage at the masked positions, an input dtype, a dtype policy and the
-training flag. Every number comes from numpy generators seeded by the
-case's `seed`, so examples are cheap to draw and reproduce exactly.
+garbage at the masked positions (and other token ids there for the hash
+router), an input dtype, a dtype policy and the training flag. Every
+number comes from numpy generators seeded by the case's `seed`, so
+examples are cheap to draw and reproduce exactly.
 
-Adding a router to every property is one line in `ROUTERS`.
+Adding a router to every property is one line in `ROUTERS`. Which cases
+must fail is predicted (`predicted_error`): a property requires the
+documented error exactly there and a result everywhere else.
 """
 
 import contextlib
 import dataclasses
-import inspect
 import math
 import re
 from typing import Any, NamedTuple
@@ -130,6 +132,14 @@ CAPACITY_FACTORS = st.one_of(
     st.floats(1e-4, 8.0).map(lambda value: float(f"{value:.6g}")),
 )
 NOISE_EPSILONS = st.sampled_from([0.0, 1e-2, 1.0])
+JITTER_EPSILONS = st.sampled_from([0.0, 1e-2, 0.5])
+BALANCE_WEIGHTS = st.sampled_from([0.0, 1e-2, 1.0])
+Z_LOSS_WEIGHTS = st.sampled_from([0.0, 1e-3])
+# Expert choice's own factor: each expert takes T * c / E tokens.
+EXPERT_CHOICE_FACTORS = st.one_of(
+    st.sampled_from([1e-3, 0.5, 1.0, 2.0, 1 / 3, 100.0]),
+    st.floats(0.01, 8.0).map(lambda value: float(f"{value:.6g}")),
+)
 
 
 @st.composite
@@ -154,6 +164,24 @@ ROUTERS = {
         tf_moe.BatchwiseRouter, max_experts_per_token=lambda n, k: st.none() | st.integers(1, n)
     ),
     "hierarchical": _hierarchical_router(),
+    "switch": router_specs(
+        tf_moe.SwitchRouter, k=None, balance_weight=BALANCE_WEIGHTS, jitter_epsilon=JITTER_EPSILONS,
+        seed=SEEDS, z_loss_weight=Z_LOSS_WEIGHTS,
+    ),
+    "top_k": router_specs(
+        tf_moe.TopKRouter, normalize=st.booleans(), balance_weight=BALANCE_WEIGHTS,
+        jitter_epsilon=JITTER_EPSILONS, seed=SEEDS, z_loss_weight=Z_LOSS_WEIGHTS,
+    ),
+    "expert_choice": router_specs(
+        tf_moe.ExpertChoiceRouter, k=None, capacity_factor=EXPERT_CHOICE_FACTORS, seed=SEEDS,
+        z_loss_weight=Z_LOSS_WEIGHTS,
+    ),
+    "loss_free": router_specs(
+        tf_moe.LossFreeRouter, affinity=st.sampled_from(["sigmoid", "softmax"]),
+        bias_update_rate=st.sampled_from([0.0, 1e-3, 0.1]), balance_weight=BALANCE_WEIGHTS, seed=SEEDS,
+        z_loss_weight=Z_LOSS_WEIGHTS,
+    ),
+    "hash": router_specs(tf_moe.HashRouter, k=None, seed=SEEDS),
 }
 
 # Activations of the experts, with their numpy twins for the references.
@@ -275,9 +303,20 @@ class Inputs(NamedTuple):
     mask: Any  # bool array of the leading shape, or None
     valid: np.ndarray  # [T] bool, the flattened mask (all True without one)
     probe: np.ndarray  # float32 weights of the outputs in the gradient objective
+    router_inputs: dict  # per-token call arguments the router requires (token ids)
+    poisoned_router_inputs: dict  # the same with other values at masked positions
 
 
-def make_inputs(case, output_units):
+def _router_inputs(router, leading, valid, rng):
+    """`(clean, poisoned)` token ids where the router requires them (any int64, other ids when masked)."""
+    if "token_ids" not in router.required_inputs:
+        return {}, {}
+    ids = rng.integers(-(2**40), 2**40, leading)
+    poisoned = np.where(valid, ids, rng.integers(-(2**40), 2**40, leading))
+    return {"token_ids": ids}, {"token_ids": poisoned}
+
+
+def make_inputs(case, output_units, router):
     rng = np.random.default_rng(case.seed + 1)
     x = rng.standard_normal(case.leading + (case.units,)).astype("float32")
     if case.mask == "none" or case.mask == "all":
@@ -294,7 +333,8 @@ def make_inputs(case, output_units):
     poisoned = np.where(valid[..., None], x, fill).astype("float32")
     probe = rng.standard_normal(case.leading + (output_units,)).astype("float32")
     mask = None if case.mask == "none" else valid.astype(case.mask_dtype)
-    return Inputs(clean, poisoned, mask, valid.reshape(-1), probe)
+    router_inputs, poisoned_router_inputs = _router_inputs(router, case.leading, valid, rng)
+    return Inputs(clean, poisoned, mask, valid.reshape(-1), probe, router_inputs, poisoned_router_inputs)
 
 
 def build_layer(case):
@@ -315,23 +355,29 @@ def as_seen(values, case, layer):
     return tf.cast(as_input(values, case), layer.compute_dtype).numpy().astype(np.float64)
 
 
-def _argument_names(*classes):
-    """Names of the constructor and call arguments of tf_moe classes and their bases."""
-    names = set()
-    for cls in classes:
-        for klass in cls.__mro__:
-            if klass.__module__.startswith("tf_moe"):
-                for method in (klass.__init__, getattr(klass, "call", None)):
-                    if method is not None:
-                        names.update(inspect.signature(method).parameters)
-    return names - {"self", "args", "kwargs"}
+def predicted_error(router, num_tokens, training):
+    """The arguments a ValueError of this call must name, or () where the call is valid.
+
+    Only batchwise gating refuses calls: while training it ranks
+    `m = k * T // n` tokens per expert, T the rows it is given (masked ones
+    too), and needs m >= 1.
+    """
+    if isinstance(router, tf_moe.BatchwiseRouter) and training and router.k * num_tokens // router.num_experts < 1:
+        return ("k", "num_experts")
+    return ()
 
 
-def documented_error(error, *objects):
-    """Checks that a ValueError names (in backquotes) an argument of `objects`' classes."""
-    named = set(re.findall(r"`(\w+)`", str(error))) & _argument_names(*map(type, objects))
-    assert named, f"a ValueError that names no argument: {error}"
+def documented_error(error, predicted):
+    """Checks that a ValueError was predicted and names (in backquotes) a predicted argument."""
+    assert predicted, f"a ValueError in a valid case: {error}"
+    named = set(re.findall(r"`(\w+)`", str(error))) & set(predicted)
+    assert named, f"a ValueError that names none of {predicted}: {error}"
     event(f"ValueError naming {sorted(named)}")
+
+
+def require_predicted_error(predicted):
+    """Checks, after a call that raised nothing, that none was predicted."""
+    assert not predicted, f"no ValueError in a case that needs {predicted}"
 
 
 @contextlib.contextmanager
@@ -360,13 +406,17 @@ class Run(NamedTuple):
     balance: dict  # the layer's LoadBalanceMetrics result
 
 
-def run_layer(layer, case, values, inputs, gradients=True):
-    """Calls `layer` on `values` from the state it had when built; returns a `Run`."""
+def run_layer(layer, case, values, inputs, gradients=True, poisoned=False):
+    """Calls `layer` on `values` from the state it had when built; returns a `Run`.
+
+    `poisoned` passes the router inputs with other values at masked positions.
+    """
     layer.balance.reset_state()
     x = as_input(values, case)
+    router_inputs = inputs.poisoned_router_inputs if poisoned else inputs.router_inputs
     with recorded_routings(layer.router) as routings, tf.GradientTape() as tape:
         tape.watch(x)
-        y = layer(x, mask=inputs.mask, training=case.training)
+        y = layer(x, mask=inputs.mask, training=case.training, **router_inputs)
         losses = list(layer.losses)
         objective = tf.reduce_sum(tf.cast(y, tf.float32) * inputs.probe) + tf.add_n(losses + [tf.zeros(())])
     grads = []
@@ -400,9 +450,11 @@ def expert_weights(experts):
 def reference_outputs(layer, case, x, routing, capacity_factor):
     """The MoE's outputs from the routing, every expert computed densely in numpy.
 
-    Returns `(outputs [T, o], dropped)`: dropped counts the assignments the
-    capacity `ceil(capacity_factor * k * T / n)` drops in list (choice-major)
-    order, plus those the router dropped itself.
+    Returns `(outputs [T, o], magnitude [T, o], dropped, routed)`:
+    magnitude bounds what rounding can change in the outputs (see
+    `numpy_reference.dense_moe_magnitude`); dropped counts the assignments
+    the capacity `ceil(capacity_factor * k * T / n)` drops in list
+    (choice-major) order, plus those the router dropped itself.
     """
     n, num_tokens = layer.num_experts, case.num_tokens
     expert_id = routing.expert_id
@@ -415,10 +467,15 @@ def reference_outputs(layer, case, x, routing, capacity_factor):
     gates = ref.dense_gates(routing.token_id[kept], expert_id[kept], routing.weight[kept], num_tokens, n)
     w_in, b_in, w_out, b_out = expert_weights(layer.experts)
     activation = ACTIVATIONS[keras.activations.serialize(layer.activation)]
-    outputs = ref.dense_moe(x.reshape(num_tokens, case.units), gates, w_in, b_in, w_out, b_out, activation)
+    tokens = x.reshape(num_tokens, case.units)
+    outputs = ref.dense_moe(tokens, gates, w_in, b_in, w_out, b_out, activation)
+    magnitude = ref.dense_moe_magnitude(tokens, gates, w_in, b_in, w_out, b_out)
     dropped = float(routing.dropped) + routed.sum() - kept.sum()
-    return outputs, dropped, float(routing.dropped) + routed.sum()
+    return outputs, magnitude, dropped, float(routing.dropped) + routed.sum()
 
 
-# Deviation allowed from the float64 reference, relative to its largest magnitude.
+# Deviation allowed from the float64 reference, relative to the magnitude
+# of what is summed (`reference_outputs`): float16 keeps ~3 decimal
+# digits, bfloat16 ~2, and the output of a layer that sums terms of
+# opposite sign can be far smaller than its rounding error.
 TOLERANCE = {"float32": 1e-4, "mixed_float16": 1e-2, "mixed_bfloat16": 5e-2}

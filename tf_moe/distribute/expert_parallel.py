@@ -1,5 +1,7 @@
 """Expert parallelism: each expert lives on one replica (Shazeer et al. 2017, section 3.1)."""
 
+import contextlib
+
 import keras
 import tensorflow as tf
 
@@ -137,6 +139,43 @@ def assign_shards(variable, full_value):
         component.assign(full_value[shard * local : (shard + 1) * local])
 
 
+class ShardGuard:
+    """The constraint of an expert shard: stops optimizers that would sum its gradient.
+
+    Keras optimizers sum every gradient over the replicas, which for a
+    shard adds the gradients of different experts together. Every Keras
+    optimizer applies the constraints of the variables it updates while it
+    builds its step, so this raises then: under `fit` or any `tf.function`
+    before a step has run. The optimizers of `expert_parallel_optimizer`,
+    which keep shard gradients local, lift it while they build their step.
+    """
+
+    def __init__(self, variable):
+        self.variable = variable
+        self._lifts = 0
+
+    def __call__(self, value):
+        raise ValueError(
+            f"`optimizer`: {self.variable.path} is a shard of ExpertParallelMoE's experts, and this "
+            "optimizer sums every gradient over the replicas, which would add different experts' "
+            "gradients together. Compile with `tf_moe.distribute.expert_parallel_optimizer(optimizer)`."
+        )
+
+    @contextlib.contextmanager
+    def lifted(self):
+        """No constraint on the shard inside the block."""
+        # Counted: under MirroredStrategy the replicas' threads build their
+        # steps interleaved, each inside its own block.
+        self._lifts += 1
+        self.variable.constraint = None
+        try:
+            yield
+        finally:
+            self._lifts -= 1
+            if not self._lifts:
+                self.variable.constraint = self
+
+
 def _reseeded(initializer, shard):
     """`initializer` with its int seed moved by `shard`, so shards differ."""
     seed = getattr(initializer, "seed", None)
@@ -184,6 +223,8 @@ class _ShardedExperts(FeedForwardExperts):
             )
         with replica_local_variables():
             super().build(input_shape)
+        for variable in self.trainable_weights:
+            variable.constraint = ShardGuard(variable)
         # The strategy copies replica 0's initial value to every replica.
         ids = shard_ids(strategy)
         for variable, initializer in self._initializers():
@@ -267,7 +308,8 @@ class ExpertParallelMoE(MoELayer):
     Expert weights are per-replica (ON_READ) variables: train with an
     optimizer wrapped by `tf_moe.distribute.expert_parallel_optimizer`,
     which leaves their gradients local instead of summing them over
-    replicas. Weights are saved as the full `[num_experts, ...]` bank, so
+    replicas; any other optimizer stops with a ValueError when it builds
+    its first step (`ShardGuard`), before the step runs. Weights are saved as the full `[num_experts, ...]` bank, so
     they load onto any number of replicas and workers and into `MoELayer`.
 
     Args:

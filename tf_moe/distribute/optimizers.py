@@ -1,9 +1,13 @@
 """Optimizers that train per-replica expert shards."""
 
+import contextlib
+
 import keras
 import tensorflow as tf
 
+from tf_moe._internals import KeepLocalGradients
 from tf_moe.distribute.expert_parallel import (
+    ShardGuard,
     assign_shards,
     gather_all_shards,
     is_replica_local,
@@ -30,7 +34,7 @@ class _ShardAwareSaving:
             assign_shards(variable, store[str(i)][...])
 
 
-class _ShardAwareUpdates(_ShardAwareSaving):
+class ShardAwareUpdates(_ShardAwareSaving, KeepLocalGradients):
     """Optimizer mixin: replica-local variables keep their local gradients.
 
     Keras sums every gradient over the replicas before applying it, which
@@ -39,19 +43,36 @@ class _ShardAwareUpdates(_ShardAwareSaving):
     already that of the global loss (the exchange's backward pass brings
     each replica the gradients of its experts' slots from every replica),
     so it is applied as it is, and its optimizer slots are per-replica too.
+    `expert_parallel_optimizer` puts it in front of each Keras optimizer;
+    for another optimizer class `Opt`, define and register
+    `class ExpertParallelOpt(ShardAwareUpdates, Opt)` the same way.
     """
 
-    def _all_reduce_sum_gradients(self, grads_and_vars):
-        grads_and_vars = list(grads_and_vars)
-        shared = [pair for pair in grads_and_vars if not is_replica_local(pair[1])]
-        reduced = iter(super()._all_reduce_sum_gradients(shared))
-        return [pair if is_replica_local(pair[1]) else next(reduced) for pair in grads_and_vars]
+    def keeps_local_gradient(self, variable):
+        return is_replica_local(variable)
 
     def add_variable_from_reference(self, reference_variable, name=None, initializer="zeros"):
         if not is_replica_local(reference_variable):
             return super().add_variable_from_reference(reference_variable, name, initializer)
         with replica_local_variables():
             return super().add_variable_from_reference(reference_variable, name, initializer)
+
+    def build(self, variables):
+        super().build(variables)
+        # Kept from here: while a step is built, another replica's thread
+        # may hold a shard's guard lifted (its constraint None).
+        self._shard_guards = tuple(v.constraint for v in variables if isinstance(v.constraint, ShardGuard))
+
+    def apply(self, grads, trainable_variables=None):
+        if trainable_variables is not None:
+            trainable_variables = list(trainable_variables)
+            if not self.built:  # as Keras would inside `apply`, but the guards are needed first
+                with keras.name_scope(self.name, caller=self):
+                    self.build(trainable_variables)
+        with contextlib.ExitStack() as lifted:
+            for guard in getattr(self, "_shard_guards", ()):
+                lifted.enter_context(guard.lifted())
+            return super().apply(grads, trainable_variables)
 
 
 @keras.saving.register_keras_serializable(package="tf_moe")
@@ -74,7 +95,22 @@ class ExpertParallelLossScaleOptimizer(_ShardAwareSaving, keras.optimizers.LossS
         return tf.equal(not_finite, 0.0)
 
 
-_CLASSES = {}
+def _expert_parallel_class(base):
+    name = f"ExpertParallel{base.__name__}"
+    cls = type(name, (ShardAwareUpdates, base), {"__doc__": ShardAwareUpdates.__doc__, "__module__": __name__})
+    return keras.saving.register_keras_serializable(package="tf_moe", name=name)(cls)
+
+
+# Optimizers of other optimizers: wrapped as a whole (or not at all).
+_WRAPPERS = ("Optimizer", "LossScaleOptimizer", "MultiOptimizer")
+# `ExpertParallel<Class>` of every optimizer of `keras.optimizers`, made and
+# registered at import so that a saved model's optimizer loads in a fresh
+# process. Never changed afterwards.
+_EXPERT_PARALLEL_CLASSES = {
+    base: _expert_parallel_class(base)
+    for name, base in vars(keras.optimizers).items()
+    if isinstance(base, type) and issubclass(base, keras.optimizers.Optimizer) and name not in _WRAPPERS
+}
 
 
 def expert_parallel_optimizer(optimizer):
@@ -86,10 +122,15 @@ def expert_parallel_optimizer(optimizer):
     momentum, EMA averages) are per replica too. A
     `keras.optimizers.LossScaleOptimizer` comes back as an
     `ExpertParallelLossScaleOptimizer` around the copy of its inner
-    optimizer. Create it under the strategy's scope, like the model.
+    optimizer. Create it under the strategy's scope, like the model. Every
+    class it returns is registered for serialization when tf_moe is
+    imported, so a model saved with it loads anywhere tf_moe is imported.
 
     Args:
-        optimizer: a `keras.optimizers.Optimizer` instance (not yet used).
+        optimizer: an instance of one of the optimizers of
+            `keras.optimizers` (not yet used), or of a `LossScaleOptimizer`
+            around one. Another optimizer class needs its own
+            `ShardAwareUpdates` subclass (see there).
 
     Returns:
         An optimizer of class `ExpertParallel<Class>`, a subclass of
@@ -103,15 +144,18 @@ def expert_parallel_optimizer(optimizer):
     """
     if not isinstance(optimizer, keras.optimizers.Optimizer):
         raise TypeError(f"`optimizer` must be a keras.optimizers.Optimizer, got {optimizer!r}.")
-    if isinstance(optimizer, (_ShardAwareUpdates, ExpertParallelLossScaleOptimizer)):
+    if isinstance(optimizer, (ShardAwareUpdates, ExpertParallelLossScaleOptimizer)):
         return optimizer
     if isinstance(optimizer, keras.optimizers.LossScaleOptimizer):
         config = optimizer.get_config()
         del config["inner_optimizer"]
         return ExpertParallelLossScaleOptimizer(expert_parallel_optimizer(optimizer.inner_optimizer), **config)
-    base = type(optimizer)
-    if base not in _CLASSES:
-        name = f"ExpertParallel{base.__name__}"
-        cls = type(name, (_ShardAwareUpdates, base), {"__doc__": _ShardAwareUpdates.__doc__})
-        _CLASSES[base] = keras.saving.register_keras_serializable(package="tf_moe", name=name)(cls)
-    return _CLASSES[base].from_config(optimizer.get_config())
+    if type(optimizer) not in _EXPERT_PARALLEL_CLASSES:
+        raise TypeError(
+            f"`optimizer`: expert_parallel_optimizer copies the optimizers of keras.optimizers "
+            f"({', '.join(sorted(base.__name__ for base in _EXPERT_PARALLEL_CLASSES))}), not "
+            f"{type(optimizer).__name__}; define and register `class ExpertParallel"
+            f"{type(optimizer).__name__}(tf_moe.distribute.optimizers.ShardAwareUpdates, "
+            f"{type(optimizer).__name__})` instead."
+        )
+    return _EXPERT_PARALLEL_CLASSES[type(optimizer)].from_config(optimizer.get_config())

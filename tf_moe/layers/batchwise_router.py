@@ -72,7 +72,9 @@ class BatchwiseRouter(Router):
     tokens (expert-choice routing), so every expert receives exactly m
     tokens and nothing is ever dropped for capacity. A token that no expert
     picked gets no assignment (the MoE gives it a zero output and counts it
-    as unrouted). While training the router also returns the loss
+    as unrouted). A token holding NaN or inf is not ranked, so that it
+    cannot change which tokens the experts keep; neither mask keeps it, and
+    `MoELayer` gives it a NaN output. While training the router also returns the loss
     `L_batchwise` (`Routing.losses["batchwise_threshold"]`, 0 at
     inference), which learns a per-expert threshold vector T.
 
@@ -122,10 +124,10 @@ class BatchwiseRouter(Router):
     def __init__(self, num_experts, k, max_experts_per_token=None, **kwargs):
         super().__init__(num_experts, k, **kwargs)
         if max_experts_per_token is not None:
-            check_positive_int("max_experts_per_token", max_experts_per_token)
-            check_not_above("max_experts_per_token", max_experts_per_token, "num_experts", num_experts)
+            max_experts_per_token = check_positive_int("max_experts_per_token", max_experts_per_token)
+            check_not_above("max_experts_per_token", max_experts_per_token, "num_experts", self.num_experts)
         self.max_experts_per_token = max_experts_per_token
-        self.candidates = max_experts_per_token or min(2 * k, num_experts)
+        self.candidates = max_experts_per_token or min(2 * self.k, self.num_experts)
 
     def build(self, input_shape):
         self.check_input_shape(input_shape)
@@ -146,7 +148,8 @@ class BatchwiseRouter(Router):
         if valid is None:
             valid = tf.ones_like(gates[:, 0], tf.bool)
         if training:
-            (token_id, expert_id, weight), importance, batch_mask = self._batchwise_routing(gates, valid)
+            rankable = self.rankable_tokens(x, valid)
+            (token_id, expert_id, weight), importance, batch_mask = self._batchwise_routing(gates, rankable)
             threshold_mask = tf.cast(gates > thresholds, tf.float32)
             loss = batchwise_threshold_loss(gates, thresholds, threshold_mask, batch_mask, valid)
         else:
@@ -163,15 +166,15 @@ class BatchwiseRouter(Router):
             metrics={},
         )
 
-    def _batchwise_routing(self, gates, valid):
+    def _batchwise_routing(self, gates, rankable):
         num_tokens = gates.shape[0]
         if num_tokens is None:
             num_tokens = tf.shape(gates)[0]
         m = tokens_per_expert(self.k, num_tokens, self.num_experts)
-        # Masked tokens rank below every gate value (gates are >= 0).
-        scores = tf.where(valid[:, None], gates, -1.0)
+        # Masked and non-finite tokens rank below every gate value (gates are >= 0).
+        scores = tf.where(rankable[:, None], gates, -1.0)
         _, token_id = tf.math.top_k(tf.transpose(scores), k=m)  # [n, m]
-        picked = tf.gather(valid, token_id)
+        picked = tf.gather(rankable, token_id)
         expert_id = tf.broadcast_to(tf.range(self.num_experts)[:, None], tf.shape(token_id))
         pairs = tf.stack([token_id, expert_id], axis=-1)
         batch_mask = tf.scatter_nd(pairs, tf.cast(picked, tf.float32), tf.shape(gates))
@@ -196,15 +199,11 @@ class BatchwiseRouter(Router):
             gating.importance(expert_index, weight, self.num_experts),
         )
 
-    def ops_per_token(self, input_units):
-        return input_units * self.num_experts
 
     def get_config(self):
         config = super().get_config()
         config.update(
             {
-                "num_experts": self.num_experts,
-                "k": self.k,
                 "max_experts_per_token": self.max_experts_per_token,
             }
         )

@@ -56,7 +56,9 @@ class ExpertChoiceRouter(Router):
     classifiers that see whole batches.
 
     Masked tokens are never taken (they rank below every score) and count
-    in neither importance nor load; C is computed from the T rows of the
+    in neither importance nor load; nor is a token holding NaN or inf, so
+    that it cannot change which tokens the experts take (`MoELayer` gives
+    it a NaN output); C is computed from the T rows of the
     batch, padding included, so that it is static. Under data parallelism
     each replica's experts choose among that replica's tokens. `W_r` starts
     from a truncated normal of standard deviation `sqrt(0.1 / d)`. The
@@ -109,14 +111,15 @@ class ExpertChoiceRouter(Router):
         scores = tf.nn.softmax(logits, axis=-1)
         num_tokens = x.shape[0] if x.shape[0] is not None else tf.shape(x)[0]
         capacity = expert_capacity(self.capacity_factor, num_tokens, self.num_experts)
-        # Masked tokens rank below every score (scores are >= 0).
-        ranked = scores if valid is None else tf.where(valid[:, None], scores, -1.0)
-        top_scores, token_id = tf.math.top_k(tf.transpose(ranked), k=capacity)  # [E, C]
+        # Masked and non-finite tokens rank below every score (scores are >= 0).
+        rankable = self.rankable_tokens(x, valid)
+        ranked = tf.where(rankable[:, None], scores, -1.0)
+        _, token_id = tf.math.top_k(tf.transpose(ranked), k=capacity)  # [E, C]
+        # Gathered rather than top_k's values: top_k's gradient fails on an
+        # empty batch (C = 0).
+        top_scores = tf.gather(tf.transpose(scores), token_id, batch_dims=1)
         experts = tf.broadcast_to(tf.range(self.num_experts)[:, None], tf.shape(token_id))
-        if valid is None:
-            picked = tf.ones_like(token_id, tf.bool)
-        else:
-            picked = tf.gather(valid, token_id)
+        picked = tf.gather(rankable, token_id)
         expert_id = tf.where(picked, experts, self.num_experts)
         weight = tf.where(picked, top_scores, 0.0)
         return Routing(
@@ -130,14 +133,11 @@ class ExpertChoiceRouter(Router):
             metrics={},
         )
 
-    def ops_per_token(self, input_units):
-        return input_units * self.num_experts
 
     def get_config(self):
         config = super().get_config()
         config.update(
             {
-                "num_experts": self.num_experts,
                 "capacity_factor": self.capacity_factor,
                 "seed": self.seed,
             }

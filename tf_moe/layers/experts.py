@@ -61,11 +61,8 @@ class Experts(keras.layers.Layer):
 
     def __init__(self, num_experts, output_units=None, **kwargs):
         super().__init__(**kwargs)
-        check_positive_int("num_experts", num_experts)
-        if output_units is not None:
-            check_positive_int("output_units", output_units)
-        self.num_experts = num_experts
-        self.output_units = output_units
+        self.num_experts = check_positive_int("num_experts", num_experts)
+        self.output_units = None if output_units is None else check_positive_int("output_units", output_units)
 
     def check_input_shape(self, input_shape):
         """Raises a ValueError unless `input_shape` is `[num_experts, slots, d]` with known d."""

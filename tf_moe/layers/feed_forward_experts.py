@@ -4,7 +4,7 @@ import keras
 import tensorflow as tf
 from keras import ops
 
-from tf_moe.layers.checks import check_positive_int
+from tf_moe.layers.checks import check_bool, check_keras_object, check_positive_int
 from tf_moe.layers.experts import Experts
 from tf_moe.ops.expert_matmul import gated_activation, stacked_feed_forward
 
@@ -75,27 +75,25 @@ class FeedForwardExperts(Experts):
         **kwargs,
     ):
         super().__init__(num_experts, output_units, **kwargs)
-        check_positive_int("hidden_units", hidden_units)
-        if not isinstance(gated, bool):
-            raise ValueError(f"`gated` must be True or False, got {gated!r}.")
-        self.hidden_units = hidden_units
-        self.activation = keras.activations.get(activation)
-        self.use_bias = use_bias
-        self.gated = gated
+        self.hidden_units = check_positive_int("hidden_units", hidden_units)
+        self.activation = check_keras_object("activation", keras.activations, activation)
+        self.use_bias = check_bool("use_bias", use_bias)
+        self.gated = check_bool("gated", gated)
         # Keras computes fans of an [n, d, h] kernel as (n*d, n*h); a scale of
         # n gives each expert the Glorot variance of its own [d, h] kernel.
         # None (the per-expert Glorot default) is saved as None, so a copy
         # with another number of experts gets its own default.
         self._default_kernel_initializer = kernel_initializer is None
-        self.kernel_initializer = keras.initializers.get(
+        self.kernel_initializer = check_keras_object(
+            "kernel_initializer", keras.initializers,
             kernel_initializer
             or keras.initializers.VarianceScaling(
-                scale=float(num_experts), mode="fan_avg", distribution="uniform"
-            )
+                scale=float(self.num_experts), mode="fan_avg", distribution="uniform"
+            ),
         )
-        self.bias_initializer = keras.initializers.get(bias_initializer)
-        self.kernel_regularizer = keras.regularizers.get(kernel_regularizer)
-        self.bias_regularizer = keras.regularizers.get(bias_regularizer)
+        self.bias_initializer = check_keras_object("bias_initializer", keras.initializers, bias_initializer)
+        self.kernel_regularizer = check_keras_object("kernel_regularizer", keras.regularizers, kernel_regularizer)
+        self.bias_regularizer = check_keras_object("bias_regularizer", keras.regularizers, bias_regularizer)
 
     def build(self, input_shape):
         self.check_input_shape(input_shape)

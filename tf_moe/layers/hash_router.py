@@ -3,7 +3,7 @@
 import keras
 import tensorflow as tf
 
-from tf_moe.layers.router import Router, Routing
+from tf_moe.layers.router import Router, Routing, check_per_token
 from tf_moe.layers.router_registry import K_ONE, register_router
 from tf_moe.ops import gating
 
@@ -78,7 +78,7 @@ class HashRouter(Router):
         inputs: [tokens, d] float tensor (only its number of rows is used).
         training: unused.
         mask: optional [tokens] bool; masked tokens are not routed.
-        token_ids: [tokens] integer ids (required).
+        token_ids: [tokens] integer ids (required): one per token.
 
     Returns:
         A `Routing` of one assignment per token.
@@ -110,7 +110,7 @@ class HashRouter(Router):
                 "HashRouter routes by token id: pass `token_ids` (e.g. `moe(x, token_ids=ids)` "
                 "with ids of shape `x.shape[:-1]`)."
             )
-        token_ids = tf.convert_to_tensor(token_ids)
+        token_ids = check_per_token("token_ids", token_ids, inputs, own_axes=False)
         if not token_ids.dtype.is_integer:
             raise TypeError(f"`token_ids` must be integers, got {token_ids.dtype.name}.")
         valid = None if mask is None else tf.reshape(tf.cast(mask, tf.bool), [-1])
@@ -136,5 +136,5 @@ class HashRouter(Router):
 
     def get_config(self):
         config = super().get_config()
-        config.update({"num_experts": self.num_experts, "seed": self.seed})
+        config["seed"] = self.seed
         return config

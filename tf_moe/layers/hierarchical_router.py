@@ -6,6 +6,7 @@ import keras
 import tensorflow as tf
 
 from tf_moe.layers.checks import (
+    check_bool,
     check_positive,
     check_capacity_factor,
     check_non_negative,
@@ -157,11 +158,12 @@ class HierarchicalRouter(Router):
         super().__init__(num_groups * experts_per_group, k_primary * k_secondary, **kwargs)
         check_non_negative("noise_epsilon", noise_epsilon)
         check_capacity_factor(capacity_factor)
-        self.num_groups = num_groups
-        self.experts_per_group = experts_per_group
-        self.k_primary = k_primary
-        self.k_secondary = k_secondary
-        self.noisy = bool(noisy)
+        # Checked: Python or numpy ints.
+        self.num_groups = int(num_groups)
+        self.experts_per_group = int(experts_per_group)
+        self.k_primary = int(k_primary)
+        self.k_secondary = int(k_secondary)
+        self.noisy = check_bool("noisy", noisy)
         self.noise_epsilon = float(noise_epsilon)
         self.capacity_factor = None if capacity_factor is None else float(capacity_factor)
         # Without a capacity the group buffers are sized by the routing.

@@ -13,7 +13,7 @@ seq2seq models. (`MoELayer.gate`, the router under its 0.1 name, stays on
 import keras
 
 from tf_moe.layers.batchwise_router import BatchwiseRouter
-from tf_moe.layers.checks import check_not_above, check_positive_int
+from tf_moe.layers.checks import check_bool, check_not_above, check_positive_int
 from tf_moe.layers.moe_layer import MoELayer
 from tf_moe.layers.noisy_top_k_router import NoisyTopKRouter
 from tf_moe.layers.softmax_router import SoftmaxRouter
@@ -118,8 +118,8 @@ class MoE(MoELayer):
         gate="noisy_top_k",
         **kwargs,
     ):
-        check_positive_int("num_experts", num_experts)
-        check_positive_int("k", k)
+        num_experts = check_positive_int("num_experts", num_experts)
+        k = check_positive_int("k", k)
         check_not_above("k", k, "num_experts", num_experts)
         router = from_gate_arguments(num_experts, k, gate, noisy_gating, noise_epsilon, seed)
         super().__init__(
@@ -141,7 +141,7 @@ class MoE(MoELayer):
         # As given: the softmax gate routes to all experts whatever `k` says.
         self.gate_arguments = {
             "k": k,
-            "noisy_gating": bool(noisy_gating),
+            "noisy_gating": check_bool("noisy_gating", noisy_gating),
             "noise_epsilon": float(noise_epsilon),
             "seed": seed,
             "gate": gate,

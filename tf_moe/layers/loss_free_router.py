@@ -219,15 +219,11 @@ class LossFreeRouter(Router):
             sequence_ids = tf.identity(sequence_ids)
         return sequence_balance_loss(expert_index, normalised, valid, sequence_ids, self.k)
 
-    def ops_per_token(self, input_units):
-        return input_units * self.num_experts
 
     def get_config(self):
         config = super().get_config()
         config.update(
             {
-                "num_experts": self.num_experts,
-                "k": self.k,
                 "affinity": self.affinity,
                 "bias_update_rate": self.bias_update_rate,
                 "balance_weight": self.balance_weight,

@@ -5,17 +5,24 @@ import numpy as np
 import tensorflow as tf
 
 from tf_moe._internals import in_xla_compilation
-from tf_moe.layers.checks import check_capacity_factor, check_non_negative, check_positive_int
+from tf_moe.layers.checks import (
+    check_bool,
+    check_capacity_factor,
+    check_keras_object,
+    check_non_negative,
+    check_non_negative_int,
+    check_positive_int,
+)
 from tf_moe.layers.experts import Experts
 from tf_moe.layers.feed_forward_experts import FeedForwardExperts
 from tf_moe.layers.replica_losses import use_thread_local_losses
+from tf_moe.layers.router import check_per_token
 from tf_moe.layers.router_registry import get_router
 from tf_moe.metrics import LoadBalanceMetrics
 from tf_moe.ops import dispatch as dispatch_ops
 from tf_moe.ops.gating import cv_squared
 from tf_moe.ops.replicas import cross_replica_sum
 
-_MASK_SHAPE_MESSAGE = "`mask` must have the shape of `inputs` without its last axis"
 # MoELayer's arguments that describe its default FeedForwardExperts, with their defaults.
 _FEED_FORWARD_ARGUMENTS = dict(
     hidden_units=None, output_units=None, activation="relu", gated=False, use_bias=True,
@@ -26,27 +33,15 @@ _FEED_FORWARD_ARGUMENTS = dict(
 def flatten_tokens(inputs, mask):
     """Flattens [..., d] inputs (and [...] mask) into one batch of tokens.
 
-    The mask's shape is checked against `inputs.shape[:-1]`: statically
-    where both are known (a ValueError), else when the graph runs (an
-    InvalidArgumentError with the same message).
+    The mask's shape is checked against `inputs.shape[:-1]` (see
+    `check_per_token`).
 
     Returns `(tokens [T, d], valid [T] bool or None, num_tokens)`, with
     `num_tokens` a Python int when the leading shape is static.
     """
     leading = inputs.shape[:-1]
     if mask is not None:
-        mask = tf.convert_to_tensor(mask)
-        if mask.shape.rank != len(leading) or not mask.shape.is_compatible_with(leading):
-            raise ValueError(
-                f"{_MASK_SHAPE_MESSAGE}; got mask shape {mask.shape} for inputs shape "
-                f"{inputs.shape}."
-            )
-        if not (mask.shape.is_fully_defined() and leading.is_fully_defined()):
-            check = tf.debugging.assert_equal(
-                tf.shape(mask), tf.shape(inputs)[:-1], message=_MASK_SHAPE_MESSAGE
-            )
-            with tf.control_dependencies([check]):
-                mask = tf.identity(mask)
+        mask = check_per_token("mask", mask, inputs, own_axes=False)
     tokens = tf.reshape(inputs, [-1, inputs.shape[-1]])
     if leading.is_fully_defined():
         num_tokens = int(np.prod(leading, dtype=np.int64))
@@ -54,6 +49,40 @@ def flatten_tokens(inputs, mask):
         num_tokens = tf.shape(tokens)[0]
     valid = None if mask is None else tf.reshape(tf.cast(mask, tf.bool), [-1])
     return tokens, valid, num_tokens
+
+
+def flatten_router_inputs(router_inputs, inputs):
+    """Per-token router inputs [*leading, ...] -> [T, ...], each checked against `inputs`.
+
+    Inputs given as None are left out, so the router sees its default.
+    """
+    leading_rank = len(inputs.shape) - 1
+
+    def flatten(name, value):
+        value = check_per_token(name, value, inputs)
+        rest = [
+            d if d is not None else tf.shape(value)[leading_rank + i]
+            for i, d in enumerate(value.shape[leading_rank:])
+        ]
+        return tf.reshape(value, [-1] + rest)
+
+    return {
+        name: tf.nest.map_structure(lambda part, name=name: flatten(name, part), value)
+        for name, value in router_inputs.items()
+        if value is not None
+    }
+
+
+def _not_finite_to_nan(tokens, valid, outputs):
+    """NaN outputs for the unmasked tokens that hold NaN or inf, whatever routed them.
+
+    Token-choice routing passes the NaN on by itself, but a token that a
+    router left unrouted (or a capacity dropped) would otherwise get 0.
+    """
+    not_finite = tf.logical_not(tf.reduce_all(tf.math.is_finite(tokens), axis=-1))
+    if valid is not None:
+        not_finite = tf.logical_and(not_finite, valid)
+    return tf.where(not_finite[:, None], tf.constant(np.nan, outputs.dtype), outputs)
 
 
 class _RoutingRecord:
@@ -71,16 +100,6 @@ def _replica_id():
     """The id of the replica this eager code runs on (0 outside a replica context)."""
     context = tf.distribute.get_replica_context()
     return 0 if context is None else int(context.replica_id_in_sync_group)
-
-
-def _flatten_per_token(value, leading_rank):
-    """[*leading, ...] -> [T, ...]: a per-token router input, flattened like the tokens."""
-    value = tf.convert_to_tensor(value)
-    rest = [
-        d if d is not None else tf.shape(value)[leading_rank + i]
-        for i, d in enumerate(value.shape[leading_rank:])
-    ]
-    return tf.reshape(value, [-1] + rest)
 
 
 @keras.saving.register_keras_serializable(package="tf_moe")
@@ -133,6 +152,14 @@ class MoELayer(keras.layers.Layer):
     feed-forward arguments, or any expert bank passed as `experts`: a
     `tf_moe.Experts` layer mapping `[num_experts, slots, d]` to
     `[num_experts, slots, out]` (see `Experts` for the contract).
+
+    A NaN or inf in an unmasked token stays in that token: its output is
+    NaN (so is the loss, which `keras.callbacks.TerminateOnNaN` and loss
+    scaling see), never a silent 0, and it changes no other token's
+    routing or output beyond taking its own assignments' slots like any
+    token: routers that rank the whole batch (expert choice, batchwise
+    while training) leave it out of the ranking, so the others are routed
+    as if it were masked. Mask the token to drop it.
 
     Args:
         num_experts: int, number of experts n (None: the router's).
@@ -255,17 +282,15 @@ class MoELayer(keras.layers.Layer):
         if experts is None:
             if hidden_units is None:
                 raise ValueError("`hidden_units` (the experts' hidden width) is required.")
-            check_positive_int("hidden_units", hidden_units)
+            hidden_units = check_positive_int("hidden_units", hidden_units)
             if output_units is not None:
-                check_positive_int("output_units", output_units)
-            if not isinstance(gated, bool):
-                raise ValueError(f"`gated` must be True or False, got {gated!r}.")
+                output_units = check_positive_int("output_units", output_units)
+            gated = check_bool("gated", gated)
         check_non_negative("importance_weight", importance_weight)
         check_non_negative("load_weight", load_weight)
         check_capacity_factor(capacity_factor)
         check_capacity_factor(eval_capacity_factor, "eval_capacity_factor")
-        if isinstance(num_shared_experts, bool) or not isinstance(num_shared_experts, int) or num_shared_experts < 0:
-            raise ValueError(f"`num_shared_experts` must be an int >= 0, got {num_shared_experts!r}.")
+        num_shared_experts = check_non_negative_int("num_shared_experts", num_shared_experts)
         self.router = get_router(router, num_experts, k)
         for arg, value, routers_value in (
             ("num_experts", num_experts, self.router.num_experts),
@@ -287,13 +312,22 @@ class MoELayer(keras.layers.Layer):
         self.gated = gated
         self.hidden_units = hidden_units
         self.output_units = output_units
-        self.activation = keras.activations.get(activation)
+        self.activation = check_keras_object("activation", keras.activations, activation)
         self.importance_weight = float(importance_weight)
         self.load_weight = float(load_weight)
         self.capacity_factor = None if capacity_factor is None else float(capacity_factor)
         self.eval_capacity_factor = None if eval_capacity_factor is None else float(eval_capacity_factor)
         self.num_shared_experts = num_shared_experts
-        self.use_bias = use_bias
+        self.use_bias = check_bool("use_bias", use_bias)
+        # Kept as given (the experts resolve them; None: their own default),
+        # but one Keras cannot read fails here rather than at the first call.
+        for arg, module, identifier in (
+            ("kernel_initializer", keras.initializers, kernel_initializer),
+            ("bias_initializer", keras.initializers, bias_initializer),
+            ("kernel_regularizer", keras.regularizers, kernel_regularizer),
+            ("bias_regularizer", keras.regularizers, bias_regularizer),
+        ):
+            check_keras_object(arg, module, identifier)
         self.kernel_initializer = kernel_initializer
         self.bias_initializer = bias_initializer
         self.kernel_regularizer = kernel_regularizer
@@ -334,7 +368,7 @@ class MoELayer(keras.layers.Layer):
         if self.num_shared_experts:
             # Never sharded: every token needs them on its own replica.
             self.shared_experts = self._feed_forward_bank(
-                type(self.experts), self.num_shared_experts, input_units, "shared_experts"
+                FeedForwardExperts, self.num_shared_experts, input_units, "shared_experts"
             )
 
     def _build_experts(self, num_experts, input_units):
@@ -347,7 +381,7 @@ class MoELayer(keras.layers.Layer):
 
     def _feed_forward_bank(self, experts_class, num_experts, input_units, name):
         """A built bank of `num_experts` experts like the routed ones (a copy of a given bank's config)."""
-        if self.experts is not None:
+        if self.hidden_units is None:  # a bank given as `experts`: one more of its kind
             config = {**self.experts.get_config(), "num_experts": num_experts, "name": name}
             experts = type(self.experts).from_config(config)
         else:
@@ -372,10 +406,7 @@ class MoELayer(keras.layers.Layer):
         if mask is None:
             mask = inputs_mask
         tokens, valid, num_tokens = flatten_tokens(inputs, mask)
-        leading_rank = len(inputs.shape) - 1
-        router_inputs = tf.nest.map_structure(
-            lambda value: _flatten_per_token(value, leading_rank), router_inputs
-        )
+        router_inputs = flatten_router_inputs(router_inputs, inputs)
         routing = self.router(tokens, training=training, mask=valid, **router_inputs)
         if tf.executing_eagerly():
             self._last_routings.by_replica[_replica_id()] = routing
@@ -409,6 +440,7 @@ class MoELayer(keras.layers.Layer):
             )
         if self.shared_experts is not None:
             outputs = outputs + self._shared_outputs(tokens, valid)
+        outputs = _not_finite_to_nan(tokens, valid, outputs)
         self._add_losses_and_track(routing, kept, valid, num_tokens, training)
         outputs = tf.reshape(outputs, tf.concat([tf.shape(inputs)[:-1], [outputs.shape[-1]]], 0))
         return (outputs, routing) if return_routing else outputs

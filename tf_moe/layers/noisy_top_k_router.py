@@ -3,7 +3,7 @@
 import keras
 import tensorflow as tf
 
-from tf_moe.layers.checks import check_non_negative, check_positive
+from tf_moe.layers.checks import check_bool, check_non_negative, check_positive
 from tf_moe.layers.router import Router, Routing
 from tf_moe.layers.router_registry import register_router
 from tf_moe.ops import gating
@@ -34,7 +34,8 @@ class NoisyTopKRouter(Router):
     starts with equal load. Importance is the sum of the gates; load is the
     smooth estimator of section 4 and appendix A while training with noise
     (and k < n), else the count of tokens per expert. The router computes in
-    float32 whatever the dtype policy.
+    float32 whatever the dtype policy; at inference it costs `x W_g` alone
+    (`Router.ops_per_token`: the noise scale only matters while training).
 
     Metrics (`Routing.metrics`), logged by `MoELayer` per layer:
 
@@ -97,7 +98,7 @@ class NoisyTopKRouter(Router):
         check_non_negative("noise_epsilon", noise_epsilon)
         check_positive("learning_rate_multiplier", learning_rate_multiplier)
         self.learning_rate_multiplier = float(learning_rate_multiplier)
-        self.noisy = bool(noisy)
+        self.noisy = check_bool("noisy", noisy)
         self.noise_epsilon = float(noise_epsilon)
         self.seed = seed
         self.seed_generator = keras.random.SeedGenerator(seed)
@@ -180,16 +181,11 @@ class NoisyTopKRouter(Router):
             "noise_to_signal": tf.stop_gradient(ratio),
         }
 
-    def ops_per_token(self, input_units):
-        # `x W_g`; the noise scale is not needed for the output at inference.
-        return input_units * self.num_experts
 
     def get_config(self):
         config = super().get_config()
         config.update(
             {
-                "num_experts": self.num_experts,
-                "k": self.k,
                 "noisy": self.noisy,
                 "noise_epsilon": self.noise_epsilon,
                 "seed": self.seed,

@@ -1,5 +1,6 @@
 """The router contract of `MoELayer`: the `Router` base layer and its `Routing`."""
 
+import inspect
 from typing import NamedTuple
 
 import keras
@@ -8,6 +9,34 @@ import tensorflow as tf
 from tf_moe.layers.checks import check_non_negative, check_not_above, check_positive_int
 from tf_moe.ops.gating import router_z_loss
 from tf_moe.ops.replicas import cross_replica_sum
+
+
+def check_per_token(name, value, inputs, own_axes=True):
+    """`value` as a tensor, checked to be per token of `inputs`.
+
+    Its leading axes must be those of `inputs` without its last: exactly
+    those, or followed by axes of its own where `own_axes` (e.g. noise
+    draws [..., n] for inputs [..., d]). Checked statically where both
+    shapes are known (a ValueError naming `name`), else when the graph runs
+    (an InvalidArgumentError with the same message).
+    """
+    value = tf.convert_to_tensor(value)
+    leading = inputs.shape[:-1]
+    rank = len(leading)
+    message = f"`{name}` must have the shape of `inputs` without its last axis"
+    if own_axes:
+        message += " (then axes of its own)"
+    if value.shape.rank is not None and (
+        value.shape.rank < rank
+        or (not own_axes and value.shape.rank != rank)
+        or not value.shape[:rank].is_compatible_with(leading)
+    ):
+        raise ValueError(f"{message}; got {name} shape {value.shape} for inputs shape {inputs.shape}.")
+    if not (value.shape[:rank].is_fully_defined() and leading.is_fully_defined()):
+        check = tf.debugging.assert_equal(tf.shape(value)[:rank], tf.shape(inputs)[:-1], message=message)
+        with tf.control_dependencies([check]):
+            value = tf.identity(value)
+    return value
 
 
 class Routing(NamedTuple):
@@ -71,8 +100,12 @@ class Router(keras.layers.Layer):
       whatever they hold (NaN from a padded attention row) must reach no
       output, loss or gradient: `masked_tokens` zeroes them first. Extra
       keyword arguments are per-token router inputs (e.g. token ids for a
-      router that hashes them), which `MoELayer` forwards flattened to
-      [T, ...] like the tokens.
+      router that hashes them), which `MoELayer` checks (`check_per_token`)
+      and forwards flattened to [T, ...] like the tokens; one passed as
+      None is not forwarded (the router sees its default).
+    * A NaN or inf in an unmasked token must not change the routing of
+      the others: a router that ranks the whole batch leaves such tokens
+      out of the ranking (`MoELayer` gives them a NaN output).
     * `metric_names`: the keys of `Routing.metrics`, fixed per router.
     * `loss_names`: every key `Routing.losses` may hold (a loss whose
       weight is 0 may be left out, as the z-loss is).
@@ -81,7 +114,8 @@ class Router(keras.layers.Layer):
       for this router; a router with a loss of its own may turn it off and
       return its loss in `Routing.losses`.
     * `ops_per_token(input_units)`: multiply-adds per token at inference,
-      as the paper's Table 1 counts them.
+      as the paper's Table 1 counts them; the base counts one gate matmul
+      `x W_g` (`input_units * num_experts`), a router without it overrides.
     * `has_logits`: whether the router computes logits; such a router takes
       `z_loss_weight` and returns `z_losses(logits, valid)` among its
       losses (the router z-loss of Zoph et al. 2022, section 3.1, under the
@@ -96,6 +130,11 @@ class Router(keras.layers.Layer):
     * `supports_jit` (Keras's layer attribute, True by default): False for
       a router whose shapes depend on the routing (XLA cannot compile it);
       `MoELayer` then reports False too, so Keras does not jit the model.
+
+    `get_config` holds `num_experts` and `k` wherever the router's
+    constructor takes them by name (one that fixes `k`, like
+    `SoftmaxRouter(num_experts)`, leaves it out), and `z_loss_weight` where
+    the router has logits, so a subclass adds only its own arguments.
 
     A router may keep state outside the gradient (e.g. per-expert biases)
     in non-trainable variables updated in `call` while training (and only
@@ -131,8 +170,8 @@ class Router(keras.layers.Layer):
     def __init__(self, num_experts, k, z_loss_weight=0.0, **kwargs):
         kwargs.setdefault("dtype", "float32")
         super().__init__(**kwargs)
-        check_positive_int("num_experts", num_experts)
-        check_positive_int("k", k)
+        num_experts = check_positive_int("num_experts", num_experts)
+        k = check_positive_int("k", k)
         check_not_above("k", k, "num_experts", num_experts)
         check_non_negative("z_loss_weight", z_loss_weight)
         if z_loss_weight and not self.has_logits:
@@ -163,6 +202,15 @@ class Router(keras.layers.Layer):
         valid = tf.reshape(tf.cast(mask, tf.bool), [-1])
         return tf.where(valid[:, None], x, 0.0), valid
 
+    def rankable_tokens(self, x, valid=None):
+        """[T] bool: the tokens a router that ranks the batch may rank.
+
+        Unmasked and finite: a NaN or inf in one token would otherwise
+        reorder the ranking, and so change other tokens' routing.
+        """
+        finite = tf.reduce_all(tf.math.is_finite(x), axis=-1)
+        return finite if valid is None else tf.logical_and(finite, valid)
+
     def z_losses(self, logits, valid=None):
         """`{"z_loss": z_loss_weight * L_z}`, or `{}` when `z_loss_weight` is 0.
 
@@ -186,14 +234,22 @@ class Router(keras.layers.Layer):
         raise NotImplementedError(f"{type(self).__name__} must implement `call` returning a Routing.")
 
     def ops_per_token(self, input_units):
-        """Multiply-adds the router spends on one token of width `input_units` at inference."""
-        raise NotImplementedError(f"{type(self).__name__} must implement `ops_per_token`.")
+        """Multiply-adds the router spends on one token of width `input_units` at inference.
+
+        The gate matmul `x W_g` of a router with `num_experts` logits per
+        token; routers that compute something else override this.
+        """
+        return input_units * self.num_experts
 
     def compute_mask(self, inputs, mask=None):
         return None
 
     def get_config(self):
         config = super().get_config()
+        # A subclass whose constructor fixes or derives one of them must
+        # not get it back from its config.
+        arguments = inspect.signature(type(self).__init__).parameters
+        config.update({key: getattr(self, key) for key in ("num_experts", "k") if key in arguments})
         if self.has_logits:
             config["z_loss_weight"] = self.z_loss_weight
         return config

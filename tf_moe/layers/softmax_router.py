@@ -74,11 +74,3 @@ class SoftmaxRouter(Router):
             losses=self.z_losses(logits, valid),
             metrics={},
         )
-
-    def ops_per_token(self, input_units):
-        return input_units * self.num_experts
-
-    def get_config(self):
-        config = super().get_config()
-        config.update({"num_experts": self.num_experts})
-        return config

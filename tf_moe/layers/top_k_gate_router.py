@@ -90,10 +90,7 @@ class TopKGateRouter(Router):
             metrics={},
         )
 
-    def ops_per_token(self, input_units):
-        return input_units * self.num_experts  # x W_g
-
     def get_config(self):
         config = super().get_config()
-        config.update(num_experts=self.num_experts, k=self.k, learning_rate_multiplier=self.learning_rate_multiplier)
+        config["learning_rate_multiplier"] = self.learning_rate_multiplier
         return config

@@ -3,7 +3,7 @@
 import keras
 import tensorflow as tf
 
-from tf_moe.layers.checks import check_non_negative
+from tf_moe.layers.checks import check_bool, check_non_negative
 from tf_moe.layers.router import Router, Routing
 from tf_moe.layers.router_registry import register_router
 from tf_moe.ops import gating
@@ -113,7 +113,7 @@ class TopKRouter(Router):
         check_non_negative("jitter_epsilon", jitter_epsilon)
         if jitter_epsilon >= 1:
             raise ValueError(f"`jitter_epsilon` must be below 1, got {jitter_epsilon!r}.")
-        self.normalize = bool(normalize)
+        self.normalize = check_bool("normalize", normalize)
         self.balance_weight = float(balance_weight)
         self.jitter_epsilon = float(jitter_epsilon)
         self.seed = seed
@@ -154,15 +154,11 @@ class TopKRouter(Router):
             metrics={},
         )
 
-    def ops_per_token(self, input_units):
-        return input_units * self.num_experts
 
     def get_config(self):
         config = super().get_config()
         config.update(
             {
-                "num_experts": self.num_experts,
-                "k": self.k,
                 "normalize": self.normalize,
                 "balance_weight": self.balance_weight,
                 "jitter_epsilon": self.jitter_epsilon,

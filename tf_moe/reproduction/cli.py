@@ -43,6 +43,7 @@ import math
 import os
 import shlex
 import sys
+import tempfile
 import warnings
 
 import tf_moe
@@ -366,6 +367,30 @@ def check_config(args, config):
             raise UsageError(f"{flag} {size} is smaller than --batch-size {config.batch_size}: no full batch")
 
 
+def check_writable_directory(what, path):
+    """Raises `UsageError` unless `path` is, or can be made, a directory this process can write in."""
+    if os.path.exists(path) and not os.path.isdir(path):
+        raise UsageError(f"{what} {path} is a file, not a directory")
+    try:
+        os.makedirs(path, exist_ok=True)
+        with tempfile.TemporaryFile(dir=path):
+            pass
+    except OSError as error:
+        raise UsageError(f"{what} {path} cannot be written: {error.strerror or error}") from error
+
+
+def check_paths(config):
+    """Raises `UsageError` before training for an output or a corpus cache that cannot work.
+
+    A read-only cache is fine (what it holds is read; a corpus it lacks is
+    used without caching it), a cache path that is a file is not.
+    """
+    check_writable_directory("--output", config.output)
+    cache = corpora.default_cache_dir()
+    if corpora.uses_cache(config.corpus) and os.path.exists(cache) and not os.path.isdir(cache):
+        raise UsageError(f"the corpus cache {cache} (TF_MOE_CACHE) is a file, not a directory")
+
+
 def describe_run(what, config, models=None):
     """The one line printed before training: what runs, on what, for how long, and where results go."""
     moe = f"{config.experts} experts" + (f" in {config.groups} groups" if config.groups else "")
@@ -498,6 +523,7 @@ def _plot(args):
 def _run_training(args, function, what, title, save_note):
     config = config_from_args(args)
     check_config(args, config)
+    check_paths(config)
     models = getattr(args, "models", None)
     for label in models or ():
         try:

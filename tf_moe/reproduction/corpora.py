@@ -162,6 +162,11 @@ def split_of_book(book):
     return "train"
 
 
+def uses_cache(name):
+    """Whether the corpus `name` is read through the cache (the Bibles and their pairs)."""
+    return name in _BIBLES or name in _BIBLE_PAIRS
+
+
 def default_cache_dir():
     """Returns the cache directory: `$TF_MOE_CACHE` or `~/.cache/tf_moe`."""
     return os.environ.get("TF_MOE_CACHE") or os.path.join(
@@ -408,8 +413,12 @@ def _build_cache(name, cache_dir, path, manifest_path):
     # The verses first, then the manifest, each written then renamed: a
     # concurrent or interrupted run never sees a partial file, and a cache
     # file without its matching manifest is rebuilt.
-    _write_atomically(path, content)
-    _write_atomically(manifest_path, (json.dumps(manifest, indent=1) + "\n").encode("utf-8"))
+    try:
+        _write_atomically(path, content)
+        _write_atomically(manifest_path, (json.dumps(manifest, indent=1) + "\n").encode("utf-8"))
+    except OSError as error:
+        # A read-only (e.g. shared) cache: the corpus is still good to use.
+        _log.warning("Cannot write the corpus cache %s (%s): using the corpus without caching it.", path, error)
     return _CachedBible(tuple(verses), source)
 
 
@@ -417,8 +426,12 @@ def _write_atomically(path, content):
     os.makedirs(os.path.dirname(path), exist_ok=True)
     with tempfile.NamedTemporaryFile(dir=os.path.dirname(path), delete=False) as f:
         f.write(content)
-    os.chmod(f.name, 0o644)  # The cache may be shared between users.
-    os.replace(f.name, path)
+    try:
+        os.chmod(f.name, 0o644)  # The cache may be shared between users.
+        os.replace(f.name, path)
+    except OSError:
+        os.unlink(f.name)
+        raise
 
 
 # ------------------------------------------------------ Bible sources ----

@@ -102,11 +102,15 @@ def variant_arguments(label, config):
         raise ValueError(f"Unknown model {label!r}: expected moe, moe-<n>, moe-<n>-h or one of {BASELINES}.")
     experts = int(parts[1])
     if len(parts) == 2:
+        if experts < config.k:
+            raise ValueError(f"{label!r}: an MoE of k={config.k} experts per token needs at least {config.k}.")
         return dict(num_experts=experts, num_groups=None)
     groups = int(round(math.sqrt(experts)))
     level_k = int(round(math.sqrt(config.k)))
     if groups * groups != experts or level_k * level_k != config.k:
         raise ValueError(f"{label!r}: a hierarchical MoE here needs square numbers of experts and k.")
+    if groups < level_k:
+        raise ValueError(f"{label!r}: a hierarchical MoE of k={config.k} needs at least {config.k} experts.")
     return dict(num_experts=experts, num_groups=groups, k=level_k)
 
 
