@@ -97,14 +97,15 @@ def check_output_equals_the_dense_reference(case):
 
 
 def _is_random(layer, case, inputs, run, draws=16):
-    """Whether another call (the noise seeds moved on) gives other outputs than `run`.
+    """Whether another call (the noise seeds moved on) gives other outputs or losses than `run`.
 
     Up to `draws` more calls: with one token and two experts a second draw
-    routes the same way half the time.
+    routes the same way half the time, and with one expert the jitter
+    changes only the z-loss.
     """
     for _ in range(draws):
         again = run_layer(layer, case, inputs.poisoned, inputs, gradients=False, poisoned=True)
-        if not np.array_equal(again.outputs, run.outputs):
+        if not (np.array_equal(again.outputs, run.outputs) and again.losses == run.losses):
             return True
     return False
 
