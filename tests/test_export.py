@@ -305,6 +305,7 @@ def test_fresh_process_serves_without_tf_moe(served, exports):
         os.path.join("lm_numeric", "1"): ["serve", "serving_default"],
         os.path.join("moe", "1"): ["serve", "serving_default"],
         os.path.join("routers", "1"): ["serve", "serving_default"],
+        os.path.join("transformer", "1"): ["next_token_ids", "serving_default"],
     }
 
 

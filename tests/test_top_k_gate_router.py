@@ -98,6 +98,17 @@ def test_starts_at_zero_and_is_the_layers_default():
     assert type(paper) is tf_moe.NoisyTopKRouter and paper.noisy and paper.learning_rate_multiplier == 1.0
 
 
+def test_gate_initializer_survives_the_config_and_a_bad_one_is_named():
+    router = tf_moe.TopKGateRouter(N, K, gate_initializer=keras.initializers.RandomNormal(stddev=0.5, seed=3))
+    router.build((None, D))
+    assert np.std(router.w_gate.numpy()) > 0.1
+    clone = tf_moe.TopKGateRouter.from_config(router.get_config())
+    clone.build((None, D))
+    np.testing.assert_array_equal(clone.w_gate.numpy(), router.w_gate.numpy())
+    with pytest.raises(ValueError, match="`gate_initializer`"):
+        tf_moe.TopKGateRouter(N, K, gate_initializer="not_an_initializer")
+
+
 @pytest.mark.parametrize("multiplier", [0, -1.0, float("inf"), "10"])
 def test_bad_multiplier_is_named(multiplier):
     with pytest.raises(ValueError, match="`learning_rate_multiplier`"):

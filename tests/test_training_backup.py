@@ -94,7 +94,7 @@ def _seed_generators(root):
 
 
 def test_seed_states_are_every_seed_generator_of_the_model():
-    model = lstm_lm(**SIZES)
+    model = lstm_lm(**SIZES, router="noisy_top_k")
     found = {id(v) for v in seed_states(model)}
     assert found == {id(generator.state) for generator in _seed_generators(model)}
     assert id(model.get_layer("moe").gate.seed_generator.state) in found

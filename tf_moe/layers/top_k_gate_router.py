@@ -3,7 +3,7 @@
 import keras
 import tensorflow as tf
 
-from tf_moe.layers.checks import check_positive
+from tf_moe.layers.checks import check_keras_object, check_positive
 from tf_moe.layers.noisy_top_k_router import scaled_gate_weight
 from tf_moe.layers.router import Router, Routing
 from tf_moe.layers.router_registry import register_router
@@ -42,6 +42,10 @@ class TopKGateRouter(Router):
         learning_rate_multiplier: finite float > 0, how much faster than
             the rest of the model the gate learns (under plain SGD the
             factor is its square); 1 trains it at the model's rate.
+        gate_initializer: initializer of the stored `W_g / m` (default
+            "zeros"). Experts
+            that start as copies of one another (`tf_moe.upcycle`) need a
+            random one: from zero, without noise, nothing tells them apart.
         **kwargs: `z_loss_weight` (float >= 0, default 0: the router z-loss
             of `Router` on `x W_g`) and base layer arguments (`name`, ...).
             `dtype` defaults to float32.
@@ -62,14 +66,15 @@ class TopKGateRouter(Router):
     TensorShape([32])
     """
 
-    def __init__(self, num_experts, k, learning_rate_multiplier=10.0, **kwargs):
+    def __init__(self, num_experts, k, learning_rate_multiplier=10.0, gate_initializer="zeros", **kwargs):
         super().__init__(num_experts, k, **kwargs)
         check_positive("learning_rate_multiplier", learning_rate_multiplier)
         self.learning_rate_multiplier = float(learning_rate_multiplier)
+        self.gate_initializer = check_keras_object("gate_initializer", keras.initializers, gate_initializer)
 
     def build(self, input_shape):
         self.check_input_shape(input_shape)
-        self.w_gate = self.add_weight(name="w_gate", shape=(input_shape[-1], self.num_experts), initializer="zeros")
+        self.w_gate = self.add_weight(name="w_gate", shape=(input_shape[-1], self.num_experts), initializer=self.gate_initializer)
 
     def call(self, inputs, training=None, mask=None):
         x, valid = self.masked_tokens(inputs, mask)
@@ -93,4 +98,5 @@ class TopKGateRouter(Router):
     def get_config(self):
         config = super().get_config()
         config["learning_rate_multiplier"] = self.learning_rate_multiplier
+        config["gate_initializer"] = keras.initializers.serialize(self.gate_initializer)
         return config

@@ -4,6 +4,7 @@ import keras
 import numpy as np
 
 from tf_moe.layers.moe_layer import MoELayer
+from tf_moe.layers.top_k_gate_router import TopKGateRouter
 
 
 def _dense_weights(layer, arg):
@@ -30,9 +31,11 @@ def upcycle(hidden, output, num_experts, k=None, activation=None, **moe_argument
 
     Komatsuzaki et al. (2023), "Sparse Upcycling: Training Mixture-of-Experts
     from Dense Checkpoints": each expert starts as the dense FFN
-    `activation(x W1 + b1) W2 + b2`, the router fresh (randomly or
-    zero initialised, as the router's own initializer says), and training
-    continues. While a token's gate values sum to 1 (routers that
+    `activation(x W1 + b1) W2 + b2`, the router fresh, and training
+    continues. The default router is `MoELayer`'s (`TopKGateRouter`) with a
+    random gate (normal, standard deviation 0.02):
+    from a zero gate, without noise, copies of one expert would get the
+    same tokens, weights and gradients and never move apart. While a token's gate values sum to 1 (routers that
     renormalise over the chosen experts: `"noisy_top_k"`, `TopKRouter(...,
     normalize=True)`), the new layer computes exactly the dense FFN until
     the experts' weights move apart.
@@ -73,6 +76,10 @@ def upcycle(hidden, output, num_experts, k=None, activation=None, **moe_argument
     if (bias_in is None) != (bias_out is None):
         raise ValueError("`hidden` and `output` must both have biases or both have none.")
     input_units, hidden_units = kernel_in.shape
+    if "router" not in moe_arguments and k is not None:
+        moe_arguments["router"] = TopKGateRouter(
+            num_experts, k, gate_initializer=keras.initializers.RandomNormal(stddev=0.02)
+        )
     moe = MoELayer(
         num_experts, k, hidden_units, output_units=kernel_out.shape[1],
         activation=hidden_activation or activation or "relu", use_bias=bias_in is not None,
