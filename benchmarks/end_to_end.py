@@ -12,8 +12,9 @@ wide). `--arch transformer` builds the models of `tf-moe experiment lm
 "dense" (every FFN 2*256 + 16/2 wide: the same ops per token).
 
 Both train on the same synthetic batches (random token ids, no padding),
-in rounds of `--steps` `train_on_batch` calls, alternating model by model,
-so their ratio holds on a loaded machine. The ratio is taken within each
+in rounds: `--steps` `train_on_batch` calls of each model, then of each
+again in the reverse order (a step's time is the mean of the two), so
+their ratio holds on a loaded machine. The ratio is taken within each
 round and reported as min / median / max over the rounds; the ms/step and
 tokens/s columns are those of the round with the median ratio, so they
 agree with it. "First step" is the first `train_on_batch` call, which
@@ -80,7 +81,7 @@ def main():
     parser.add_argument("--models", nargs=2, default=["moe", None], metavar=("MOE", "BASELINE"),
                         help="the two model labels (default: moe and the configuration's baseline)")
     parser.add_argument("--router", default=None, help="the MoE's router (default: MoELayer's)")
-    parser.add_argument("--steps", type=int, default=20, help="train steps per model per round")
+    parser.add_argument("--steps", type=int, default=10, help="train steps per model, twice per round")
     parser.add_argument("--rounds", type=int, default=5)
     parser.add_argument("--policy", default="float32", choices=["float32", "mixed_bfloat16", "mixed_float16"])
     parser.add_argument("--fused", action="store_true",
@@ -119,11 +120,16 @@ def main():
     load = os.getloadavg()
     seconds = {label: [] for label in labels}
     for _ in range(args.rounds):
-        for label, model in zip(labels, models):
+        # Both models, then both in the reverse order: a load that changes
+        # during the round weighs on both alike.
+        spent = dict.fromkeys(labels, 0.0)
+        for label, model in list(zip(labels, models)) + list(zip(labels, models))[::-1]:
             start = time.perf_counter()
             for x, y in batches:
                 model.train_on_batch(x, y)
-            seconds[label].append(time.perf_counter() - start)
+            spent[label] += time.perf_counter() - start
+        for label in labels:
+            seconds[label].append(spent[label] / 2)
     median, ratios = _median_round(seconds, labels)
     sizes = (f"{config.layers} blocks of {config.units}, {config.heads} heads" if args.arch == "transformer"
              else f"units={config.units}")
@@ -131,7 +137,7 @@ def main():
           f"allocator {'default' if args.default_allocator else 'configured'}, optimizer "
           f"{type(models[0].optimizer).__name__}, router {config.router or 'default'}; {config.experts} experts, "
           f"k={config.k}, {sizes}, expert hidden {config.expert_hidden}, vocabulary {vocab_size}, batch "
-          f"{config.batch_size}x{config.seq_len}; {args.rounds} rounds of {args.steps} steps; load average "
+          f"{config.batch_size}x{config.seq_len}; {args.rounds} rounds of 2 x {args.steps} steps; load average "
           f"{load[0]:.2f} {load[1]:.2f} {load[2]:.2f} (1, 5, 15 min) before the rounds")
     print("| model | ms/step | tokens/s | time / baseline's (min / median / max) | first step s |")
     print("|---|---|---|---|---|")

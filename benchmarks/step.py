@@ -14,8 +14,9 @@ variable).
 
 Every (experts, optimizer) pair runs in its own process; inside it the four
 steps (MoE and dense, Keras's and fused update) and the update of the
-expert bank alone run one after the other in each round, so the ratios
-hold on a loaded machine: each ratio is taken within a round. A row
+expert bank alone run one after the other in each round, then again in
+the reverse order (each time is the mean of the two), so the ratios hold
+on a loaded machine: each ratio is taken within a round. A row
 reports the round with the median ratio (its ms columns are that round's,
 so they agree with the ratio) and, in brackets, the least and largest
 ratio over the rounds.
@@ -149,13 +150,18 @@ def _measure(n, k, d, h, tokens, optimizer_name, rounds, router):
         fn(*args)
         fn(*args)
     probe = machine_probes(keras.mixed_precision.global_policy().compute_dtype)
-    times = {key: [] for key in list(steps) + [("update", kind) for kind in updates]}
+    sequence = [(key, fn, (x,)) for key, fn in steps.items()]
+    sequence += [(("update", kind), fn, ()) for kind, fn in updates.items()]
+    times = {key: [] for key, _, _ in sequence}
     probes = []
     for _ in range(rounds):
-        for key, fn in steps.items():
-            times[key].append(_seconds(fn, x))
-        for kind, fn in updates.items():
-            times[("update", kind)].append(_seconds(fn))
+        # Each timed twice, in one order then the reverse, so a load that
+        # rises or falls during the round weighs on all of them alike.
+        spent = dict.fromkeys(times, 0.0)
+        for key, fn, args in sequence + sequence[::-1]:
+            spent[key] += _seconds(fn, *args)
+        for key, seconds in spent.items():
+            times[key].append(seconds / 2)
         probes.append(probe(repeats=2))
     bank = sum(int(v.shape.num_elements()) for v in moe.experts.trainable_variables)
     params = {
