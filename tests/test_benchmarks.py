@@ -38,3 +38,19 @@ def test_dispatch_benchmark_measures_each_method_against_the_dense_ffn(extra):
     rows = [line for line in out.splitlines() if line.startswith("| 4 |")]
     assert len(rows) == 2
     assert not any("error" in row for row in rows), out
+
+
+def test_step_benchmark_times_each_update_against_the_dense_ffn_and_its_floor():
+    out = _run("step.py", "--experts", "4", "--tokens", "64", "--d", "8", "--h", "16", "--rounds", "1",
+               "--optimizers", "sgd", "adam")
+    rows = [[cell.strip() for cell in line.strip("|").split("|")] for line in out.splitlines()
+            if line.startswith("| 4 |")]
+    assert not any("error" in cell for row in rows for cell in row), out
+    # Whole steps (experts, optimizer, update, MoE ms, dense ms, ratio, roofline ms, ratio to it),
+    # then the expert bank's update alone (..., bytes per parameter, update, ms, floor ms, ratio).
+    assert [(row[1], row[2]) for row in rows[:4]] == [("sgd", "keras"), ("sgd", "fused"), ("adam", "keras"),
+                                                      ("adam", "fused")]
+    assert [(row[1], row[3], row[4]) for row in rows[4:]] == [
+        ("sgd", "12", "keras"), ("sgd", "12", "fused"), ("adam", "28", "keras"), ("adam", "28", "fused")
+    ]
+    assert all(len(row) == 8 for row in rows)

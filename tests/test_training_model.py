@@ -149,3 +149,38 @@ def test_config_keeps_pad_id():
     model = _tiny_model()
     model.pad_id = 3
     assert MoEModel.from_config(model.get_config()).pad_id == 3
+
+
+class CountingModel(MoEModel):
+    """Counts the traces of its train step."""
+
+    def __init__(self, *args, **kwargs):
+        super().__init__(*args, **kwargs)
+        self.traces = 0
+
+    def train_step(self, data):
+        self.traces += 1
+        return super().train_step(data)
+
+
+class KerasBuildModel(CountingModel):
+    """Keras's own order: the optimizer built inside the first trace."""
+
+    make_train_function = keras.Model.make_train_function
+
+
+def test_the_train_step_is_traced_once_and_trains_as_before():
+    """The optimizer is built before the first trace, so no retrace for its variables."""
+    x, y = _data()
+    models = []
+    for cls in (CountingModel, KerasBuildModel):
+        model = _tiny_model(noisy=False)
+        model = cls(model.inputs, model.outputs, name=cls.__name__.lower())
+        model.compile(optimizer=keras.optimizers.Adam(0.05))
+        model.fit(x, y, batch_size=4, epochs=2, shuffle=False, verbose=0)
+        models.append(model)
+    ours, keras_order = models
+    assert (ours.traces, keras_order.traces) == (1, 2)
+    for got, expected in zip(ours.weights + ours.optimizer.variables,
+                             keras_order.weights + keras_order.optimizer.variables):
+        np.testing.assert_array_equal(np.asarray(got), np.asarray(expected))

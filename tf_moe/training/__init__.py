@@ -1,4 +1,4 @@
-"""Training: the MoE model's train/test steps, the paper's schedule, callbacks."""
+"""Training: the MoE model's train/test steps, the paper's schedule, callbacks, fused optimizers."""
 
 from tf_moe.training.model import MoEModel, Perplexity, masked_token_cross_entropy
 from tf_moe.training.schedules import WarmupInverseSqrtDecay
@@ -10,3 +10,4 @@ from tf_moe.training.callbacks import (
     delete_backup,
     expert_loads,
 )
+from tf_moe.training.fused_optimizers import FusedAdam, FusedAdamW, FusedSGD, fused_optimizer

@@ -119,6 +119,16 @@ class MoEModel(keras.Model):
         self.aux_loss_tracker.update_state(aux_loss)
         return self.get_metrics_result()
 
+    def make_train_function(self, force=False):
+        # Without a strategy Keras builds the optimizer inside the first trace
+        # of the train step; its new variables make TensorFlow trace the step
+        # a second time. Built here (as Keras does under a strategy), the
+        # first `fit` traces it once: about a third less start-up time.
+        if self.built and self.optimizer is not None and not self.optimizer.built:
+            with self.distribute_strategy.scope():
+                self.optimizer.build(self.trainable_variables)
+        return super().make_train_function(force)
+
     def train_step(self, data):
         x, y, sample_weight = _unpack(data)
         with tf.GradientTape() as tape:
