@@ -15,27 +15,30 @@ from tests import numpy_reference as ref
 T, D, N, K = 11, 6, 5, 2
 
 
-def _router(multiplier=10.0, seed=0):
-    router = tf_moe.TopKGateRouter(N, K, learning_rate_multiplier=multiplier)
+def _router(multiplier=10.0, seed=0, normalize=True):
+    router = tf_moe.TopKGateRouter(N, K, learning_rate_multiplier=multiplier, normalize_inputs=normalize)
     router.build((None, D))
     router.w_gate.assign(np.random.default_rng(seed).standard_normal((D, N)).astype("float32") * 0.1)
     return router
 
 
-def _reference_gates(x, w_stored, multiplier):
+def _reference_gates(x, w_stored, multiplier, normalize=True):
+    if normalize:  # RMSNorm without a gain (Zhang & Sennrich 2019)
+        x = x / np.sqrt(np.mean(np.square(x), axis=-1, keepdims=True) + 1e-6)
     _, gates, _ = ref.noisy_top_k(x, multiplier * w_stored, np.zeros_like(w_stored), 0, K, 0.0, train=False)
     return gates
 
 
 @pytest.mark.parametrize("training", [False, True])
-def test_routing_equals_the_papers_gate_without_noise(training):
-    router = _router()
-    x = np.random.default_rng(1).standard_normal((T, D)).astype("float32")
+@pytest.mark.parametrize("normalize", [True, False])
+def test_routing_equals_the_papers_gate_without_noise(training, normalize):
+    router = _router(normalize=normalize)
+    x = np.random.default_rng(1).standard_normal((T, D)).astype("float32") * 3.0
     mask = np.ones(T, bool)
     mask[[2, 7]] = False
     poisoned = np.where(mask[:, None], x, np.nan).astype("float32")
     routing = router(poisoned, mask=mask, training=training)
-    want = _reference_gates(x, router.w_gate.numpy(), 10.0) * mask[:, None]
+    want = _reference_gates(x, router.w_gate.numpy(), 10.0, normalize) * mask[:, None]
     got = ref.routing_gates(routing, T, N)
     np.testing.assert_allclose(got, want, rtol=1e-5, atol=1e-6)
     np.testing.assert_allclose(routing.importance, want.sum(0), rtol=1e-5, atol=1e-6)
@@ -67,6 +70,33 @@ def test_gradient_equals_finite_differences_of_the_reference():
     np.testing.assert_allclose(got, want, rtol=1e-3, atol=1e-4)
 
 
+def test_input_gradient_through_the_normalisation_equals_finite_differences():
+    router = _router(multiplier=3.0, seed=5)
+    x = np.random.default_rng(6).standard_normal((T, D)) * 2.0
+    weights = np.random.default_rng(7).standard_normal((T, N))
+    w_stored = router.w_gate.numpy().astype(np.float64)
+
+    def objective(inputs):
+        return float(np.sum(_reference_gates(inputs, w_stored, 3.0) * weights))
+
+    x_tf = tf.constant(x, tf.float32)
+    with tf.GradientTape() as tape:
+        tape.watch(x_tf)
+        routing = router(x_tf)
+        gates = tf.scatter_nd(tf.stack([routing.token_id, routing.expert_id], 1), routing.weight, (T, N + 1))[:, :N]
+        value = tf.reduce_sum(gates * weights)
+    got = tape.gradient(value, x_tf).numpy()
+    want = np.zeros_like(x)
+    for index in np.ndindex(*x.shape):
+        plus, minus = x.copy(), x.copy()
+        plus[index] += 1e-5
+        minus[index] -= 1e-5
+        want[index] = (objective(plus) - objective(minus)) / 2e-5
+    np.testing.assert_allclose(got, want, rtol=1e-3, atol=1e-4)
+    # Scaling a token does not change its routing.
+    np.testing.assert_allclose(ref.routing_gates(router(x_tf * 7.0), T, N), ref.routing_gates(router(x_tf), T, N), rtol=1e-5)
+
+
 def test_the_multiplier_keeps_the_function_and_speeds_up_adam():
     x = np.random.default_rng(5).standard_normal((T, D)).astype("float32")
     fast, slow = _router(multiplier=10.0), _router(multiplier=1.0)
@@ -89,10 +119,11 @@ def test_starts_at_zero_and_is_the_layers_default():
     router.build((None, D))
     np.testing.assert_array_equal(router.w_gate.numpy(), 0.0)
     layer = tf_moe.MoELayer(N, K, 8)
-    assert type(layer.router) is tf_moe.TopKGateRouter and layer.router.learning_rate_multiplier == 10.0
+    assert type(layer.router) is tf_moe.TopKGateRouter and layer.router.learning_rate_multiplier == 3.0
+    assert layer.router.normalize_inputs
     layer.build((None, D))
     assert layer.ops_per_token() == D * N + K * (D * 8 + 8 * D)  # the gate and k experts
-    assert tf_moe.routers.get("top_k_gate", N, K).get_config()["learning_rate_multiplier"] == 10.0
+    assert tf_moe.routers.get("top_k_gate", N, K).get_config()["learning_rate_multiplier"] == 3.0
     # The paper's exact gating stays one argument away.
     paper = tf_moe.MoELayer(N, K, 8, router="noisy_top_k").router
     assert type(paper) is tf_moe.NoisyTopKRouter and paper.noisy and paper.learning_rate_multiplier == 1.0
@@ -109,6 +140,11 @@ def test_gate_initializer_survives_the_config_and_a_bad_one_is_named():
         tf_moe.TopKGateRouter(N, K, gate_initializer="not_an_initializer")
 
 
+def test_bad_normalize_inputs_is_named():
+    with pytest.raises(ValueError, match="`normalize_inputs`"):
+        tf_moe.TopKGateRouter(N, K, normalize_inputs="yes")
+
+
 @pytest.mark.parametrize("multiplier", [0, -1.0, float("inf"), "10"])
 def test_bad_multiplier_is_named(multiplier):
     with pytest.raises(ValueError, match="`learning_rate_multiplier`"):
@@ -123,7 +159,7 @@ def test_layer_output_equals_the_dense_reference():
     for variable in layer.weights:
         variable.assign(rng.standard_normal(variable.shape).astype("float32") * 0.3)
     flat = x.reshape(-1, D)
-    gates = _reference_gates(flat, layer.router.w_gate.numpy(), 10.0)
+    gates = _reference_gates(flat, layer.router.w_gate.numpy(), 3.0)
     e = layer.experts
     want = ref.dense_moe(flat, gates, e.kernel_in.numpy(), e.bias_in.numpy()[:, 0], e.kernel_out.numpy(),
                          e.bias_out.numpy()[:, 0])

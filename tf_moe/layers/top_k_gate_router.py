@@ -3,7 +3,7 @@
 import keras
 import tensorflow as tf
 
-from tf_moe.layers.checks import check_keras_object, check_positive
+from tf_moe.layers.checks import check_bool, check_keras_object, check_positive
 from tf_moe.layers.noisy_top_k_router import scaled_gate_weight
 from tf_moe.layers.router import Router, Routing
 from tf_moe.layers.router_registry import register_router
@@ -14,27 +14,30 @@ from tf_moe.ops.dispatch import token_choice_assignments
 @register_router("top_k_gate")
 @keras.saving.register_keras_serializable(package="tf_moe")
 class TopKGateRouter(Router):
-    """The paper's gate without its noise, learning faster than the model: `MoELayer`'s default.
+    """The paper's gate without its noise, on normalised inputs, learning faster: `MoELayer`'s default.
 
-    `G(x) = Softmax(KeepTopK(x W_g, k))` (Shazeer et al. 2017, Eq. 3-5
+    `G(x) = Softmax(KeepTopK(x_hat W_g, k))` (Shazeer et al. 2017, Eq. 3-5
     without the noise term; the same function as Mixtral's router, Jiang et
-    al. 2024): each token goes to its k experts of highest logit, their
-    gate values the softmax over those k logits. `W_g` starts at zero (every
-    expert equally likely) and learns `learning_rate_multiplier` times
-    faster than the rest of the model: it is stored as `W_g / m` and used as
-    `m * (W_g / m)`, so Adam-type optimizers step it m times further.
-    `MoELayer` adds the paper's balancing losses (section 4): the importance
-    loss balances the gates; without noise the load is the count of tokens
-    per expert, reported but without gradient.
+    al. 2024, when `normalize_inputs=False`), where `x_hat = x /
+    sqrt(mean(x^2) + 1e-6)` is the token scaled to unit root mean square
+    (RMSNorm without a gain, Zhang & Sennrich 2019): each token goes to its
+    k experts of highest logit, their gate values the softmax over those k
+    logits. `W_g` starts at zero (every expert equally likely) and learns
+    `learning_rate_multiplier` times faster than the rest of the model: it
+    is stored as `W_g / m` and used as `m * (W_g / m)`, so Adam-type
+    optimizers step it m times further. `MoELayer` adds the paper's
+    balancing losses (section 4): the importance loss balances the gates;
+    without noise the load is the count of tokens per expert, reported but
+    without gradient.
 
     Why these defaults (docs/results.md, "Why the paper's router lost in the
     Transformer"): with a zero-initialised gate, the paper's noise
     (`softplus(0) = 0.69` standard deviations) outweighs the logits for
-    hundreds of steps, so training routes by noise; and at the model's
-    learning rate the gate learns slowly. Removing the noise and letting the
-    gate learn 10x faster made the MoE beat its computationally matched
-    dense baseline in a Transformer and an LSTM language model, where the
-    paper's exact gating (`router="noisy_top_k"`, `NoisyTopKRouter`) did not.
+    hundreds of steps, so training routes by noise, and at the model's
+    learning rate the gate learns slowly. How fast the logits move depends
+    on the scale of the router's input, which differs between models (a
+    LayerNorm'd Transformer block against an LSTM's output); normalising it
+    lets one gate speed serve both.
 
     Args:
         num_experts: int, number of experts n.
@@ -42,6 +45,8 @@ class TopKGateRouter(Router):
         learning_rate_multiplier: finite float > 0, how much faster than
             the rest of the model the gate learns (under plain SGD the
             factor is its square); 1 trains it at the model's rate.
+        normalize_inputs: bool, whether the gate sees each token scaled to
+            unit root mean square (default True) or as it is.
         gate_initializer: initializer of the stored `W_g / m` (default
             "zeros"). Experts
             that start as copies of one another (`tf_moe.upcycle`) need a
@@ -66,10 +71,13 @@ class TopKGateRouter(Router):
     TensorShape([32])
     """
 
-    def __init__(self, num_experts, k, learning_rate_multiplier=10.0, gate_initializer="zeros", **kwargs):
+    def __init__(
+        self, num_experts, k, learning_rate_multiplier=3.0, normalize_inputs=True, gate_initializer="zeros", **kwargs
+    ):
         super().__init__(num_experts, k, **kwargs)
         check_positive("learning_rate_multiplier", learning_rate_multiplier)
         self.learning_rate_multiplier = float(learning_rate_multiplier)
+        self.normalize_inputs = check_bool("normalize_inputs", normalize_inputs)
         self.gate_initializer = check_keras_object("gate_initializer", keras.initializers, gate_initializer)
 
     def build(self, input_shape):
@@ -78,6 +86,8 @@ class TopKGateRouter(Router):
 
     def call(self, inputs, training=None, mask=None):
         x, valid = self.masked_tokens(inputs, mask)
+        if self.normalize_inputs:
+            x = x * tf.math.rsqrt(tf.reduce_mean(tf.square(x), axis=-1, keepdims=True) + 1e-6)
         logits = tf.matmul(x, scaled_gate_weight(self.w_gate, self.learning_rate_multiplier))
         expert_index, expert_weight, _ = gating.top_k_gates(logits, self.k)
         if valid is not None:
@@ -98,5 +108,6 @@ class TopKGateRouter(Router):
     def get_config(self):
         config = super().get_config()
         config["learning_rate_multiplier"] = self.learning_rate_multiplier
+        config["normalize_inputs"] = self.normalize_inputs
         config["gate_initializer"] = keras.initializers.serialize(self.gate_initializer)
         return config
