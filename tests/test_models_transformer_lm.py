@@ -119,3 +119,33 @@ def test_position_embedding_citizenship_and_length_check():
         layer(np.zeros((1, 6, 3), "float32"))
     x = np.zeros((2, 3, 5), "float32")
     np.testing.assert_allclose(layer(x), np.broadcast_to(layer.embeddings.numpy()[:3], (2, 3, 5)))
+
+
+def _trained_dense(seed):
+    dense = transformer_lm(model="dense", **{**SMALL, "ffn_units": 8})
+    rng = np.random.default_rng(seed)
+    for variable in dense.weights:
+        variable.assign(rng.standard_normal(variable.shape).astype("float32") * 0.3)
+    return dense
+
+
+def test_upcycled_model_starts_as_the_dense_one_with_a_renormalising_router():
+    dense = _trained_dense(3)
+    moe = tf_moe.models.upcycle_transformer_lm(dense, num_experts=4, k=2, router="noisy_top_k")
+    tokens = _tokens(4, (2, 9))
+    np.testing.assert_allclose(np.asarray(moe(tokens)), np.asarray(dense(tokens)), rtol=1e-4, atol=1e-4)
+
+
+def test_upcycled_copies_move_apart_under_the_default_router():
+    moe = tf_moe.models.upcycle_transformer_lm(_trained_dense(5), num_experts=4, k=2)
+    banks = [layer.experts for layer in moe.layers if isinstance(layer, tf_moe.MoELayer)]
+    assert len(banks) == 2
+    for layer in moe.layers:
+        if isinstance(layer, tf_moe.MoELayer):
+            assert np.std(layer.router.w_gate.numpy()) > 0  # a random gate, each layer its own
+    moe.compile(keras.optimizers.SGD(0.1))
+    tokens = _tokens(6, (8, 9))
+    moe.fit(tokens[:, :-1], tokens[:, 1:], epochs=3, verbose=0)
+    for bank in banks:
+        kernels = bank.kernel_in.numpy()
+        assert not np.allclose(kernels[0], kernels[1])

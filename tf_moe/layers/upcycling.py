@@ -77,9 +77,7 @@ def upcycle(hidden, output, num_experts, k=None, activation=None, **moe_argument
         raise ValueError("`hidden` and `output` must both have biases or both have none.")
     input_units, hidden_units = kernel_in.shape
     if "router" not in moe_arguments and k is not None:
-        moe_arguments["router"] = TopKGateRouter(
-            num_experts, k, gate_initializer=keras.initializers.RandomNormal(stddev=0.02)
-        )
+        moe_arguments["router"] = upcycling_router(num_experts, k)
     moe = MoELayer(
         num_experts, k, hidden_units, output_units=kernel_out.shape[1],
         activation=hidden_activation or activation or "relu", use_bias=bias_in is not None,
@@ -88,6 +86,16 @@ def upcycle(hidden, output, num_experts, k=None, activation=None, **moe_argument
     moe.build((None, input_units))
     _copy_into_experts(moe.experts, kernel_in, bias_in, kernel_out, bias_out)
     return moe
+
+
+def upcycling_router(num_experts, k):
+    """`MoELayer`'s default router with a random gate (normal, standard deviation 0.02).
+
+    Experts that start as copies of one dense FFN need a router that tells
+    them apart from the first step: from a zero gate, without noise, every
+    copy would get the same tokens and gradients and never move apart.
+    """
+    return TopKGateRouter(num_experts, k, gate_initializer=keras.initializers.RandomNormal(stddev=0.02))
 
 
 def load_dense_ffn(moe, hidden, output):
