@@ -3,7 +3,7 @@
 `benchmarks/dispatch.py` times forward and backward; a user's step also
 applies the gradients, and an MoE has `num_experts / k` times the dense
 layer's weights to update. Here one compiled step (`tf.function`) is the
-forward pass of `tf_moe.MoELayer` (dropless, training mode: noise,
+forward pass of `tf_moe.MoELayer` (its default router, dropless, training mode:
 balancing losses, metrics), the gradients of every weight and of the input
 (as for a layer with layers below it) and the optimizer's update of every
 weight, against the same step of a dense FFN of the same active FLOPs
@@ -219,7 +219,7 @@ def main():
     parser.add_argument("--h", type=int, default=1024)
     parser.add_argument("--tokens", type=int, default=4096)
     parser.add_argument("--rounds", type=int, default=7)
-    parser.add_argument("--router", default="noisy_top_k", help="MoELayer's router (a tf_moe.routers name)")
+    parser.add_argument("--router", default="top_k_gate", help="MoELayer's router (a tf_moe.routers name; default: its default)")
     parser.add_argument("--timeout", type=int, default=900)
     parser.add_argument("--child", nargs=2, metavar=("N", "OPTIMIZER"), help=argparse.SUPPRESS)
     args = parser.parse_args()

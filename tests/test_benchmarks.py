@@ -40,6 +40,7 @@ def test_dispatch_benchmark_measures_each_method_against_the_dense_ffn(extra):
     assert not any("error" in row for row in rows), out
 
 
+@pytest.mark.slow  # 25 s: three child processes
 def test_step_benchmark_times_each_update_against_the_dense_ffn_and_its_floor():
     out = _run("step.py", "--experts", "4", "--tokens", "64", "--d", "8", "--h", "16", "--rounds", "1",
                "--optimizers", "sgd", "adam")
