@@ -236,10 +236,11 @@ def expert_sweep(config, models=SWEEP_MODELS):
     return rows
 
 
-# The routers `router_comparison` trains by default: the paper's and the later
-# ones; "hierarchical" is the paper's two-level gate (appendix B).
+# The routers `router_comparison` trains by default: MoELayer's default, the
+# paper's and the later ones; "hierarchical" is the paper's two-level gate
+# (appendix B).
 ROUTER_COMPARISON = (
-    "noisy_top_k", "top_k", "switch", "expert_choice", "loss_free", "hash", "batchwise", "hierarchical",
+    "top_k_gate", "noisy_top_k", "top_k", "switch", "expert_choice", "loss_free", "hash", "batchwise", "hierarchical",
 )
 
 
@@ -288,8 +289,8 @@ def router_comparison(config, routers=ROUTER_COMPARISON):
     Every model is `config`'s MoE LM (`config.arch`) with a router at the
     same expert multiply-adds per token (`comparison_router`; the routers'
     own `d * n` differ: the hash router has none), each at its papers'
-    settings and every learned gate at the same learning rate as the rest
-    of the model. Expert choice and batchwise routing are not causal while
+    settings and its own defaults: the default router's gate learns 3x
+    faster than the model, every other learned gate at the model's rate. Expert choice and batchwise routing are not causal while
     training (see `ExpertChoiceRouter`): their perplexities are of models
     whose positions see a little of the batch's future.
 
