@@ -48,6 +48,8 @@ def test_cells_are_mean_and_range_over_seeds():
         ([110, 111, 112], [100, 101, 102], "moe is behind dense by 10.0 validation perplexity (mean over 3 and 3 "
                                            "seeds), more than the two seed ranges together (4.0): dense is better."),
         ([100, 101], [110, 111], "fewer than 3 seeds, so no claim"),
+        ([100, 104, 102], [103, 105, 107], "Seed by seed, moe is ahead in 3 of 3 (lead +1.0 to +5.0)."),
+        ([100, 106, 102], [103, 105, 107], "Seed by seed, moe is ahead in 2 of 3 (lead -1.0 to +5.0)."),
     ],
 )
 def test_verdict_needs_three_seeds_and_a_gap_beyond_both_ranges(moe, dense, expected):

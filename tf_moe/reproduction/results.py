@@ -192,7 +192,12 @@ def cell(values, key):
 
 
 def spread_verdict(groups, better, worse):
-    """One sentence: is `better`'s mean validation perplexity below `worse`'s by more than both spreads?"""
+    """Is `better`'s mean validation perplexity below `worse`'s by more than both spreads? And seed by seed.
+
+    The verdict compares the means against the two models' seed ranges
+    together; a second sentence compares the runs of equal seed (the same
+    data order), where both models ran the same seeds.
+    """
     by_label = dict(groups)
     if better not in by_label or worse not in by_label:
         return f"(verdict: no rows for {better} or {worse})"
@@ -207,10 +212,24 @@ def spread_verdict(groups, better, worse):
     ahead, behind = f"{better} is ahead of {worse}", f"{better} is behind {worse}"
     head = f"{ahead if gap > 0 else behind} by {abs(gap):.1f} validation perplexity (mean over {seeds}), "
     if gap > spreads:
-        return head + f"more than the two seed ranges together ({spreads:.1f}): reproduced."
-    if -gap > spreads:
-        return head + f"more than the two seed ranges together ({spreads:.1f}): {worse} is better."
-    return head + f"within the two seed ranges together ({spreads:.1f}): not shown."
+        verdict = head + f"more than the two seed ranges together ({spreads:.1f}): reproduced."
+    elif -gap > spreads:
+        verdict = head + f"more than the two seed ranges together ({spreads:.1f}): {worse} is better."
+    else:
+        verdict = head + f"within the two seed ranges together ({spreads:.1f}): not shown."
+    return verdict + _paired(by_label[better], by_label[worse], better)
+
+
+def _paired(better_rows, worse_rows, better):
+    """The sentence on `better`'s lead over runs of the same seed; "" where the two ran different seeds."""
+    a = {r["seed"]: r["valid_perplexity"] for r in better_rows}
+    b = {r["seed"]: r["valid_perplexity"] for r in worse_rows}
+    if set(a) != set(b) or len(a) != len(better_rows) or len(b) != len(worse_rows):
+        return ""
+    leads = [b[seed] - a[seed] for seed in sorted(a)]
+    wins = sum(lead > 0 for lead in leads)
+    return (f" Seed by seed, {better} is ahead in {wins} of {len(leads)} "
+            f"(lead {min(leads):+.1f} to {max(leads):+.1f}).")
 
 
 def render_table(rows, spec):
