@@ -48,9 +48,9 @@ class TopKGateRouter(Router):
         normalize_inputs: bool, whether the gate sees each token scaled to
             unit root mean square (default True) or as it is.
         gate_initializer: initializer of the stored `W_g / m` (default
-            "zeros"). Experts
-            that start as copies of one another (`tf_moe.upcycle`) need a
-            random one: from zero, without noise, nothing tells them apart.
+            "zeros"). Experts that start as copies of one another
+            (`tf_moe.upcycle`) need a random one: from zero, without noise,
+            nothing tells them apart.
         **kwargs: `z_loss_weight` (float >= 0, default 0: the router z-loss
             of `Router` on `x W_g`) and base layer arguments (`name`, ...).
             `dtype` defaults to float32.
@@ -82,12 +82,14 @@ class TopKGateRouter(Router):
 
     def build(self, input_shape):
         self.check_input_shape(input_shape)
-        self.w_gate = self.add_weight(name="w_gate", shape=(input_shape[-1], self.num_experts), initializer=self.gate_initializer)
+        self.w_gate = self.add_weight(
+            name="w_gate", shape=(input_shape[-1], self.num_experts), initializer=self.gate_initializer
+        )
 
     def call(self, inputs, training=None, mask=None):
         x, valid = self.masked_tokens(inputs, mask)
         if self.normalize_inputs:
-            x = x * tf.math.rsqrt(tf.reduce_mean(tf.square(x), axis=-1, keepdims=True) + 1e-6)
+            x = keras.ops.rms_normalization(x, epsilon=1e-6)
         logits = tf.matmul(x, scaled_gate_weight(self.w_gate, self.learning_rate_multiplier))
         expert_index, expert_weight, _ = gating.top_k_gates(logits, self.k)
         if valid is not None:

@@ -33,11 +33,9 @@ def upcycle(hidden, output, num_experts, k=None, activation=None, **moe_argument
     from Dense Checkpoints": each expert starts as the dense FFN
     `activation(x W1 + b1) W2 + b2`, the router fresh, and training
     continues. The default router is `MoELayer`'s (`TopKGateRouter`) with a
-    random gate (normal, standard deviation 0.02):
-    from a zero gate, without noise, copies of one expert would get the
-    same tokens, weights and gradients and never move apart. While a token's gate values sum to 1 (routers that
-    renormalise over the chosen experts: `"noisy_top_k"`, `TopKRouter(...,
-    normalize=True)`), the new layer computes exactly the dense FFN until
+    random gate (`upcycling_router`). While a token's gate values sum to 1
+    (routers that renormalise over the chosen experts: `"noisy_top_k"`,
+    `TopKRouter(..., normalize=True)`), the new layer computes exactly the dense FFN until
     the experts' weights move apart.
 
     Args:
