@@ -20,9 +20,9 @@ tf.config.set_logical_device_configuration(
 
 # Hypothesis profiles of the property-based tests (tests/properties): the
 # default run is bounded and derandomized (stable in CI, a few minutes in
-# all); the slow-marked twins run the large profile, whose size
-# TF_MOE_PROPERTY_EXAMPLES overrides. `--hypothesis-profile tf_moe_slow`
-# runs the default tests at that size too.
+# all); the slow-marked twins run the large profile (4x the examples, most
+# of an hour on one core), whose size TF_MOE_PROPERTY_EXAMPLES overrides.
+# `--hypothesis-profile tf_moe_slow` runs the default tests at that size too.
 from hypothesis import HealthCheck, settings  # noqa: E402
 from hypothesis.internal.conjecture import providers as _hypothesis_providers  # noqa: E402
 
@@ -43,6 +43,6 @@ _PROFILE = dict(
 )
 settings.register_profile("tf_moe", max_examples=25, **_PROFILE)
 settings.register_profile(
-    "tf_moe_slow", max_examples=int(os.environ.get("TF_MOE_PROPERTY_EXAMPLES", "300")), **_PROFILE
+    "tf_moe_slow", max_examples=int(os.environ.get("TF_MOE_PROPERTY_EXAMPLES", "100")), **_PROFILE
 )
 settings.load_profile("tf_moe")

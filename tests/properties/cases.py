@@ -31,10 +31,11 @@ from tests import numpy_reference as ref
 from tests.layer_test_case import randomise_weights
 
 # Each property runs under the loaded profile (tests/conftest.py; bounded
-# and derandomized) and, in its slow-marked twin, under the large one.
+# and derandomized) and, in its slow-marked twin, under the large one, whose
+# cases take longer than the suite's per-test timeout on 2 cores.
 PROFILES = [
     pytest.param(None, id="default"),
-    pytest.param("tf_moe_slow", id="slow", marks=pytest.mark.slow),
+    pytest.param("tf_moe_slow", id="slow", marks=[pytest.mark.slow, pytest.mark.timeout(3600)]),
 ]
 
 
@@ -182,6 +183,10 @@ ROUTERS = {
         z_loss_weight=Z_LOSS_WEIGHTS,
     ),
     "hash": router_specs(tf_moe.HashRouter, k=None, seed=SEEDS),
+    "top_k_gate": router_specs(
+        tf_moe.TopKGateRouter, learning_rate_multiplier=st.sampled_from([1.0, 3.0, 10.0]),
+        normalize_inputs=st.booleans(), z_loss_weight=Z_LOSS_WEIGHTS,
+    ),
 }
 
 # Activations of the experts, with their numpy twins for the references.

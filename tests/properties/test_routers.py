@@ -66,6 +66,18 @@ def _noisy_top_k(router, x, valid, training, noise, router_inputs):
     return Expected(gates, gates.sum(axis=0), load, ranked)
 
 
+def _top_k_gate(router, x, valid, training, noise, router_inputs):
+    if router.normalize_inputs:
+        x = x / np.sqrt(np.mean(x**2, axis=1, keepdims=True) + 1e-6)
+    w_gate = router.learning_rate_multiplier * np.asarray(router.w_gate, np.float64)
+    no_noise = np.zeros_like(w_gate)
+    logits, gates, _ = ref.noisy_top_k(x, w_gate, no_noise, None, router.k, 0.0, train=False)
+    gates[~valid] = 0.0
+    ranked = np.argsort(-logits, axis=1, kind="stable")[:, : router.k]
+    load = _hard_load(ranked, valid, router.num_experts)
+    return Expected(gates, gates.sum(axis=0), load, ranked, losses=_losses(router, logits, valid))
+
+
 def _softmax(router, x, valid, training, noise, router_inputs):
     gates = ref.softmax(x @ np.asarray(router.w_gate, np.float64)) * valid[:, None]
     ranked = np.broadcast_to(np.arange(router.num_experts), gates.shape)
@@ -181,6 +193,7 @@ GATE_REFERENCES = {
     "hierarchical": GateReference(_hierarchical_draws, _hierarchical),
     "switch": GateReference(_no_draws, _top_k),
     "top_k": GateReference(_no_draws, _top_k),
+    "top_k_gate": GateReference(_no_draws, _top_k_gate),
     "expert_choice": GateReference(_no_draws, _expert_choice),
     "loss_free": GateReference(_no_draws, _loss_free),
     "hash": GateReference(_no_draws, _hash),
