@@ -20,8 +20,8 @@ tf.config.set_logical_device_configuration(
 
 # Hypothesis profiles of the property-based tests (tests/properties): the
 # default run is bounded and derandomized (stable in CI, a few minutes in
-# all); the slow-marked twins run the large profile (4x the examples, most
-# of an hour on one core), whose size TF_MOE_PROPERTY_EXAMPLES overrides.
+# all); the slow-marked twins run the large profile (4x the examples, about
+# 3600 cases in 10-15 minutes on 2 cores), whose size TF_MOE_PROPERTY_EXAMPLES overrides.
 # `--hypothesis-profile tf_moe_slow` runs the default tests at that size too.
 from hypothesis import HealthCheck, settings  # noqa: E402
 from hypothesis.internal.conjecture import providers as _hypothesis_providers  # noqa: E402
