@@ -114,10 +114,23 @@ def test_the_multiplier_keeps_the_function_and_speeds_up_adam():
     np.testing.assert_allclose(moves[0], 10 * moves[1], rtol=1e-3)
 
 
-def test_starts_at_zero_and_is_the_layers_default():
-    router = tf_moe.TopKGateRouter(N, K)
-    router.build((None, D))
-    np.testing.assert_array_equal(router.w_gate.numpy(), 0.0)
+@pytest.mark.parametrize("multiplier", [1.0, 3.0])
+def test_starts_near_zero_with_every_expert_routed(multiplier):
+    keras.utils.set_random_seed(0)
+    units, experts = 256, 16
+    router = tf_moe.TopKGateRouter(experts, K, learning_rate_multiplier=multiplier)
+    tokens = np.random.default_rng(1).standard_normal((2048, units)).astype("float32") * 7.0
+    load = router(tokens).load.numpy()
+    x_hat = tokens / np.sqrt(np.mean(np.square(tokens), axis=-1, keepdims=True) + 1e-6)
+    logits = x_hat @ (multiplier * router.w_gate.numpy())
+    assert 0.009 < logits.std() < 0.011
+    # From a zero gate every token would take experts 0 and 1 (ties).
+    assert load.min() > 0.25 * load.mean()
+    paper_start = tf_moe.TopKGateRouter(experts, K, gate_initializer="zeros")
+    np.testing.assert_array_equal(paper_start(tokens).load.numpy()[:K], len(tokens))
+
+
+def test_is_the_layers_default():
     layer = tf_moe.MoELayer(N, K, 8)
     assert type(layer.router) is tf_moe.TopKGateRouter and layer.router.learning_rate_multiplier == 3.0
     assert layer.router.normalize_inputs

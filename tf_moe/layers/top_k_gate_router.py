@@ -11,6 +11,11 @@ from tf_moe.ops import gating
 from tf_moe.ops.dispatch import token_choice_assignments
 
 
+# The default gate's logits on normalised tokens start with this spread:
+# near zero, as the paper's, with the ties among experts broken at random.
+_INITIAL_LOGIT_STDDEV = 0.01
+
+
 @register_router("top_k_gate")
 @keras.saving.register_keras_serializable(package="tf_moe")
 class TopKGateRouter(Router):
@@ -22,7 +27,8 @@ class TopKGateRouter(Router):
     sqrt(mean(x^2) + 1e-6)` is the token scaled to unit root mean square
     (RMSNorm without a gain, Zhang & Sennrich 2019): each token goes to its
     k experts of highest logit, their gate values the softmax over those k
-    logits. `W_g` starts at zero (every expert equally likely) and learns
+    logits. `W_g` starts near zero (on a normalised token each logit has
+    standard deviation 0.01) and learns
     `learning_rate_multiplier` times faster than the rest of the model: it
     is stored as `W_g / m` and used as `m * (W_g / m)`, so Adam-type
     optimizers step it m times further. `MoELayer` adds the paper's
@@ -37,7 +43,14 @@ class TopKGateRouter(Router):
     learning rate the gate learns slowly. How fast the logits move depends
     on the scale of the router's input, which differs between models (a
     LayerNorm'd Transformer block against an LSTM's output); normalising it
-    lets one gate speed serve both.
+    lets one gate speed serve both. The paper's zero gate would, without
+    noise, send every token to the same k experts (ties go to the lowest
+    index), and the task loss reaches only the chosen experts' logits, so
+    the others join one after another over the first steps; a gate near
+    zero starts with near-uniform gates too, but with the ties broken at
+    random, every expert gets tokens from the first step. Starting further
+    from zero (logits of standard deviation 0.3 or 1) lost in the
+    Transformer (docs/results.md).
 
     Args:
         num_experts: int, number of experts n.
@@ -47,10 +60,11 @@ class TopKGateRouter(Router):
             factor is its square); 1 trains it at the model's rate.
         normalize_inputs: bool, whether the gate sees each token scaled to
             unit root mean square (default True) or as it is.
-        gate_initializer: initializer of the stored `W_g / m` (default
-            "zeros"). Experts that start as copies of one another
-            (`tf_moe.upcycle`) need a random one: from zero, without noise,
-            nothing tells them apart.
+        gate_initializer: initializer of the stored `W_g / m`; None (the
+            default) draws it normal with standard deviation
+            `0.01 / (m sqrt(d))`, so that on normalised tokens each logit
+            starts with standard deviation 0.01; "zeros" is the paper's
+            start.
         **kwargs: `z_loss_weight` (float >= 0, default 0: the router z-loss
             of `Router` on `x W_g`) and base layer arguments (`name`, ...).
             `dtype` defaults to float32.
@@ -72,7 +86,7 @@ class TopKGateRouter(Router):
     """
 
     def __init__(
-        self, num_experts, k, learning_rate_multiplier=3.0, normalize_inputs=True, gate_initializer="zeros", **kwargs
+        self, num_experts, k, learning_rate_multiplier=3.0, normalize_inputs=True, gate_initializer=None, **kwargs
     ):
         super().__init__(num_experts, k, **kwargs)
         check_positive("learning_rate_multiplier", learning_rate_multiplier)
@@ -82,9 +96,11 @@ class TopKGateRouter(Router):
 
     def build(self, input_shape):
         self.check_input_shape(input_shape)
-        self.w_gate = self.add_weight(
-            name="w_gate", shape=(input_shape[-1], self.num_experts), initializer=self.gate_initializer
-        )
+        initializer = self.gate_initializer
+        if initializer is None:
+            stddev = _INITIAL_LOGIT_STDDEV / (self.learning_rate_multiplier * input_shape[-1] ** 0.5)
+            initializer = keras.initializers.RandomNormal(stddev=stddev)
+        self.w_gate = self.add_weight(name="w_gate", shape=(input_shape[-1], self.num_experts), initializer=initializer)
 
     def call(self, inputs, training=None, mask=None):
         x, valid = self.masked_tokens(inputs, mask)
@@ -111,5 +127,7 @@ class TopKGateRouter(Router):
         config = super().get_config()
         config["learning_rate_multiplier"] = self.learning_rate_multiplier
         config["normalize_inputs"] = self.normalize_inputs
-        config["gate_initializer"] = keras.initializers.serialize(self.gate_initializer)
+        config["gate_initializer"] = (
+            None if self.gate_initializer is None else keras.initializers.serialize(self.gate_initializer)
+        )
         return config

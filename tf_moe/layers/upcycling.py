@@ -4,7 +4,6 @@ import keras
 import numpy as np
 
 from tf_moe.layers.moe_layer import MoELayer
-from tf_moe.layers.top_k_gate_router import TopKGateRouter
 
 
 def _dense_weights(layer, arg):
@@ -32,8 +31,10 @@ def upcycle(hidden, output, num_experts, k=None, activation=None, **moe_argument
     Komatsuzaki et al. (2023), "Sparse Upcycling: Training Mixture-of-Experts
     from Dense Checkpoints": each expert starts as the dense FFN
     `activation(x W1 + b1) W2 + b2`, the router fresh, and training
-    continues. The default router is `MoELayer`'s (`TopKGateRouter`) with a
-    random gate (`upcycling_router`). While a token's gate values sum to 1
+    continues. The default router is `MoELayer`'s (`TopKGateRouter`), whose
+    random gate tells the copies apart from the first step (from a zero
+    gate without noise they would get the same tokens and gradients and
+    never move apart). While a token's gate values sum to 1
     (routers that renormalise over the chosen experts: `"noisy_top_k"`,
     `TopKRouter(..., normalize=True)`), the new layer computes exactly the dense FFN until
     the experts' weights move apart.
@@ -74,8 +75,6 @@ def upcycle(hidden, output, num_experts, k=None, activation=None, **moe_argument
     if (bias_in is None) != (bias_out is None):
         raise ValueError("`hidden` and `output` must both have biases or both have none.")
     input_units, hidden_units = kernel_in.shape
-    if "router" not in moe_arguments and k is not None:
-        moe_arguments["router"] = upcycling_router(num_experts, k)
     moe = MoELayer(
         num_experts, k, hidden_units, output_units=kernel_out.shape[1],
         activation=hidden_activation or activation or "relu", use_bias=bias_in is not None,
@@ -84,16 +83,6 @@ def upcycle(hidden, output, num_experts, k=None, activation=None, **moe_argument
     moe.build((None, input_units))
     _copy_into_experts(moe.experts, kernel_in, bias_in, kernel_out, bias_out)
     return moe
-
-
-def upcycling_router(num_experts, k):
-    """`MoELayer`'s default router with a random gate (normal, standard deviation 0.02).
-
-    Experts that start as copies of one dense FFN need a router that tells
-    them apart from the first step: from a zero gate, without noise, every
-    copy would get the same tokens and gradients and never move apart.
-    """
-    return TopKGateRouter(num_experts, k, gate_initializer=keras.initializers.RandomNormal(stddev=0.02))
 
 
 def load_dense_ffn(moe, hidden, output):
