@@ -142,3 +142,22 @@ def test_transformer_pair_over_seeds_writes_traceable_rows(tmp_path, capsys):
     assert all(row["valid_max_over_mean_load"] >= 1 for row in moe)
     out = capsys.readouterr().out
     assert reports.verdict(rows) in out and "(mean of 2 seeds)" in out and "warning: not matched" not in out
+
+
+@pytest.mark.parametrize("arch", ["lstm", "transformer"])
+@pytest.mark.parametrize("variant, logit_stddev", [("default", 0.01), ("default-zero-start", 0.0), ("default-unit-start", 1.0)])
+def test_diagnosis_variants_start_the_default_gate_where_they_say(arch, variant, logit_stddev):
+    import keras
+
+    import tf_moe
+
+    config = Config(**{**Config.QUICK, "arch": arch, "experts": 16, "k": 2})
+    label, overrides = language_model._diagnosis_overrides(variant, config)
+    router = {} if overrides["router"] is None else {"router": overrides["router"]}
+    moe = tf_moe.MoELayer(config.experts, config.k, 8, **router)
+    tokens = np.random.default_rng(0).standard_normal((4096, 128)).astype("float32")
+    moe(tokens)
+    assert label == "moe" and type(moe.router) is tf_moe.TopKGateRouter
+    x_hat = tokens / np.sqrt(np.mean(np.square(tokens), axis=-1, keepdims=True) + 1e-6)
+    logits = x_hat @ (moe.router.learning_rate_multiplier * keras.ops.convert_to_numpy(moe.router.w_gate))
+    np.testing.assert_allclose(logits.std(), logit_stddev, rtol=0.1)

@@ -367,6 +367,16 @@ DIAGNOSIS = {
     "paper-losses-x0.1": dict(router="noisy_top_k", importance_weight=0.01, load_weight=0.01),
     "paper-no-noise": dict(router=_noisy(noisy=False)),
     "default": dict(router=None),  # TopKGateRouter: no noise, normalised input, gate 3x faster
+    # The default's gate started elsewhere than near zero: at zero (the
+    # paper's start, ties to the lowest experts) or with logits of standard
+    # deviation 1 on normalised tokens (normal, 1 / (3 sqrt(d)) for the
+    # stored W_g / 3).
+    "default-zero-start": dict(router=lambda n, k: _router_config(
+        "TopKGateRouter", "top_k_gate_router", num_experts=n, k=k, gate_initializer="zeros")),
+    "default-unit-start": dict(router=lambda n, k: _router_config(
+        "TopKGateRouter", "top_k_gate_router", num_experts=n, k=k, gate_initializer={
+            "class_name": "VarianceScaling",
+            "config": {"scale": 1 / 9, "mode": "fan_in", "distribution": "untruncated_normal"}})),
     "top-k-renormalized": dict(router=lambda n, k: _router_config(
         "TopKRouter", "top_k_router", num_experts=n, k=k, normalize=True)),
     "top-k": dict(router="top_k"),
