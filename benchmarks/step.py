@@ -75,10 +75,10 @@ def _layers(n, k, d, h, router):
     moe = tf_moe.MoELayer(n, k, h, router=router)
     moe.build((None, d))
     if hasattr(moe.router, "w_gate"):
-        # A trained gate's spread: the zero-initialised gate (with no noise to
-        # break its ties) sends every token to the same k experts, a routing
-        # the first training steps leave, and that a learning rate of 1e-7
-        # would keep for the whole benchmark.
+        # A trained gate's spread, not a gate at its start (near zero for the
+        # default; at zero, sending every token to the same k experts, for
+        # the paper's), which a learning rate of 1e-7 would keep for the
+        # whole benchmark.
         gate = moe.router.w_gate
         gate.assign(keras.random.normal(gate.shape, stddev=d**-0.5, seed=0))
     dense = keras.Sequential([keras.layers.Dense(k * h, activation="relu"), keras.layers.Dense(d)])
