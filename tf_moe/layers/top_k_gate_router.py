@@ -48,9 +48,10 @@ class TopKGateRouter(Router):
     index), and the task loss reaches only the chosen experts' logits, so
     the others join one after another over the first steps; a gate near
     zero starts with near-uniform gates too, but with the ties broken at
-    random, every expert gets tokens from the first step. Starting further
-    from zero (logits of standard deviation 0.3 or 1) lost in the
-    Transformer (docs/results.md).
+    random, every expert gets tokens from the first step. A start further
+    from zero (logits of standard deviation 1) won in the LSTM language
+    model and lost in the Transformer (docs/results.md, "Where the default
+    gate starts").
 
     Args:
         num_experts: int, number of experts n.
