@@ -6,6 +6,7 @@ import keras
 import tensorflow as tf
 
 from tf_moe._internals import KeepLocalGradients
+from tf_moe.training.fused_optimizers import FusedAdam, FusedAdamW, FusedSGD
 from tf_moe.distribute.expert_parallel import (
     ShardGuard,
     assign_shards,
@@ -103,13 +104,16 @@ def _expert_parallel_class(base):
 
 # Optimizers of other optimizers: wrapped as a whole (or not at all).
 _WRAPPERS = ("Optimizer", "LossScaleOptimizer", "MultiOptimizer")
-# `ExpertParallel<Class>` of every optimizer of `keras.optimizers`, made and
-# registered at import so that a saved model's optimizer loads in a fresh
-# process. Never changed afterwards.
+# `ExpertParallel<Class>` of every optimizer of `keras.optimizers` and of
+# tf_moe's fused twins, made and registered at import so that a saved
+# model's optimizer loads in a fresh process. Never changed afterwards.
 _EXPERT_PARALLEL_CLASSES = {
     base: _expert_parallel_class(base)
-    for name, base in vars(keras.optimizers).items()
-    if isinstance(base, type) and issubclass(base, keras.optimizers.Optimizer) and name not in _WRAPPERS
+    for base in [
+        *(base for name, base in vars(keras.optimizers).items()
+          if isinstance(base, type) and issubclass(base, keras.optimizers.Optimizer) and name not in _WRAPPERS),
+        FusedSGD, FusedAdam, FusedAdamW,
+    ]
 }
 
 
@@ -128,8 +132,8 @@ def expert_parallel_optimizer(optimizer):
 
     Args:
         optimizer: an instance of one of the optimizers of
-            `keras.optimizers` (not yet used), or of a `LossScaleOptimizer`
-            around one. Another optimizer class needs its own
+            `keras.optimizers` or of `tf_moe.training`'s fused ones (not
+            yet used), or of a `LossScaleOptimizer` around one. Another optimizer class needs its own
             `ShardAwareUpdates` subclass (see there).
 
     Returns:
