@@ -327,7 +327,10 @@ def config_from_args(args):
         # The Penn Treebank's own 10k words; the main job's 5000 on the Bibles.
         settings.update(Config.TRANSFORMER, vocab_size=10_000 if corpus == "ptb" else 5000)
     if args.quick:
-        settings.update(Config.QUICK)
+        quick = dict(Config.QUICK)
+        if getattr(args, "name", None) in _SWEEPS:
+            del quick["k"]  # the sweeps' hierarchical models need a square k (the default 4)
+        settings.update(quick)
     return Config(**{**settings, **flags})
 
 
@@ -525,7 +528,8 @@ def _run_training(args, function, what, title, save_note):
     check_config(args, config)
     check_paths(config)
     models = getattr(args, "models", None)
-    for label in models or ():
+    sweep = args.command == "experiment" and args.name in _SWEEPS
+    for label in models or (language_model.SWEEP_MODELS if sweep else ()):
         try:
             language_model.variant_arguments(label, config)
         except ValueError as error:
