@@ -367,7 +367,7 @@ def test_killed_training_resumes_exactly(tmp_path):
 
 def _cli_kill_test(tmp_path, kills, seed):
     epochs = 3
-    flags = ["--quick", "--epochs", str(epochs), "--steps", "3", "--verbose", "2"]
+    flags = ["--quick", "--epochs", str(epochs), "--steps", "3", "--progress", "2"]
 
     def start(name):
         return lambda i: _Attempt(
