@@ -154,6 +154,22 @@ def noise_to_signal(stddev, clean, valid):
     return float(noise / signal)
 
 
+def rms_normalize(x):
+    """Each token scaled to unit root mean square: RMSNorm without a gain (Zhang & Sennrich 2019)."""
+    return x / np.sqrt(np.mean(np.square(x), axis=-1, keepdims=True) + 1e-6)
+
+
+def top_k_gate(x, w_gate, k, normalize=True):
+    """`TopKGateRouter`: `Softmax(KeepTopK(x_hat W_g, k))`, W_g as used (m times the stored one).
+
+    Returns (logits [T, n], dense gates [T, n]).
+    """
+    if normalize:
+        x = rms_normalize(x)
+    logits, gates, _ = noisy_top_k(x, w_gate, np.zeros_like(w_gate), None, k, 0.0, train=False)
+    return logits, gates
+
+
 def softmax(logits):
     """Row-wise softmax of [tokens, n] logits."""
     e = np.exp(logits - logits.max(axis=1, keepdims=True))

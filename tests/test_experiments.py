@@ -6,6 +6,8 @@ import math
 import numpy as np
 import pytest
 
+import tf_moe
+from tests import numpy_reference as ref
 from tf_moe.reproduction import language_model, reports
 from tf_moe.reproduction.config import Config
 
@@ -147,10 +149,6 @@ def test_transformer_pair_over_seeds_writes_traceable_rows(tmp_path, capsys):
 @pytest.mark.parametrize("arch", ["lstm", "transformer"])
 @pytest.mark.parametrize("variant, logit_stddev", [("default", 0.01), ("default-zero-start", 0.0), ("default-unit-start", 1.0)])
 def test_diagnosis_variants_start_the_default_gate_where_they_say(arch, variant, logit_stddev):
-    import keras
-
-    import tf_moe
-
     config = Config(**{**Config.QUICK, "arch": arch, "experts": 16, "k": 2})
     label, overrides = language_model._diagnosis_overrides(variant, config)
     router = {} if overrides["router"] is None else {"router": overrides["router"]}
@@ -158,6 +156,5 @@ def test_diagnosis_variants_start_the_default_gate_where_they_say(arch, variant,
     tokens = np.random.default_rng(0).standard_normal((4096, 128)).astype("float32")
     moe(tokens)
     assert label == "moe" and type(moe.router) is tf_moe.TopKGateRouter
-    x_hat = tokens / np.sqrt(np.mean(np.square(tokens), axis=-1, keepdims=True) + 1e-6)
-    logits = x_hat @ (moe.router.learning_rate_multiplier * keras.ops.convert_to_numpy(moe.router.w_gate))
+    logits = ref.rms_normalize(tokens) @ (moe.router.learning_rate_multiplier * np.asarray(moe.router.w_gate))
     np.testing.assert_allclose(logits.std(), logit_stddev, rtol=0.1)

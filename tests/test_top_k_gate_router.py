@@ -23,10 +23,7 @@ def _router(multiplier=10.0, seed=0, normalize=True):
 
 
 def _reference_gates(x, w_stored, multiplier, normalize=True):
-    if normalize:  # RMSNorm without a gain (Zhang & Sennrich 2019)
-        x = x / np.sqrt(np.mean(np.square(x), axis=-1, keepdims=True) + 1e-6)
-    _, gates, _ = ref.noisy_top_k(x, multiplier * w_stored, np.zeros_like(w_stored), 0, K, 0.0, train=False)
-    return gates
+    return ref.top_k_gate(x, multiplier * w_stored, K, normalize)[1]
 
 
 @pytest.mark.parametrize("training", [False, True])
@@ -121,8 +118,7 @@ def test_starts_near_zero_with_every_expert_routed(multiplier):
     router = tf_moe.TopKGateRouter(experts, K, learning_rate_multiplier=multiplier)
     tokens = np.random.default_rng(1).standard_normal((2048, units)).astype("float32") * 7.0
     load = router(tokens).load.numpy()
-    x_hat = tokens / np.sqrt(np.mean(np.square(tokens), axis=-1, keepdims=True) + 1e-6)
-    logits = x_hat @ (multiplier * router.w_gate.numpy())
+    logits = ref.rms_normalize(tokens) @ (multiplier * router.w_gate.numpy())
     assert 0.009 < logits.std() < 0.011
     # From a zero gate every token would take experts 0 and 1 (ties).
     assert load.min() > 0.25 * load.mean()

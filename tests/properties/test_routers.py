@@ -67,11 +67,8 @@ def _noisy_top_k(router, x, valid, training, noise, router_inputs):
 
 
 def _top_k_gate(router, x, valid, training, noise, router_inputs):
-    if router.normalize_inputs:
-        x = x / np.sqrt(np.mean(x**2, axis=1, keepdims=True) + 1e-6)
     w_gate = router.learning_rate_multiplier * np.asarray(router.w_gate, np.float64)
-    no_noise = np.zeros_like(w_gate)
-    logits, gates, _ = ref.noisy_top_k(x, w_gate, no_noise, None, router.k, 0.0, train=False)
+    logits, gates = ref.top_k_gate(x, w_gate, router.k, router.normalize_inputs)
     gates[~valid] = 0.0
     ranked = np.argsort(-logits, axis=1, kind="stable")[:, : router.k]
     load = _hard_load(ranked, valid, router.num_experts)
