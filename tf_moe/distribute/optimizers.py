@@ -6,7 +6,6 @@ import keras
 import tensorflow as tf
 
 from tf_moe._internals import KeepLocalGradients
-from tf_moe.training.fused_optimizers import FusedAdam, FusedAdamW, FusedSGD
 from tf_moe.distribute.expert_parallel import (
     ShardGuard,
     assign_shards,
@@ -14,6 +13,7 @@ from tf_moe.distribute.expert_parallel import (
     is_replica_local,
     replica_local_variables,
 )
+from tf_moe.training.fused_optimizers import FusedAdam, FusedAdamW, FusedSGD
 
 
 class _ShardAwareSaving:
@@ -133,8 +133,9 @@ def expert_parallel_optimizer(optimizer):
     Args:
         optimizer: an instance of one of the optimizers of
             `keras.optimizers` or of `tf_moe.training`'s fused ones (not
-            yet used), or of a `LossScaleOptimizer` around one. Another optimizer class needs its own
-            `ShardAwareUpdates` subclass (see there).
+            yet used), or of a `LossScaleOptimizer` around one. Another
+            optimizer class needs its own `ShardAwareUpdates` subclass
+            (see there).
 
     Returns:
         An optimizer of class `ExpertParallel<Class>`, a subclass of

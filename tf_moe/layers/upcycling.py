@@ -34,9 +34,9 @@ def upcycle(hidden, output, num_experts, k=None, activation=None, **moe_argument
     continues. The default router is `MoELayer`'s (`TopKGateRouter`), whose
     random gate tells the copies apart from the first step (from a zero
     gate without noise they would get the same tokens and gradients and
-    never move apart). While a token's gate values sum to 1
-    (routers that renormalise over the chosen experts: `"noisy_top_k"`,
-    `TopKRouter(..., normalize=True)`), the new layer computes exactly the dense FFN until
+    never move apart). While a token's gate values sum to 1 (routers that
+    renormalise over the chosen experts: `"noisy_top_k"`, `TopKRouter(...,
+    normalize=True)`), the new layer computes exactly the dense FFN until
     the experts' weights move apart.
 
     Args:

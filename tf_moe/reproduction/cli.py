@@ -161,6 +161,11 @@ _COMPARED_ROUTERS = language_model.COMPARED_ROUTERS
 _SWEEPS = ("experts", "ptb")
 
 
+def _is_sweep(args):
+    """Whether the command is an expert sweep (`tf-moe experiment experts|ptb`)."""
+    return args.command == "experiment" and args.name in _SWEEPS
+
+
 def _parser():
     parser = _Parser(prog="tf-moe", description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--version", action="version", version=f"%(prog)s {tf_moe.__version__}")
@@ -328,7 +333,7 @@ def config_from_args(args):
         settings.update(Config.TRANSFORMER, vocab_size=10_000 if corpus == "ptb" else 5000)
     if args.quick:
         quick = dict(Config.QUICK)
-        if getattr(args, "name", None) in _SWEEPS:
+        if _is_sweep(args):
             del quick["k"]  # the sweeps' hierarchical models need a square k (the default 4)
         settings.update(quick)
     return Config(**{**settings, **flags})
@@ -352,7 +357,7 @@ def check_config(args, config):
     if config.router is not None and config.groups is not None:
         raise UsageError("--router and --hierarchical: the hierarchical MoE has its own router")
     # The expert sweeps set their own numbers of experts and groups.
-    if not (args.command == "experiment" and args.name in _SWEEPS):
+    if not _is_sweep(args):
         if config.groups is None and config.k > config.experts:
             raise UsageError(f"--k {config.k} exceeds --experts {config.experts}")
         if config.groups is not None:
@@ -484,7 +489,7 @@ def _tuned_jobs(args, config, models):
     """`[(config, [model])]`: each model at the learning rate and dropout of its best row in `--tuned`."""
     if args.command == "train" and args.task == "lm":
         models = models or ["moe", "dense" if config.arch == "transformer" else config.baseline]
-    elif not (args.command == "experiment" and args.name in _SWEEPS and models):
+    elif not (_is_sweep(args) and models):
         raise UsageError("--tuned is for `tf-moe train lm` and `experiment experts|ptb --models ...`")
     if not os.path.isfile(args.tuned):
         raise UsageError(f"--tuned {args.tuned}: no such file")
@@ -528,8 +533,7 @@ def _run_training(args, function, what, title, save_note):
     check_config(args, config)
     check_paths(config)
     models = getattr(args, "models", None)
-    sweep = args.command == "experiment" and args.name in _SWEEPS
-    for label in models or (language_model.SWEEP_MODELS if sweep else ()):
+    for label in models or (language_model.SWEEP_MODELS if _is_sweep(args) else ()):
         try:
             language_model.variant_arguments(label, config)
         except ValueError as error:
