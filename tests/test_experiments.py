@@ -147,8 +147,11 @@ def test_transformer_pair_over_seeds_writes_traceable_rows(tmp_path, capsys):
 
 
 @pytest.mark.parametrize("arch", ["lstm", "transformer"])
-@pytest.mark.parametrize("variant, logit_stddev", [("default", 0.01), ("default-zero-start", 0.0), ("default-unit-start", 1.0)])
-def test_diagnosis_variants_start_the_default_gate_where_they_say(arch, variant, logit_stddev):
+@pytest.mark.parametrize("variant, logit_stddev, multiplier", [
+    ("default", 0.01, 3.0), ("default-zero-start", 0.0, 3.0), ("default-unit-start", 1.0, 3.0),
+    ("default-gate-lr-x1", 0.01, 1.0),
+])
+def test_diagnosis_variants_start_the_default_gate_where_they_say(arch, variant, logit_stddev, multiplier):
     config = Config(**{**Config.QUICK, "arch": arch, "experts": 16, "k": 2})
     label, overrides = language_model._diagnosis_overrides(variant, config)
     router = {} if overrides["router"] is None else {"router": overrides["router"]}
@@ -156,5 +159,6 @@ def test_diagnosis_variants_start_the_default_gate_where_they_say(arch, variant,
     tokens = np.random.default_rng(0).standard_normal((4096, 128)).astype("float32")
     moe(tokens)
     assert label == "moe" and type(moe.router) is tf_moe.TopKGateRouter
+    assert moe.router.learning_rate_multiplier == multiplier
     logits = ref.rms_normalize(tokens) @ (moe.router.learning_rate_multiplier * np.asarray(moe.router.w_gate))
     np.testing.assert_allclose(logits.std(), logit_stddev, rtol=0.1)

@@ -377,6 +377,10 @@ DIAGNOSIS = {
         "TopKGateRouter", "top_k_gate_router", num_experts=n, k=k, gate_initializer={
             "class_name": "VarianceScaling",
             "config": {"scale": 1 / 9, "mode": "fan_in", "distribution": "untruncated_normal"}})),
+    # The default's gate at the rest of the model's learning rate (its
+    # default is 3x), for learning rates where 3x may move routing too fast.
+    "default-gate-lr-x1": dict(router=lambda n, k: _router_config(
+        "TopKGateRouter", "top_k_gate_router", num_experts=n, k=k, learning_rate_multiplier=1.0)),
     "top-k-renormalized": dict(router=lambda n, k: _router_config(
         "TopKRouter", "top_k_router", num_experts=n, k=k, normalize=True)),
     "top-k": dict(router="top_k"),
