@@ -148,8 +148,8 @@ def test_transformer_pair_over_seeds_writes_traceable_rows(tmp_path, capsys):
 
 @pytest.mark.parametrize("arch", ["lstm", "transformer"])
 @pytest.mark.parametrize("variant, logit_stddev, multiplier", [
-    ("default", 0.01, 3.0), ("default-zero-start", 0.0, 3.0), ("default-unit-start", 1.0, 3.0),
-    ("default-gate-lr-x1", 0.01, 1.0),
+    ("default", 0.01, 1.0), ("default-zero-start", 0.0, 1.0), ("default-unit-start", 1.0, 1.0),
+    ("default-gate-lr-x3", 0.01, 3.0),
 ])
 def test_diagnosis_variants_start_the_default_gate_where_they_say(arch, variant, logit_stddev, multiplier):
     config = Config(**{**Config.QUICK, "arch": arch, "experts": 16, "k": 2})

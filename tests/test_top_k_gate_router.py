@@ -128,11 +128,11 @@ def test_starts_near_zero_with_every_expert_routed(multiplier):
 
 def test_is_the_layers_default():
     layer = tf_moe.MoELayer(N, K, 8)
-    assert type(layer.router) is tf_moe.TopKGateRouter and layer.router.learning_rate_multiplier == 3.0
+    assert type(layer.router) is tf_moe.TopKGateRouter and layer.router.learning_rate_multiplier == 1.0
     assert layer.router.normalize_inputs
     layer.build((None, D))
     assert layer.ops_per_token() == D * N + K * (D * 8 + 8 * D)  # the gate and k experts
-    assert tf_moe.routers.get("top_k_gate", N, K).get_config()["learning_rate_multiplier"] == 3.0
+    assert tf_moe.routers.get("top_k_gate", N, K).get_config()["learning_rate_multiplier"] == 1.0
     # The paper's exact gating stays one argument away.
     paper = tf_moe.MoELayer(N, K, 8, router="noisy_top_k").router
     assert type(paper) is tf_moe.NoisyTopKRouter and paper.noisy and paper.learning_rate_multiplier == 1.0
@@ -168,7 +168,7 @@ def test_layer_output_equals_the_dense_reference():
     for variable in layer.weights:
         variable.assign(rng.standard_normal(variable.shape).astype("float32") * 0.3)
     flat = x.reshape(-1, D)
-    gates = _reference_gates(flat, layer.router.w_gate.numpy(), 3.0)
+    gates = _reference_gates(flat, layer.router.w_gate.numpy(), layer.router.learning_rate_multiplier)
     e = layer.experts
     want = ref.dense_moe(flat, gates, e.kernel_in.numpy(), e.bias_in.numpy()[:, 0], e.kernel_out.numpy(),
                          e.bias_out.numpy()[:, 0])

@@ -114,9 +114,9 @@ class MoELayer(keras.layers.Layer):
     `tf_moe.routers`):
 
     * `"top_k_gate"` (default, `TopKGateRouter`): the paper's top-k
-      softmax gate without its noise, on RMS-normalised tokens, learning 3x
-      faster than the model (docs/results.md measures why: with these defaults the MoE beats its
-      matched dense FFN in a Transformer and an LSTM language model);
+      softmax gate without its noise, on RMS-normalised tokens, its gate
+      started near zero (docs/results.md measures why, against the matched
+      dense FFN in a Transformer and an LSTM language model);
     * `"noisy_top_k"`: the paper's noisy top-k gating exactly, section 2.1;
     * `"softmax"`: the dense softmax baseline, every expert on every token;
     * `"batchwise"`: strictly balanced gating, appendix F;

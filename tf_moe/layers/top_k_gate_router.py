@@ -1,4 +1,4 @@
-"""Top-k softmax gating without noise, its gate learning faster: the default router of `MoELayer`."""
+"""Top-k softmax gating without noise, on normalised inputs: the default router of `MoELayer`."""
 
 import keras
 import tensorflow as tf
@@ -19,7 +19,7 @@ _INITIAL_LOGIT_STDDEV = 0.01
 @register_router("top_k_gate")
 @keras.saving.register_keras_serializable(package="tf_moe")
 class TopKGateRouter(Router):
-    """The paper's gate without its noise, on normalised inputs, learning faster: `MoELayer`'s default.
+    """The paper's gate without its noise, on normalised inputs: `MoELayer`'s default.
 
     `G(x) = Softmax(KeepTopK(x_hat W_g, k))` (Shazeer et al. 2017, Eq. 3-5
     without the noise term; the same function as Mixtral's router, Jiang et
@@ -28,10 +28,10 @@ class TopKGateRouter(Router):
     (RMSNorm without a gain, Zhang & Sennrich 2019): each token goes to its
     k experts of highest logit, their gate values the softmax over those k
     logits. `W_g` starts near zero (on a normalised token each logit has
-    standard deviation 0.01) and learns
-    `learning_rate_multiplier` times faster than the rest of the model: it
-    is stored as `W_g / m` and used as `m * (W_g / m)`, so Adam-type
-    optimizers step it m times further. `MoELayer` adds the paper's
+    standard deviation 0.01) and learns at the model's rate, or
+    `learning_rate_multiplier` times faster: it is stored as `W_g / m` and
+    used as `m * (W_g / m)`, so Adam-type optimizers step it m times
+    further. `MoELayer` adds the paper's
     balancing losses (section 4): the importance loss balances the gates;
     without noise the load is the count of tokens per expert, reported but
     without gradient.
@@ -39,11 +39,13 @@ class TopKGateRouter(Router):
     Why these defaults (docs/results.md, "Why the paper's router lost in the
     Transformer"): with a zero-initialised gate, the paper's noise
     (`softplus(0) = 0.69` standard deviations) outweighs the logits for
-    hundreds of steps, so training routes by noise, and at the model's
-    learning rate the gate learns slowly. How fast the logits move depends
+    hundreds of steps, so training routes by noise. How fast the logits move depends
     on the scale of the router's input, which differs between models (a
     LayerNorm'd Transformer block against an LSTM's output); normalising it
-    lets one gate speed serve both. The paper's zero gate would, without
+    lets one gate speed serve both. A gate 3x faster than the model (the
+    previous default) won at the learning rates first tried and lost at
+    the higher ones each model reaches when tuned, in both models: its
+    routing moves too fast (docs/results.md, "Equal tuning"). The paper's zero gate would, without
     noise, send every token to the same k experts (ties go to the lowest
     index), and the task loss reaches only the chosen experts' logits, so
     the others join one after another over the first steps; a gate near
@@ -58,7 +60,8 @@ class TopKGateRouter(Router):
         k: int, experts per token, 1 <= k <= num_experts.
         learning_rate_multiplier: finite float > 0, how much faster than
             the rest of the model the gate learns (under plain SGD the
-            factor is its square); 1 trains it at the model's rate.
+            factor is its square); the default 1 trains it at the model's
+            rate.
         normalize_inputs: bool, whether the gate sees each token scaled to
             unit root mean square (default True) or as it is.
         gate_initializer: initializer of the stored `W_g / m`; None (the
@@ -87,7 +90,7 @@ class TopKGateRouter(Router):
     """
 
     def __init__(
-        self, num_experts, k, learning_rate_multiplier=3.0, normalize_inputs=True, gate_initializer=None, **kwargs
+        self, num_experts, k, learning_rate_multiplier=1.0, normalize_inputs=True, gate_initializer=None, **kwargs
     ):
         super().__init__(num_experts, k, **kwargs)
         check_positive("learning_rate_multiplier", learning_rate_multiplier)

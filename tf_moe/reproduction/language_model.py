@@ -366,21 +366,20 @@ DIAGNOSIS = {
     "paper-gate-lr-x10": dict(router=_noisy(learning_rate_multiplier=10.0)),
     "paper-losses-x0.1": dict(router="noisy_top_k", importance_weight=0.01, load_weight=0.01),
     "paper-no-noise": dict(router=_noisy(noisy=False)),
-    "default": dict(router=None),  # TopKGateRouter: no noise, normalised input, gate 3x faster
+    "default": dict(router=None),  # TopKGateRouter: no noise, normalised input
     # The default's gate started elsewhere than near zero: at zero (the
     # paper's start, ties to the lowest experts) or with logits of standard
-    # deviation 1 on normalised tokens (normal, 1 / (3 sqrt(d)) for the
-    # stored W_g / 3).
+    # deviation 1 on normalised tokens (normal, 1 / sqrt(d)).
     "default-zero-start": dict(router=lambda n, k: _router_config(
         "TopKGateRouter", "top_k_gate_router", num_experts=n, k=k, gate_initializer="zeros")),
     "default-unit-start": dict(router=lambda n, k: _router_config(
         "TopKGateRouter", "top_k_gate_router", num_experts=n, k=k, gate_initializer={
             "class_name": "VarianceScaling",
-            "config": {"scale": 1 / 9, "mode": "fan_in", "distribution": "untruncated_normal"}})),
-    # The default's gate at the rest of the model's learning rate (its
-    # default is 3x), for learning rates where 3x may move routing too fast.
-    "default-gate-lr-x1": dict(router=lambda n, k: _router_config(
-        "TopKGateRouter", "top_k_gate_router", num_experts=n, k=k, learning_rate_multiplier=1.0)),
+            "config": {"scale": 1.0, "mode": "fan_in", "distribution": "untruncated_normal"}})),
+    # The default's gate learning 3x faster than the model (the previous
+    # default; `default-gate-lr-x1` in results files is today's default).
+    "default-gate-lr-x3": dict(router=lambda n, k: _router_config(
+        "TopKGateRouter", "top_k_gate_router", num_experts=n, k=k, learning_rate_multiplier=3.0)),
     "top-k-renormalized": dict(router=lambda n, k: _router_config(
         "TopKRouter", "top_k_router", num_experts=n, k=k, normalize=True)),
     "top-k": dict(router="top_k"),
