@@ -380,6 +380,10 @@ DIAGNOSIS = {
     # default; `default-gate-lr-x1` in results files is today's default).
     "default-gate-lr-x3": dict(router=lambda n, k: _router_config(
         "TopKGateRouter", "top_k_gate_router", num_experts=n, k=k, learning_rate_multiplier=3.0)),
+    # The default's k gate values summing to k rather than 1: at uniform
+    # gates the layer is then its dense twin of width k * hidden_units.
+    "default-gates-sum-k": dict(router=lambda n, k: _router_config(
+        "TopKGateRouter", "top_k_gate_router", num_experts=n, k=k, gates_sum_to_k=True)),
     "top-k-renormalized": dict(router=lambda n, k: _router_config(
         "TopKRouter", "top_k_router", num_experts=n, k=k, normalize=True)),
     "top-k": dict(router="top_k"),
