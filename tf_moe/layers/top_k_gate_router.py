@@ -90,21 +90,13 @@ class TopKGateRouter(Router):
     """
 
     def __init__(
-        self,
-        num_experts,
-        k,
-        learning_rate_multiplier=1.0,
-        normalize_inputs=True,
-        gate_initializer=None,
-        gates_sum_to_k=False,
-        **kwargs,
+        self, num_experts, k, learning_rate_multiplier=1.0, normalize_inputs=True, gate_initializer=None, **kwargs
     ):
         super().__init__(num_experts, k, **kwargs)
         check_positive("learning_rate_multiplier", learning_rate_multiplier)
         self.learning_rate_multiplier = float(learning_rate_multiplier)
         self.normalize_inputs = check_bool("normalize_inputs", normalize_inputs)
         self.gate_initializer = check_keras_object("gate_initializer", keras.initializers, gate_initializer)
-        self.gates_sum_to_k = check_bool("gates_sum_to_k", gates_sum_to_k)
 
     def build(self, input_shape):
         self.check_input_shape(input_shape)
@@ -120,8 +112,6 @@ class TopKGateRouter(Router):
             x = keras.ops.rms_normalization(x, epsilon=1e-6)
         logits = tf.matmul(x, scaled_gate_weight(self.w_gate, self.learning_rate_multiplier))
         expert_index, expert_weight, _ = gating.top_k_gates(logits, self.k)
-        if self.gates_sum_to_k:
-            expert_weight = expert_weight * float(self.k)
         if valid is not None:
             expert_index = tf.where(valid[:, None], expert_index, self.num_experts)
             expert_weight = tf.where(valid[:, None], expert_weight, 0.0)
@@ -141,7 +131,6 @@ class TopKGateRouter(Router):
         config = super().get_config()
         config["learning_rate_multiplier"] = self.learning_rate_multiplier
         config["normalize_inputs"] = self.normalize_inputs
-        config["gates_sum_to_k"] = self.gates_sum_to_k
         config["gate_initializer"] = (
             None if self.gate_initializer is None else keras.initializers.serialize(self.gate_initializer)
         )

@@ -289,8 +289,8 @@ def router_comparison(config, routers=ROUTER_COMPARISON):
     Every model is `config`'s MoE LM (`config.arch`) with a router at the
     same expert multiply-adds per token (`comparison_router`; the routers'
     own `d * n` differ: the hash router has none), each at its papers'
-    settings and its own defaults: the default router's gate learns 3x
-    faster than the model, every other learned gate at the model's rate. Expert choice and batchwise routing are not causal while
+    settings and its own defaults, every learned gate at the model's rate.
+    Expert choice and batchwise routing are not causal while
     training (see `ExpertChoiceRouter`): their perplexities are of models
     whose positions see a little of the batch's future.
 
@@ -380,10 +380,6 @@ DIAGNOSIS = {
     # default; `default-gate-lr-x1` in results files is today's default).
     "default-gate-lr-x3": dict(router=lambda n, k: _router_config(
         "TopKGateRouter", "top_k_gate_router", num_experts=n, k=k, learning_rate_multiplier=3.0)),
-    # The default's k gate values summing to k rather than 1: at uniform
-    # gates the layer is then its dense twin of width k * hidden_units.
-    "default-gates-sum-k": dict(router=lambda n, k: _router_config(
-        "TopKGateRouter", "top_k_gate_router", num_experts=n, k=k, gates_sum_to_k=True)),
     "top-k-renormalized": dict(router=lambda n, k: _router_config(
         "TopKRouter", "top_k_router", num_experts=n, k=k, normalize=True)),
     "top-k": dict(router="top_k"),
