@@ -5,9 +5,9 @@ this times its parts one by one on the same sizes (4096 tokens, d = 512,
 expert hidden h = 1024, k = 2), each in a `tf.function` with the gradients
 the layer's step needs:
 
-  gate      the noisy top-k router in training mode (noise, top-k, smooth
-            load), with the gradients of W_g, W_noise and the tokens through
-            the gates and CV^2(importance) + CV^2(load)
+  gate      the router (`--router`, default the paper's noisy top-k) in
+            training mode, with the gradients of its weights and of the
+            tokens through the gates and CV^2(importance) + CV^2(load)
   dispatch  sort-based dispatch of the router's assignments into the
             dropless [n, capacity, d] buffer, and the tokens' gradient
   combine   the weighted sum of the assignments' expert outputs back into
@@ -16,13 +16,18 @@ the layer's step needs:
             expert), weights' and buffer's gradients
   balanced  the same on k * tokens / n rows per expert, what they would
             cost without padding (`dispatch.py`'s experts_only floor)
+  dense     the dense FFN of equal multiply-adds (hidden k * h) on the
+            tokens, its weights' and the tokens' gradients: the layer the
+            parts together replace
 
-The routing is the zero-initialised gate's (pure noise, as at the start of
-training), so the dropless buffer pads every expert to the largest of
-nearly equal counts. Each time is the median of `--repeats` calls. Run it
+With the noisy router the routing is its zero-initialised gate's (pure
+noise, as at the start of training); with `--router top_k_gate`, MoELayer's
+default, its gate's start near zero: either way the dropless buffer pads
+every expert to the largest of nearly equal counts. Each time is the median of `--repeats` calls. Run it
 on two checkouts to compare them:
 
   python benchmarks/parts.py --experts 16 256
+  python benchmarks/parts.py --experts 16 --d 128 --h 256 --tokens 1024 --router top_k_gate
   PYTHONPATH=/path/to/other/checkout python benchmarks/parts.py --experts 16 256
 """
 
@@ -47,15 +52,17 @@ def _median_ms(fn, repeats):
     return 1e3 * statistics.median(times)
 
 
-def parts(n, k, d, h, tokens, repeats):
+def parts(n, k, d, h, tokens, repeats, router_name="noisy_top_k"):
     """{part: median ms} of one forward+backward of each part."""
+    import keras
     import tensorflow as tf
 
     import tf_moe
     from tf_moe.ops import dispatch
     from tf_moe.ops.gating import cv_squared
 
-    router = tf_moe.NoisyTopKRouter(n, k, seed=0)
+    keras.utils.set_random_seed(0)
+    router = tf_moe.routers.get(router_name, n, k)
     router.build((None, d))
     experts = tf_moe.FeedForwardExperts(n, h, d)
     experts.build((n, None, d))
@@ -90,6 +97,16 @@ def parts(n, k, d, h, tokens, repeats):
             loss = tf.reduce_sum(y * x)
         return tape.gradient(loss, [outputs, weight])
 
+    dense = keras.Sequential([keras.layers.Dense(k * h, activation="relu"), keras.layers.Dense(d)])
+    dense.build((None, d))
+
+    @tf.function
+    def dense_step(x):
+        with tf.GradientTape() as tape:
+            tape.watch(x)
+            loss = tf.reduce_sum(dense(x))
+        return tape.gradient(loss, [x] + dense.trainable_variables)
+
     @tf.function
     def experts_step(buffer):
         with tf.GradientTape() as tape:
@@ -103,6 +120,7 @@ def parts(n, k, d, h, tokens, repeats):
         "combine": _median_ms(lambda: combine_step(outputs, weight), repeats),
         "experts": _median_ms(lambda: experts_step(buffer), repeats),
         "balanced": _median_ms(lambda: experts_step(balanced), repeats),
+        "dense": _median_ms(lambda: dense_step(x), repeats),
         "capacity": int(buffer.shape[1]),
     }
 
@@ -115,6 +133,7 @@ def main():
     parser.add_argument("--h", type=int, default=1024)
     parser.add_argument("--tokens", type=int, default=4096)
     parser.add_argument("--repeats", type=int, default=9)
+    parser.add_argument("--router", default="noisy_top_k", help="a router name of tf_moe.routers (not hash)")
     args = parser.parse_args()
 
     os.environ.setdefault("TF_CPP_MIN_LOG_LEVEL", "3")
@@ -122,14 +141,16 @@ def main():
 
     tf_moe.performance.configure_allocator()
     print(f"# tf_moe from {os.path.dirname(tf_moe.__file__)}; tokens={args.tokens} d={args.d} h={args.h} "
-          f"k={args.k}; median of {args.repeats} forward+backward calls, ms")
-    print("| experts | gate | dispatch | combine | experts at capacity (capacity / mean) | experts at the mean |")
-    print("|---|---|---|---|---|---|")
+          f"k={args.k} router={args.router}; median of {args.repeats} forward+backward calls, ms")
+    print("| experts | gate | dispatch | combine | experts at capacity (capacity / mean) | experts at the mean "
+          "| dense FFN (hidden k*h) |")
+    print("|---|---|---|---|---|---|---|")
     for n in args.experts:
-        r = parts(n, args.k, args.d, args.h, args.tokens, args.repeats)
+        r = parts(n, args.k, args.d, args.h, args.tokens, args.repeats, args.router)
         mean = args.k * args.tokens / n
         print(f"| {n} | {r['gate']:.1f} | {r['dispatch']:.1f} | {r['combine']:.1f} "
-              f"| {r['experts']:.1f} ({r['capacity']} / {mean:.0f}) | {r['balanced']:.1f} |", flush=True)
+              f"| {r['experts']:.1f} ({r['capacity']} / {mean:.0f}) | {r['balanced']:.1f} | {r['dense']:.1f} |",
+              flush=True)
 
 
 if __name__ == "__main__":
