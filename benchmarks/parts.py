@@ -97,22 +97,19 @@ def parts(n, k, d, h, tokens, repeats, router_name="noisy_top_k"):
             loss = tf.reduce_sum(y * x)
         return tape.gradient(loss, [outputs, weight])
 
+    def layer_step(layer):
+        @tf.function
+        def step(inputs):
+            with tf.GradientTape() as tape:
+                tape.watch(inputs)
+                loss = tf.reduce_sum(layer(inputs))
+            return tape.gradient(loss, [inputs] + layer.trainable_variables)
+
+        return step
+
     dense = keras.Sequential([keras.layers.Dense(k * h, activation="relu"), keras.layers.Dense(d)])
     dense.build((None, d))
-
-    @tf.function
-    def dense_step(x):
-        with tf.GradientTape() as tape:
-            tape.watch(x)
-            loss = tf.reduce_sum(dense(x))
-        return tape.gradient(loss, [x] + dense.trainable_variables)
-
-    @tf.function
-    def experts_step(buffer):
-        with tf.GradientTape() as tape:
-            tape.watch(buffer)
-            loss = tf.reduce_sum(experts(buffer))
-        return tape.gradient(loss, [buffer] + experts.trainable_variables)
+    experts_step, dense_step = layer_step(experts), layer_step(dense)
 
     return {
         "gate": _median_ms(lambda: gate(x), repeats),
