@@ -50,6 +50,15 @@ sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 METHODS = ("dense", "moe", "moe_cf1.25", "experts_only", "partition", "onehot_einsum", "every_expert")
 
 
+def dense_ffn(d, hidden):
+    """The dense FFN an MoE layer is matched against, built: `hidden` ReLU units, then back to `d`."""
+    import keras
+
+    layer = keras.Sequential([keras.layers.Dense(hidden, activation="relu"), keras.layers.Dense(d)])
+    layer.build((None, d))
+    return layer
+
+
 def _build(method, n, k, d, h, tokens, jit_compile=False):
     """Returns (step_fn, variables) for one method; step_fn(x) -> grads."""
     import keras
@@ -58,8 +67,7 @@ def _build(method, n, k, d, h, tokens, jit_compile=False):
     import tf_moe
 
     if method == "dense":
-        layer = keras.Sequential([keras.layers.Dense(k * h, activation="relu"), keras.layers.Dense(d)])
-        layer.build((None, d))
+        layer = dense_ffn(d, k * h)
         forward = lambda x: layer(x)  # noqa: E731
     elif method in ("moe", "moe_cf1.25"):
         layer = tf_moe.MoELayer(n, k, h, capacity_factor=1.25 if method == "moe_cf1.25" else None)

@@ -23,8 +23,8 @@ the layer's step needs:
 With the noisy router the routing is its zero-initialised gate's (pure
 noise, as at the start of training); with `--router top_k_gate`, MoELayer's
 default, its gate's start near zero: either way the dropless buffer pads
-every expert to the largest of nearly equal counts. Each time is the median of `--repeats` calls. Run it
-on two checkouts to compare them:
+every expert to the largest of nearly equal counts. Each time is the
+median of `--repeats` calls. Run it on two checkouts to compare them:
 
   python benchmarks/parts.py --experts 16 256
   python benchmarks/parts.py --experts 16 --d 128 --h 256 --tokens 1024 --router top_k_gate
@@ -58,6 +58,7 @@ def parts(n, k, d, h, tokens, repeats, router_name="noisy_top_k"):
     import tensorflow as tf
 
     import tf_moe
+    from dispatch import dense_ffn  # benchmarks/dispatch.py, after tf_moe: it puts this checkout on sys.path
     from tf_moe.ops import dispatch
     from tf_moe.ops.gating import cv_squared
 
@@ -107,9 +108,7 @@ def parts(n, k, d, h, tokens, repeats, router_name="noisy_top_k"):
 
         return step
 
-    dense = keras.Sequential([keras.layers.Dense(k * h, activation="relu"), keras.layers.Dense(d)])
-    dense.build((None, d))
-    experts_step, dense_step = layer_step(experts), layer_step(dense)
+    experts_step, dense_step = layer_step(experts), layer_step(dense_ffn(d, k * h))
 
     return {
         "gate": _median_ms(lambda: gate(x), repeats),
@@ -135,6 +134,9 @@ def main():
 
     os.environ.setdefault("TF_CPP_MIN_LOG_LEVEL", "3")
     import tf_moe
+
+    if args.router not in tf_moe.routers.NAMES or args.router == "hash":
+        parser.error(f"--router: one of {[name for name in tf_moe.routers.NAMES if name != 'hash']}")
 
     tf_moe.performance.configure_allocator()
     print(f"# tf_moe from {os.path.dirname(tf_moe.__file__)}; tokens={args.tokens} d={args.d} h={args.h} "

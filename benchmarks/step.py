@@ -71,6 +71,7 @@ def _layers(n, k, d, h, router):
     import keras
 
     import tf_moe
+    from dispatch import dense_ffn
 
     moe = tf_moe.MoELayer(n, k, h, router=router)
     moe.build((None, d))
@@ -81,9 +82,7 @@ def _layers(n, k, d, h, router):
         # whole benchmark.
         gate = moe.router.w_gate
         gate.assign(keras.random.normal(gate.shape, stddev=d**-0.5, seed=0))
-    dense = keras.Sequential([keras.layers.Dense(k * h, activation="relu"), keras.layers.Dense(d)])
-    dense.build((None, d))
-    return moe, dense
+    return moe, dense_ffn(d, k * h)
 
 
 def _train_step(layer, optimizer, is_moe):

@@ -30,6 +30,16 @@ def test_parts_benchmark_prints_a_row_per_expert_count(router):
     assert f"router={router[1] if router else 'noisy_top_k'}" in out
 
 
+def test_parts_benchmark_names_a_router_it_cannot_time():
+    env = dict(os.environ, TF_CPP_MIN_LOG_LEVEL="3")
+    env.pop("PYTHONPATH", None)
+    out = subprocess.run(
+        [sys.executable, os.path.join(_ROOT, "benchmarks", "parts.py"), "--router", "hash"],
+        capture_output=True, text=True, env=env, timeout=600,
+    )
+    assert out.returncode == 2 and "--router" in out.stderr
+
+
 @pytest.mark.parametrize(
     "extra", [[], pytest.param(["--jit-compile", "--methods", "moe", "moe_cf1.25"], marks=pytest.mark.slow)]
 )
