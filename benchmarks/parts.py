@@ -7,7 +7,8 @@ the layer's step needs:
 
   gate      the router (`--router`, default the paper's noisy top-k) in
             training mode, with the gradients of its weights and of the
-            tokens through the gates and CV^2(importance) + CV^2(load)
+            tokens through the gates, its own losses and, for routers that
+            use them, CV^2(importance) + CV^2(load)
   dispatch  sort-based dispatch of the router's assignments into the
             dropless [n, capacity, d] buffer, and the tokens' gradient
   combine   the weighted sum of the assignments' expert outputs back into
@@ -79,7 +80,9 @@ def parts(n, k, d, h, tokens, repeats, router_name="noisy_top_k"):
         with tf.GradientTape() as tape:
             tape.watch(x)
             r = router(x, training=True)
-            loss = tf.reduce_sum(r.weight) + cv_squared(r.importance) + cv_squared(r.load)
+            loss = tf.add_n([tf.reduce_sum(r.weight), *r.losses.values()])
+            if router.uses_balancing_loss:
+                loss += cv_squared(r.importance) + cv_squared(r.load)
         return tape.gradient(loss, [x] + router.trainable_variables)
 
     @tf.function
