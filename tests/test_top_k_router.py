@@ -128,3 +128,20 @@ def test_config_round_trip_and_ops():
     assert clone.get_config() == router.get_config()
     assert (clone.k, clone.normalize, clone.jitter_epsilon, clone.z_loss_weight) == (3, True, 0.05, 1e-3)
     assert router.ops_per_token(10) == 60
+
+
+
+def test_the_layer_adds_its_loss_and_not_the_papers():
+    layer = tf_moe.MoELayer(6, 2, 8, router="top_k")
+    layer.build((None, 5))
+    router = layer.router
+    router.w_gate.assign(np.random.default_rng(2).standard_normal((5, 6)).astype("float32"))
+    x = np.random.default_rng(3).standard_normal((3, 8, 5)).astype("float32")
+    out = layer(x, training=True)
+    p, gates, choices = ref.top_k_routing(x.reshape(-1, 5), router.w_gate.numpy(), 2, False)
+    # The CV^2 losses of `importance_weight` and `load_weight` are not added on top of it.
+    assert len(layer.losses) == 1
+    np.testing.assert_allclose(float(layer.losses[0]), ref.switch_balance_loss(p, choices, 1e-2), rtol=1e-5)
+    every_expert = np.asarray(layer.experts(np.broadcast_to(x.reshape(1, -1, 5), (6, 24, 5))))
+    expected = np.einsum("te,eto->to", gates, every_expert).reshape(3, 8, 5)
+    np.testing.assert_allclose(np.asarray(out), expected, rtol=1e-4, atol=1e-5)
