@@ -91,6 +91,17 @@ def test_models_order_and_grouping_by_settings(tmp_path):
     assert lines == ["| moe 0.001 | 1 | 100.0 |", "| moe 0.002 | 1 | 90.0 |", "| dense 0.001 | 1 | 95.0 |"]
 
 
+def test_a_table_reads_several_files(tmp_path):
+    rows = [_row("dense", s, v) for s, v in enumerate([110.0, 111.0, 112.0])]
+    page = _page(tmp_path, rows, "file=pair,other models=top_k,dense verdict=top_k:dense")
+    results.append_rows(str(tmp_path / "results" / "other.json"),
+                        [_row("top_k", s, v) for s, v in enumerate([100.0, 101.0, 102.0])])
+    results.report(page)
+    text = open(page).read()
+    assert "| top_k | 3 | 101.0 (100.0-102.0) |" in text and "| dense | 3 | 111.0 (110.0-112.0) |" in text
+    assert "top_k is ahead of dense by 10.0" in text
+
+
 def test_bad_markers_are_named(tmp_path):
     page = _page(tmp_path, [_row("moe", 0, 1.0)], "where=corpus:ptb")
     with pytest.raises(ValueError, match="needs file="):

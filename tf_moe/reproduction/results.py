@@ -124,7 +124,11 @@ def best_settings(rows, model):
 
 @dataclasses.dataclass
 class TableSpec:
-    """What one marked table shows: `file=... [where=k:v,...] [columns=...] [models=...] [verdict=a:b]`."""
+    """What one marked table shows: `file=... [where=k:v,...] [columns=...] [models=...] [verdict=a:b]`.
+
+    `file=a,b` reads the rows of several files, e.g. a dense twin's and a
+    router comparison's, for one table and its verdict.
+    """
 
     file: str
     where: dict
@@ -250,7 +254,7 @@ def render_page(text, results_dir):
 
     def render(match):
         spec = TableSpec.parse(match.group("spec"))
-        rows = load_rows(os.path.join(results_dir, f"{spec.file}.json"))
+        rows = [row for name in spec.file.split(",") for row in load_rows(os.path.join(results_dir, f"{name}.json"))]
         return f"<!-- results {match.group('spec')} -->\n{render_table(rows, spec)}<!-- end results -->"
 
     return _MARKER.sub(render, text)
