@@ -157,6 +157,9 @@ def test_a_router_instance_and_its_conflicts():
         lstm_lm(**SMALL, router="top_k", num_groups=2)
     with pytest.raises(ValueError, match="`k`"):
         lstm_lm(**SMALL, router="switch")  # k = 2
-    # The default is MoELayer's own.
-    default = tf_moe.MoELayer(4, 2, 8).router
-    assert type(lstm_lm(**SMALL).get_layer("moe").router) is type(default)
+    # The default is the paper's gate without noise, which the main job measured; not MoELayer's.
+    default = lstm_lm(**SMALL).get_layer("moe")
+    assert type(default.router) is tf_moe.TopKGateRouter and default.importance_weight == 0.1
+    assert type(tf_moe.MoELayer(4, 2, 8).router) is not tf_moe.TopKGateRouter
+    with pytest.raises(ValueError, match="`importance_weight`"):
+        lstm_lm(**SMALL, router="top_k", importance_weight=0.1)  # a weight top_k would ignore

@@ -371,9 +371,11 @@ def test_balancing_losses_balance_the_load():
         (dict(num_experts=4, k=1, capacity_factor=-1.0), "`capacity_factor`"),
         (dict(num_experts=4, k=1, capacity_factor=float("inf")), "`capacity_factor`"),
         (dict(num_experts=4, k=1, capacity_factor=float("nan")), "`capacity_factor`"),
-        (dict(num_experts=4, k=1, importance_weight=-0.1), "`importance_weight`"),
-        (dict(num_experts=4, k=1, importance_weight=float("inf")), "`importance_weight`"),
-        (dict(num_experts=4, k=1, load_weight=float("nan")), "`load_weight`"),
+        (dict(num_experts=4, k=1, router="noisy_top_k", importance_weight=-0.1), "`importance_weight`"),
+        (dict(num_experts=4, k=1, router="noisy_top_k", importance_weight=float("inf")), "`importance_weight`"),
+        (dict(num_experts=4, k=1, router="noisy_top_k", load_weight=float("nan")), "`load_weight`"),
+        (dict(num_experts=4, k=1, importance_weight=0.1), "`importance_weight`.*TopKRouter balances itself"),
+        (dict(num_experts=4, k=1, router="switch", load_weight=0.0), "`load_weight`.*SwitchRouter"),
         (dict(num_experts=4, k=1, router="top_p"), "`router`"),
         (dict(num_experts=4, k=1, router="hierarchical"), "HierarchicalRouter"),
         (dict(num_experts=4, k=2, router="softmax"), "`k`"),
@@ -395,6 +397,21 @@ def test_balancing_losses_balance_the_load():
 def test_invalid_arguments_get_clear_errors(kwargs, arg):
     with pytest.raises(ValueError, match=arg):
         tf_moe.MoELayer(**{"hidden_units": 8, **kwargs})
+
+
+@pytest.mark.parametrize("router", ["noisy_top_k", "top_k_gate", "top_k", "switch"])
+def test_balancing_weights_belong_to_the_routers_that_use_them(router):
+    layer = tf_moe.MoELayer(4, 1, 8, router=router)
+    expected = 0.1 if layer.router.uses_balancing_loss else None
+    assert (layer.importance_weight, layer.load_weight) == (expected, expected)
+    config = layer.get_config()
+    assert tf_moe.MoELayer.from_config(config).importance_weight == expected
+    # Files saved before the weights could be None hold 0.1 for every router, and still load.
+    legacy = tf_moe.MoELayer.from_config({**config, "importance_weight": 0.1, "load_weight": 0.1})
+    assert (legacy.importance_weight, legacy.load_weight) == (expected, expected)
+    if not layer.router.uses_balancing_loss:
+        with pytest.raises((TypeError, ValueError), match="`importance_weight`"):  # Keras wraps it
+            tf_moe.MoELayer.from_config({**config, "importance_weight": 0.3})
 
 
 def test_numpy_integers_are_taken_as_ints():

@@ -126,16 +126,14 @@ def test_starts_near_zero_with_every_expert_routed(multiplier):
     np.testing.assert_array_equal(paper_start(tokens).load.numpy()[:K], len(tokens))
 
 
-def test_is_the_layers_default():
-    layer = tf_moe.MoELayer(N, K, 8)
-    assert type(layer.router) is tf_moe.TopKGateRouter and layer.router.learning_rate_multiplier == 1.0
-    assert layer.router.normalize_inputs
+def test_defaults_and_the_layer_with_it():
+    router = tf_moe.routers.get("top_k_gate", N, K)
+    assert type(router) is tf_moe.TopKGateRouter and router.learning_rate_multiplier == 1.0
+    assert router.normalize_inputs
+    layer = tf_moe.MoELayer(N, K, 8, router="top_k_gate")
     layer.build((None, D))
     assert layer.ops_per_token() == D * N + K * (D * 8 + 8 * D)  # the gate and k experts
-    assert tf_moe.routers.get("top_k_gate", N, K).get_config()["learning_rate_multiplier"] == 1.0
-    # The paper's exact gating stays one argument away.
-    paper = tf_moe.MoELayer(N, K, 8, router="noisy_top_k").router
-    assert type(paper) is tf_moe.NoisyTopKRouter and paper.noisy and paper.learning_rate_multiplier == 1.0
+    assert layer.importance_weight == layer.load_weight == 0.1  # the paper's losses, which it uses
 
 
 def test_gate_initializer_survives_the_config_and_a_bad_one_is_named():
@@ -161,7 +159,7 @@ def test_bad_multiplier_is_named(multiplier):
 
 
 def test_layer_output_equals_the_dense_reference():
-    layer = tf_moe.MoELayer(N, K, 7)
+    layer = tf_moe.MoELayer(N, K, 7, router="top_k_gate")
     x = np.random.default_rng(6).standard_normal((2, 4, D)).astype("float32")
     layer(x)
     rng = np.random.default_rng(7)

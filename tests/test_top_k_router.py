@@ -131,10 +131,13 @@ def test_config_round_trip_and_ops():
 
 
 
-def test_the_layer_adds_its_loss_and_not_the_papers():
-    layer = tf_moe.MoELayer(6, 2, 8, router="top_k")
-    layer.build((None, 5))
+def test_is_the_layers_default_and_its_loss_the_layers_only_one():
+    layer = tf_moe.MoELayer(6, 2, 8)
     router = layer.router
+    assert type(router) is tf_moe.TopKRouter and not router.normalize and router.balance_weight == 1e-2
+    assert router.jitter_epsilon == 0.0 and router.z_loss_weight == 0.0
+    assert layer.importance_weight is None and layer.load_weight is None
+    layer.build((None, 5))
     router.w_gate.assign(np.random.default_rng(2).standard_normal((5, 6)).astype("float32"))
     x = np.random.default_rng(3).standard_normal((3, 8, 5)).astype("float32")
     out = layer(x, training=True)
@@ -145,3 +148,6 @@ def test_the_layer_adds_its_loss_and_not_the_papers():
     every_expert = np.asarray(layer.experts(np.broadcast_to(x.reshape(1, -1, 5), (6, 24, 5))))
     expected = np.einsum("te,eto->to", gates, every_expert).reshape(3, 8, 5)
     np.testing.assert_allclose(np.asarray(out), expected, rtol=1e-4, atol=1e-5)
+    # The paper's exact gating stays one argument away.
+    paper = tf_moe.MoELayer(6, 2, 8, router="noisy_top_k")
+    assert type(paper.router) is tf_moe.NoisyTopKRouter and paper.router.noisy and paper.importance_weight == 0.1

@@ -2,13 +2,13 @@
 
 | name              | router               | experts per token        | balancing loss                | source                                  |
 |-------------------|----------------------|--------------------------|-------------------------------|-----------------------------------------|
-| `"top_k_gate"`    | `TopKGateRouter`     | k (MoELayer's default)   | CV^2 of importance            | Shazeer et al. 2017, without the noise  |
+| `"top_k_gate"`    | `TopKGateRouter`     | k                        | CV^2 of importance            | Shazeer et al. 2017, without the noise  |
 | `"noisy_top_k"`   | `NoisyTopKRouter`    | k                        | CV^2 of importance and load   | Shazeer et al. 2017, section 2.1        |
 | `"softmax"`       | `SoftmaxRouter`      | all n (dense baseline)   | CV^2 of importance and load   | Shazeer et al. 2017, section 2.1        |
 | `"batchwise"`     | `BatchwiseRouter`    | k on average             | CV^2, plus a threshold loss   | Shazeer et al. 2017, appendix F         |
 | (an instance)     | `HierarchicalRouter` | k_primary * k_secondary  | CV^2 of Importance_H, Load_H  | Shazeer et al. 2017, appendix B         |
 | `"switch"`        | `SwitchRouter`       | 1                        | alpha * E * sum f_i P_i       | Fedus et al. 2022, section 2.2          |
-| `"top_k"`         | `TopKRouter`         | k                        | alpha * E * sum f_i P_i       | Lepikhin et al. 2020; Fedus et al. 2022 |
+| `"top_k"`         | `TopKRouter`         | k (MoELayer's default)   | alpha * E * sum f_i P_i       | Lepikhin et al. 2020; Fedus et al. 2022 |
 | `"expert_choice"` | `ExpertChoiceRouter` | k on average (its c)     | none: balanced by design      | Zhou et al. 2022, section 3             |
 | `"loss_free"`     | `LossFreeRouter`     | k                        | none: per-expert biases       | Wang et al. 2024; DeepSeek-V3 2.1.2     |
 | `"hash"`          | `HashRouter`         | 1                        | none: a fixed map of token id | Roller et al. 2021                      |

@@ -209,7 +209,12 @@ def _moe_arguments(draw):
 
 @st.composite
 def moe_layer_specs(draw, routers):
-    return Spec(tf_moe.MoELayer, {"router": draw(routers), **draw(_moe_arguments())})
+    router = draw(routers)
+    arguments = draw(_moe_arguments())
+    if not router.factory.uses_balancing_loss:
+        # The paper's loss weights are an error with a router that balances itself.
+        del arguments["importance_weight"], arguments["load_weight"]
+    return Spec(tf_moe.MoELayer, {"router": router, **arguments})
 
 
 @st.composite

@@ -30,6 +30,15 @@ _FEED_FORWARD_ARGUMENTS = dict(
 )
 
 
+# The router of `MoELayer(num_experts, k, hidden_units)`; docs/results.md
+# measures it against the matched dense models.
+DEFAULT_ROUTER = "top_k"
+
+# The weight of each of the paper's balancing losses when none is given
+# (as in the paper's experiments, Table 6).
+DEFAULT_BALANCING_WEIGHT = 0.1
+
+
 def flatten_tokens(inputs, mask):
     """Flattens [..., d] inputs (and [...] mask) into one batch of tokens.
 
@@ -113,16 +122,19 @@ class MoELayer(keras.layers.Layer):
     LSTM runs on every time step at once. The router is pluggable (see
     `tf_moe.routers`):
 
-    * `"top_k_gate"` (default, `TopKGateRouter`): the paper's top-k
-      softmax gate without its noise, on RMS-normalised tokens, its gate
-      started near zero (docs/results.md measures why, against the matched
-      dense FFN in a Transformer and an LSTM language model);
+    * `"top_k"` (default, `TopKRouter`): a softmax over all experts, each
+      token sent to its k most probable, weighted by their probabilities,
+      with the `f · P` load-balancing loss (Lepikhin et al. 2020; Fedus et
+      al. 2022); docs/results.md measures it against the matched dense FFN
+      in a Transformer and an LSTM language model;
     * `"noisy_top_k"`: the paper's noisy top-k gating exactly, section 2.1;
+    * `"top_k_gate"` (`TopKGateRouter`): the paper's gate without its
+      noise, on RMS-normalised tokens (the default before `"top_k"`);
     * `"softmax"`: the dense softmax baseline, every expert on every token;
     * `"batchwise"`: strictly balanced gating, appendix F;
     * `HierarchicalRouter(...)`: the two-level hierarchical MoE, appendix B;
-    * `"switch"`, `"top_k"`: softmax top-1 / top-k routing with the `f · P`
-      load-balancing loss (Fedus et al. 2022; Lepikhin et al. 2020);
+    * `"switch"`: softmax top-1 routing with the `f · P` loss (Fedus et al.
+      2022);
     * `"expert_choice"`: each expert takes its top tokens (Zhou et al. 2022);
     * `"loss_free"`: top-k balanced by per-expert biases (Wang et al. 2024;
       DeepSeek-V3);
@@ -130,11 +142,11 @@ class MoELayer(keras.layers.Layer):
       needs as a call argument: `moe(x, token_ids=ids)`;
     * any `tf_moe.routers.Router` subclass.
 
-    While training it adds `importance_weight * CV(Importance)^2 +
-    load_weight * CV(Load)^2` (section 4; Importance and Load summed over
-    replicas under data parallelism; for routers whose
-    `uses_balancing_loss` is True) plus the router's own losses with
-    `add_loss`. It reports in the `fit` logs (and, through `evaluate` and
+    While training it adds the router's own losses (the default's `f · P`
+    loss) and, for routers whose `uses_balancing_loss` is True (the
+    paper's), `importance_weight * CV(Importance)^2 + load_weight *
+    CV(Load)^2` (section 4; Importance and Load summed over replicas under
+    data parallelism) with `add_loss`. It reports in the `fit` logs (and, through `evaluate` and
     `fit` validation, for the noise-free inference routing under `val_`)
     `<name>_cv_importance`, `<name>_cv_load`, `<name>_max_over_mean_load`,
     `<name>_aux_loss`, `<name>_dropped_fraction`, `<name>_unrouted_fraction`
@@ -175,8 +187,14 @@ class MoELayer(keras.layers.Layer):
             seed=0)` or `HierarchicalRouter(...)`) or its serialized
             config. A name needs `num_experts` and `k` (see
             `tf_moe.routers.get` for the routers whose `k` is fixed).
-        importance_weight: finite float >= 0, w_importance.
-        load_weight: finite float >= 0, w_load.
+        importance_weight: finite float >= 0, w_importance of the paper's
+            balancing losses, for the routers that use them
+            (`uses_balancing_loss`: `"noisy_top_k"`, `"top_k_gate"`,
+            `"softmax"`, `"batchwise"`, hierarchical); None: 0.1. A router
+            that balances itself has its own weight (`TopKRouter(n, k,
+            balance_weight=...)`): setting this with one is an error, not
+            a no-op.
+        load_weight: finite float >= 0, w_load, likewise.
         capacity_factor: None for exact, dropless dispatch (each expert's
             buffer grows to its token count: a dynamic shape; compiled by
             XLA, the buffer instead takes the smallest of a few static
@@ -254,9 +272,9 @@ class MoELayer(keras.layers.Layer):
         hidden_units=None,
         output_units=None,
         activation="relu",
-        router="top_k_gate",
-        importance_weight=0.1,
-        load_weight=0.1,
+        router=DEFAULT_ROUTER,
+        importance_weight=None,
+        load_weight=None,
         capacity_factor=None,
         eval_capacity_factor=None,
         num_shared_experts=0,
@@ -286,8 +304,6 @@ class MoELayer(keras.layers.Layer):
             if output_units is not None:
                 output_units = check_positive_int("output_units", output_units)
             gated = check_bool("gated", gated)
-        check_non_negative("importance_weight", importance_weight)
-        check_non_negative("load_weight", load_weight)
         check_capacity_factor(capacity_factor)
         check_capacity_factor(eval_capacity_factor, "eval_capacity_factor")
         num_shared_experts = check_non_negative_int("num_shared_experts", num_shared_experts)
@@ -313,8 +329,9 @@ class MoELayer(keras.layers.Layer):
         self.hidden_units = hidden_units
         self.output_units = output_units
         self.activation = check_keras_object("activation", keras.activations, activation)
-        self.importance_weight = float(importance_weight)
-        self.load_weight = float(load_weight)
+        self.importance_weight, self.load_weight = _balancing_weights(
+            self.router, importance_weight=importance_weight, load_weight=load_weight
+        )
         self.capacity_factor = None if capacity_factor is None else float(capacity_factor)
         self.eval_capacity_factor = None if eval_capacity_factor is None else float(eval_capacity_factor)
         self.num_shared_experts = num_shared_experts
@@ -546,6 +563,40 @@ class MoELayer(keras.layers.Layer):
             # A given bank: it carries the feed-forward settings itself.
             config.update(_FEED_FORWARD_ARGUMENTS, experts=keras.layers.serialize(self.experts))
         return config
+
+    @classmethod
+    def from_config(cls, config):
+        config = dict(config)
+        if isinstance(config.get("router"), dict):
+            config["router"] = get_router(config["router"])
+            if not config["router"].uses_balancing_loss:
+                # Files saved before the weights could be None hold 0.1 for every router.
+                for key in ("importance_weight", "load_weight"):
+                    if config.get(key) == DEFAULT_BALANCING_WEIGHT:
+                        config[key] = None
+        return super().from_config(config)
+
+
+def _balancing_weights(router, **weights):
+    """`(importance_weight, load_weight)` for `router`: floats if it uses the CV^2 losses, else None.
+
+    A weight given for a router that balances itself would do nothing: it
+    is an error naming the argument.
+    """
+    resolved = []
+    for name, value in weights.items():
+        if router.uses_balancing_loss:
+            value = DEFAULT_BALANCING_WEIGHT if value is None else value
+            check_non_negative(name, value)
+            value = float(value)
+        elif value is not None:
+            raise ValueError(
+                f"`{name}` weighs the CV^2 balancing losses of the routers that use them; "
+                f"{type(router).__name__} balances itself (its own loss weight, e.g. `balance_weight`, "
+                f"sets that): leave `{name}` None."
+            )
+        resolved.append(value)
+    return tuple(resolved)
 
 
 def _serialize(module, value):

@@ -1,4 +1,4 @@
-"""Top-k softmax gating without noise, on normalised inputs: the default router of `MoELayer`."""
+"""Top-k softmax gating without noise, on normalised inputs: the paper's recurrent models' router."""
 
 import keras
 import tensorflow as tf
@@ -19,7 +19,7 @@ _INITIAL_LOGIT_STDDEV = 0.01
 @register_router("top_k_gate")
 @keras.saving.register_keras_serializable(package="tf_moe")
 class TopKGateRouter(Router):
-    """The paper's gate without its noise, on normalised inputs: `MoELayer`'s default.
+    """The paper's gate without its noise, on normalised inputs.
 
     `G(x) = Softmax(KeepTopK(x_hat W_g, k))` (Shazeer et al. 2017, Eq. 3-5
     without the noise term; the same function as Mixtral's router, Jiang et
@@ -36,7 +36,12 @@ class TopKGateRouter(Router):
     without noise the load is the count of tokens per expert, reported but
     without gradient.
 
-    Why these defaults (docs/results.md, "Why the paper's router lost in the
+    `MoELayer`'s default router until `TopKRouter` beat it in the
+    Transformer language model; it stays the router of the paper's LSTM
+    models (`tf_moe.models.lstm_lm`, `seq2seq`), where `TopKRouter` lost at
+    the main job's learning rate, and of `tf_moe.upcycle`, as its gate
+    values sum to 1 (docs/results.md, "The default router"). Why these
+    defaults (docs/results.md, "Why the paper's router lost in the
     Transformer"): with a zero-initialised gate, the paper's noise
     (`softplus(0) = 0.69` standard deviations) outweighs the logits for
     hundreds of steps, so training routes by noise. How fast the logits move depends

@@ -25,19 +25,25 @@ def _dense_weights(layer, arg):
     raise ValueError(f"`{arg}` must be a keras.layers.Dense or a (kernel, bias) pair, got {type(layer).__name__}.")
 
 
+# The router of an upcycled layer unless told: gate values that sum to 1
+# (the layer starts as the FFN) from a random start (the copies move apart).
+UPCYCLING_ROUTER = "top_k_gate"
+
+
 def upcycle(hidden, output, num_experts, k=None, activation=None, **moe_arguments):
     """An `MoELayer` made from a trained dense FFN, every expert a copy of it (sparse upcycling).
 
     Komatsuzaki et al. (2023), "Sparse Upcycling: Training Mixture-of-Experts
     from Dense Checkpoints": each expert starts as the dense FFN
     `activation(x W1 + b1) W2 + b2`, the router fresh, and training
-    continues. The default router is `MoELayer`'s (`TopKGateRouter`), whose
-    random gate tells the copies apart from the first step (from a zero
-    gate without noise they would get the same tokens and gradients and
-    never move apart). While a token's gate values sum to 1 (routers that
-    renormalise over the chosen experts: `"noisy_top_k"`, `TopKRouter(...,
-    normalize=True)`), the new layer computes exactly the dense FFN until
-    the experts' weights move apart.
+    continues. The default router is `UPCYCLING_ROUTER` (`TopKGateRouter`):
+    its gate values, a softmax over the chosen experts, sum to 1, so the
+    new layer computes exactly the dense FFN until the experts' weights
+    move apart (as with `"noisy_top_k"` or `TopKRouter(..., normalize=True)`;
+    `MoELayer`'s default `TopKRouter` scales each token's FFN output by the
+    probability its k experts hold), and its random start tells the copies
+    apart from the first step (from a zero gate without noise they would
+    get the same tokens and gradients and never move apart).
 
     Args:
         hidden: the FFN's first layer: a built `keras.layers.Dense` (its
@@ -48,8 +54,9 @@ def upcycle(hidden, output, num_experts, k=None, activation=None, **moe_argument
         k: int or None, experts per token (as `MoELayer`'s `k`).
         activation: the hidden activation when `hidden` is a pair (default
             "relu"); must be None for a Dense layer, whose own is used.
-        **moe_arguments: further `MoELayer` arguments (`router`, `name`,
-            ...), not the feed-forward ones, which come from the FFN.
+        **moe_arguments: further `MoELayer` arguments (`router`, default
+            `UPCYCLING_ROUTER`; `name`, ...), not the feed-forward ones,
+            which come from the FFN.
 
     Returns:
         A built `MoELayer` with inputs of width d.
@@ -75,6 +82,7 @@ def upcycle(hidden, output, num_experts, k=None, activation=None, **moe_argument
     if (bias_in is None) != (bias_out is None):
         raise ValueError("`hidden` and `output` must both have biases or both have none.")
     input_units, hidden_units = kernel_in.shape
+    moe_arguments.setdefault("router", UPCYCLING_ROUTER)
     moe = MoELayer(
         num_experts, k, hidden_units, output_units=kernel_out.shape[1],
         activation=hidden_activation or activation or "relu", use_bias=bias_in is not None,

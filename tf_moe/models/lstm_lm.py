@@ -13,23 +13,30 @@ from tf_moe.training.model import MoEModel
 
 BASELINES = ("moe-1-wide", "moe-1-deep", "4xlstm")
 
+# The router of the recurrent models' flat MoE unless told: `MoELayer`'s
+# default (`TopKRouter`) lost the main job (the LSTM LM on the Bible at its
+# learning rate of 2e-3) by 3.5 perplexity, where this one ties its dense
+# baseline (docs/results.md, "The default router").
+RECURRENT_ROUTER = "top_k_gate"
+
 
 def moe_layer(
     num_experts,
     k,
     hidden_units,
     num_groups=None,
-    importance_weight=0.1,
-    load_weight=0.1,
+    importance_weight=None,
+    load_weight=None,
     capacity_factor=None,
     seed=None,
     gate_learning_rate_multiplier=1.0,
     router=None,
     name="moe",
 ):
-    """The MoE layer of the paper's models: `MoELayer`'s default router, the hierarchical one, or `router`.
+    """The MoE layer of the paper's models: the paper's gate without noise, the hierarchical one, or `router`.
 
-    With `router` None a flat MoE gets `MoELayer`'s default router, and with
+    With `router` None a flat MoE gets `RECURRENT_ROUTER` (the paper's gate
+    without its noise, `TopKGateRouter`), and with
     `num_groups` the hierarchical noisy gating of appendix B, which splits
     `num_experts` into `num_groups` groups and uses `k` at both levels (as
     the paper's MoE-256-h with k=2; its groups get the layer's capacity
@@ -61,19 +68,18 @@ def moe_layer(
             "`gate_learning_rate_multiplier` is an option of the paper's noisy gates: use it with "
             "router='noisy_top_k' or `num_groups`."
         )
-    elif router is not None:
+    elif router is None:
+        router = routers.get(RECURRENT_ROUTER, num_experts, k)
+    else:
         router = routers.get(router, num_experts, k)
         warn_if_not_causal(router)
-    arguments = {} if router is None else {"router": router}
     return MoELayer(
-        num_experts if router is None else None,
-        k if router is None else None,
-        hidden_units,
+        hidden_units=hidden_units,
+        router=router,
         importance_weight=importance_weight,
         load_weight=load_weight,
         capacity_factor=capacity_factor,
         name=name,
-        **arguments,
     )
 
 
@@ -157,8 +163,8 @@ def lstm_lm(
     expert_hidden_units=1024,
     num_groups=None,
     dropout=0.1,
-    importance_weight=0.1,
-    load_weight=0.1,
+    importance_weight=None,
+    load_weight=None,
     capacity_factor=None,
     model="moe",
     seed=None,
@@ -195,7 +201,8 @@ def lstm_lm(
             (`HierarchicalRouter`) of `num_groups` groups of
             `num_experts // num_groups` experts.
         dropout: float, dropout rate on every layer's output but the softmax.
-        importance_weight, load_weight: the balancing loss weights.
+        importance_weight, load_weight: the paper's balancing loss weights
+            (`MoELayer`'s; None: 0.1 with the routers that use them).
         capacity_factor: None (dropless) or the MoE's static capacity factor.
         model: "moe" or one of "moe-1-wide", "moe-1-deep", "4xlstm".
         seed: optional seed of the paper's gating noise.
@@ -208,7 +215,7 @@ def lstm_lm(
             segments (`tf_moe.data.lm_stream_dataset`); needs `batch_size`.
             Reset it with `tf_moe.training.ResetRecurrentState`.
         batch_size: the fixed batch size of a stateful model.
-        router: None for `MoELayer`'s default router (or the paper's
+        router: None for `RECURRENT_ROUTER` (`TopKGateRouter`; the paper's
             hierarchical one with `num_groups`), or a router for the MoE: a
             name of `tf_moe.routers` (made with `num_experts` and `k`, e.g.
             "switch" with `k=1`; "noisy_top_k" is the paper's), a `Router`

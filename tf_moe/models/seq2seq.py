@@ -95,8 +95,8 @@ def seq2seq(
     num_groups=None,
     attention_heads=4,
     dropout=0.1,
-    importance_weight=0.1,
-    load_weight=0.1,
+    importance_weight=None,
+    load_weight=None,
     capacity_factor=None,
     use_moe=True,
     seed=None,
@@ -126,7 +126,8 @@ def seq2seq(
             `lstm_lm`.
         attention_heads: int, heads of the encoder-decoder attention.
         dropout: float, dropout rate.
-        importance_weight, load_weight: the balancing loss weights.
+        importance_weight, load_weight: the paper's balancing loss weights
+            (`MoELayer`'s; None: 0.1 with the routers that use them).
         capacity_factor: None (dropless) or the MoEs' static capacity factor.
         use_moe: bool, False for the dense baseline.
         seed: optional seed of the gating noise.

@@ -7,7 +7,7 @@ import keras
 from tf_moe import routers
 from tf_moe.layers.moe_layer import MoELayer
 from tf_moe.layers.position_embedding import PositionEmbedding
-from tf_moe.layers.upcycling import load_dense_ffn
+from tf_moe.layers.upcycling import UPCYCLING_ROUTER, load_dense_ffn
 from tf_moe.models.lstm_lm import residual, router_inputs, warn_if_not_causal
 from tf_moe.training.model import MoEModel
 
@@ -172,16 +172,17 @@ def upcycle_transformer_lm(dense_model, num_experts, k=2, router=None, moe_every
     `MoELayer` of `num_experts` experts, each a copy of that FFN (so each
     expert is as wide as the dense FFN, and a token's k experts cost k
     times its multiply-adds); the routers are new; every other weight is
-    copied. Where a token's gate values sum to 1 (the paper's router, or
-    routers that renormalise) the new model starts as the dense one. The
-    default routers are `MoELayer`'s, whose random gates move the copies
-    apart.
+    copied. Where a token's gate values sum to 1 (the paper's router,
+    routers that renormalise, and the default `UPCYCLING_ROUTER`) the new
+    model starts as the dense one; the default's random gates move the
+    copies apart.
 
     Args:
         dense_model: a trained `transformer_lm(..., model="dense")`.
         num_experts: int, experts per MoE layer.
         k: int, experts per token.
-        router: as `transformer_lm`'s (None: `MoELayer`'s default).
+        router: as `transformer_lm`'s (None: `UPCYCLING_ROUTER`,
+            `TopKGateRouter`).
         moe_every: int, which blocks become MoE layers.
         name: model name (default "transformer_upcycled").
 
@@ -191,7 +192,8 @@ def upcycle_transformer_lm(dense_model, num_experts, k=2, router=None, moe_every
     architecture = _dense_architecture(dense_model)
     moe_model = transformer_lm(
         **architecture, num_experts=num_experts, k=k, expert_hidden_units=architecture["ffn_units"],
-        moe_every=moe_every, router=router, model="moe", name=name or "transformer_upcycled",
+        moe_every=moe_every, router=UPCYCLING_ROUTER if router is None else router, model="moe",
+        name=name or "transformer_upcycled",
     )
     for layer in moe_model.layers:
         if isinstance(layer, MoELayer):

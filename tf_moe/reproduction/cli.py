@@ -279,8 +279,9 @@ def _add_training_flags(sub):
     add("--warmup", type=positive_int, help=f"warm-up steps (default {defaults.warmup})")
     add("--dropout", type=rate_below_one, help=f"dropout rate (default {defaults.dropout})")
     add("--importance-weight", type=non_negative_float,
-        help=f"weight of the importance loss (default {defaults.importance_weight})")
-    add("--load-weight", type=non_negative_float, help=f"weight of the load loss (default {defaults.load_weight})")
+        help="weight of the paper's importance loss, for the routers that use it (noisy_top_k, top_k_gate, "
+             "--hierarchical; default 0.1)")
+    add("--load-weight", type=non_negative_float, help="weight of the paper's load loss, likewise (default 0.1)")
     add("--gate-lr-multiplier", type=positive_float,
         help="how much faster the paper's noisy gates (--router noisy_top_k, --hierarchical) learn than the "
              f"rest of the model (default {defaults.gate_lr_multiplier})")

@@ -19,7 +19,8 @@ class Config:
     layers: int = 2  # Transformer blocks
     heads: int = 4  # attention heads
     expert_hidden: int = 256
-    # None: MoELayer's default router; else a name of tf_moe.routers.
+    # None: the model's default router (the LSTM models' `top_k_gate`);
+    # else a name of tf_moe.routers.
     router: str | None = None
     baseline: str = "moe-1-wide"
     epochs: int = 3
@@ -32,8 +33,10 @@ class Config:
     dropout: float = 0.1
     # AdamW's decoupled weight decay; 0 trains with Adam.
     weight_decay: float = 0.0
-    importance_weight: float = 0.1
-    load_weight: float = 0.1
+    # The paper's balancing losses' weights, for the routers that use them;
+    # None: MoELayer's (0.1).
+    importance_weight: float | None = None
+    load_weight: float | None = None
     # How much faster the paper's noisy gates learn than the rest
     # (`NoisyTopKRouter(learning_rate_multiplier=...)`; docs/results.md,
     # "Why the MoE lost"); used only with those routers, 1 is the paper's.
@@ -62,10 +65,11 @@ class Config:
     # The Transformer language model's protocol (`--arch transformer`): the
     # word-level streams, cut into independent 64-token contexts; 2 blocks
     # of width 128, 16 experts of hidden 256 with k = 2 against a dense FFN
-    # of 512; AdamW; one full pass.
+    # of 512; AdamW; one full pass. The router is MoELayer's default, by
+    # name: rows written before it changed say None (then `top_k_gate`).
     TRANSFORMER = dict(
-        WORD_LEVEL, arch="transformer", units=128, layers=2, heads=4, experts=16, k=2, expert_hidden=256,
-        baseline="dense", epochs=1, seq_len=64, batch_size=16, learning_rate=1e-3, dropout=0.1,
+        WORD_LEVEL, arch="transformer", router="top_k", units=128, layers=2, heads=4, experts=16, k=2,
+        expert_hidden=256, baseline="dense", epochs=1, seq_len=64, batch_size=16, learning_rate=1e-3, dropout=0.1,
         weight_decay=0.01,
     )
 

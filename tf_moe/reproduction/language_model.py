@@ -366,7 +366,9 @@ DIAGNOSIS = {
     "paper-gate-lr-x10": dict(router=_noisy(learning_rate_multiplier=10.0)),
     "paper-losses-x0.1": dict(router="noisy_top_k", importance_weight=0.01, load_weight=0.01),
     "paper-no-noise": dict(router=_noisy(noisy=False)),
-    "default": dict(router=None),  # TopKGateRouter: no noise, normalised input
+    # The "default" variants are TopKGateRouter (no noise, normalised input),
+    # MoELayer's default when they were named; "top-k" is today's.
+    "default": dict(router="top_k_gate"),
     # The default's gate started elsewhere than near zero: at zero (the
     # paper's start, ties to the lowest experts) or with logits of standard
     # deviation 1 on normalised tokens (normal, 1 / sqrt(d)).

@@ -28,6 +28,8 @@ import time
 
 import numpy as np
 
+from tf_moe.layers.moe_layer import DEFAULT_BALANCING_WEIGHT
+
 # Settings that tell runs of one model apart (with the experiment, model and
 # corpus); a row's seed is what varies within a group.
 SETTING_KEYS = (
@@ -60,7 +62,12 @@ def command_line(argv=None):
 def settings_of(config):
     """The `SETTING_KEYS` of a `Config`."""
     values = dataclasses.asdict(config)
-    return {key: values[key] for key in SETTING_KEYS if key in values}
+    settings = {key: values[key] for key in SETTING_KEYS if key in values}
+    for key in ("importance_weight", "load_weight"):
+        if settings.get(key) is None:
+            # The weight the layer uses, as rows written before None meant it recorded it.
+            settings[key] = DEFAULT_BALANCING_WEIGHT
+    return settings
 
 
 def stamp(row, experiment, command=None):
