@@ -22,13 +22,13 @@ the layer's step needs:
             parts together replace
 
 With the noisy router the routing is its zero-initialised gate's (pure
-noise, as at the start of training); with `--router top_k_gate`, MoELayer's
-default, its gate's start near zero: either way the dropless buffer pads
-every expert to the largest of nearly equal counts. Each time is the
+noise, as at the start of training); with `--router top_k`, MoELayer's
+default, or `top_k_gate`, its gate's start: either way the dropless buffer
+pads every expert to the largest of nearly equal counts. Each time is the
 median of `--repeats` calls. Run it on two checkouts to compare them:
 
   python benchmarks/parts.py --experts 16 256
-  python benchmarks/parts.py --experts 16 --d 128 --h 256 --tokens 1024 --router top_k_gate
+  python benchmarks/parts.py --experts 16 --d 128 --h 256 --tokens 1024 --router top_k
   PYTHONPATH=/path/to/other/checkout python benchmarks/parts.py --experts 16 256
 """
 

@@ -73,13 +73,13 @@ def _layers(n, k, d, h, router):
     import tf_moe
     from dispatch import dense_ffn
 
-    moe = tf_moe.MoELayer(n, k, h, router=router)
+    moe = tf_moe.MoELayer(n, k, h, **({"router": router} if router else {}))
     moe.build((None, d))
     if hasattr(moe.router, "w_gate"):
-        # A trained gate's spread, not a gate at its start (near zero for the
-        # default; at zero, sending every token to the same k experts, for
-        # the paper's), which a learning rate of 1e-7 would keep for the
-        # whole benchmark.
+        # A trained gate's spread, not a gate at its start (small for the
+        # default, near zero for top_k_gate; at zero, sending every token to
+        # the same k experts, for the paper's), which a learning rate of
+        # 1e-7 would keep for the whole benchmark.
         gate = moe.router.w_gate
         gate.assign(keras.random.normal(gate.shape, stddev=d**-0.5, seed=0))
     return moe, dense_ffn(d, k * h)
@@ -192,7 +192,8 @@ def _measure(n, k, d, h, tokens, optimizer_name, rounds, router):
 
 def _run_child(args, n, optimizer_name):
     cmd = [sys.executable, __file__, "--child", str(n), optimizer_name, "--k", str(args.k), "--d", str(args.d),
-           "--h", str(args.h), "--tokens", str(args.tokens), "--rounds", str(args.rounds), "--router", args.router]
+           "--h", str(args.h), "--tokens", str(args.tokens), "--rounds", str(args.rounds),
+           *(["--router", args.router] if args.router else [])]
     env = dict(os.environ, TF_CPP_MIN_LOG_LEVEL="3")
     out = subprocess.run(cmd, capture_output=True, text=True, env=env, timeout=args.timeout)
     if out.returncode != 0:
@@ -225,7 +226,7 @@ def main():
     parser.add_argument("--h", type=int, default=1024)
     parser.add_argument("--tokens", type=int, default=4096)
     parser.add_argument("--rounds", type=int, default=7)
-    parser.add_argument("--router", default="top_k_gate", help="MoELayer's router (a tf_moe.routers name; default: its default)")
+    parser.add_argument("--router", help="MoELayer's router (a tf_moe.routers name; default: its default)")
     parser.add_argument("--timeout", type=int, default=900)
     parser.add_argument("--child", nargs=2, metavar=("N", "OPTIMIZER"), help=argparse.SUPPRESS)
     args = parser.parse_args()
@@ -243,7 +244,7 @@ def main():
 
     load = os.getloadavg()
     print(f"# tf_moe from {os.path.dirname(importlib.util.find_spec('tf_moe').origin)}; tokens={args.tokens} d={args.d} h={args.h} "
-          f"k={args.k} router={args.router}, float32; {args.rounds} rounds; load average at start "
+          f"k={args.k} router={args.router or 'default'}, float32; {args.rounds} rounds; load average at start "
           f"{load[0]:.2f} {load[1]:.2f} {load[2]:.2f}")
     print("| experts | optimizer | update | MoE ms | dense ms | MoE / dense (min-max) | MoE roofline ms "
           "| MoE / roofline (min-max) |")
