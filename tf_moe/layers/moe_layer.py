@@ -146,13 +146,13 @@ class MoELayer(keras.layers.Layer):
     loss) and, for routers whose `uses_balancing_loss` is True (the
     paper's), `importance_weight * CV(Importance)^2 + load_weight *
     CV(Load)^2` (section 4; Importance and Load summed over replicas under
-    data parallelism) with `add_loss`. It reports in the `fit` logs (and, through `evaluate` and
-    `fit` validation, for the noise-free inference routing under `val_`)
-    `<name>_cv_importance`, `<name>_cv_load`, `<name>_max_over_mean_load`,
-    `<name>_aux_loss`, `<name>_dropped_fraction`, `<name>_unrouted_fraction`
-    (tokens that got no expert at all) and each router metric as
-    `<name>_<metric>` (the noisy top-k router's `topk_agreement` and
-    `noise_to_signal`).
+    data parallelism) with `add_loss`. It reports in the `fit` logs (and,
+    through `evaluate` and `fit` validation, for the noise-free inference
+    routing under `val_`) `<name>_cv_importance`, `<name>_cv_load`,
+    `<name>_max_over_mean_load`, `<name>_aux_loss`,
+    `<name>_dropped_fraction`, `<name>_unrouted_fraction` (tokens that got
+    no expert at all) and each router metric as `<name>_<metric>` (the noisy
+    top-k router's `topk_agreement` and `noise_to_signal`).
 
     `num_shared_experts` adds always-on experts (DeepSeekMoE, Dai et al.
     2024, section 3.2): experts of the same architecture, with their own
