@@ -2,6 +2,8 @@
 
 import dataclasses
 
+from tf_moe.layers.moe_layer import DEFAULT_ROUTER
+
 
 @dataclasses.dataclass
 class Config:
@@ -68,7 +70,7 @@ class Config:
     # of 512; AdamW; one full pass. The router is MoELayer's default, by
     # name: rows written before it changed say None (then `top_k_gate`).
     TRANSFORMER = dict(
-        WORD_LEVEL, arch="transformer", router="top_k", units=128, layers=2, heads=4, experts=16, k=2,
+        WORD_LEVEL, arch="transformer", router=DEFAULT_ROUTER, units=128, layers=2, heads=4, experts=16, k=2,
         expert_hidden=256, baseline="dense", epochs=1, seq_len=64, batch_size=16, learning_rate=1e-3, dropout=0.1,
         weight_decay=0.01,
     )
