@@ -9,13 +9,18 @@ import pytest
 _ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 
 
-def _run(script, *args):
+def _process(script, *args):
+    """The finished run of `benchmarks/<script>` on this checkout (PYTHONPATH unset)."""
     env = dict(os.environ, TF_CPP_MIN_LOG_LEVEL="3")
     env.pop("PYTHONPATH", None)
-    out = subprocess.run(
+    return subprocess.run(
         [sys.executable, os.path.join(_ROOT, "benchmarks", script), *args],
         capture_output=True, text=True, env=env, timeout=600,
     )
+
+
+def _run(script, *args):
+    out = _process(script, *args)
     assert out.returncode == 0, out.stderr[-2000:]
     return out.stdout
 
@@ -31,12 +36,7 @@ def test_parts_benchmark_prints_a_row_per_expert_count(router):
 
 
 def test_parts_benchmark_names_a_router_it_cannot_time():
-    env = dict(os.environ, TF_CPP_MIN_LOG_LEVEL="3")
-    env.pop("PYTHONPATH", None)
-    out = subprocess.run(
-        [sys.executable, os.path.join(_ROOT, "benchmarks", "parts.py"), "--router", "hash"],
-        capture_output=True, text=True, env=env, timeout=600,
-    )
+    out = _process("parts.py", "--router", "hash")
     assert out.returncode == 2 and "--router" in out.stderr
 
 
