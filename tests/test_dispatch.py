@@ -257,3 +257,56 @@ def test_dropless_static_equals_dropless_dispatch_with_xla_and_without(skew, n):
     for got in runs:
         for g, w in zip(got, want):
             np.testing.assert_allclose(g.numpy(), w.numpy(), rtol=1e-5, atol=1e-5)
+
+
+def _split_rows(counts, first, cost):
+    largest = max(counts, default=0)
+    overflowing = sum(c > first for c in counts)
+    return len(counts) * first + overflowing * (largest - first + cost)
+
+
+@pytest.mark.parametrize("cost", [0.0, 3.0, 8.0, 100.0])
+def test_split_capacity_is_the_cheapest_split(cost):
+    rng = np.random.default_rng(int(cost))
+    cases = [[0, 0, 0], [5], [4, 4, 4, 4], [0, 9, 1, 1]] + [
+        list(rng.poisson(rng.uniform(1, 30), size=rng.integers(1, 40))) for _ in range(60)
+    ]
+    for counts in cases:
+        first, further = (int(v) for v in dispatch.split_capacity(tf.constant(counts, tf.int32), cost))
+        largest = max(counts)
+        assert 0 <= first <= largest and first + further == largest
+        cheapest = min(_split_rows(counts, c, cost) for c in range(largest + 1))
+        assert _split_rows(counts, first, cost) == cheapest, counts
+
+
+@pytest.mark.parametrize("cost", [0.0, 2.0, 1e9])
+def test_split_dispatch_gives_every_assignment_its_own_slot_at_its_expert(cost):
+    rng = np.random.default_rng(7)
+    n, tokens, d = 6, 40, 3
+    x = rng.standard_normal((tokens, d)).astype("float32")
+    # Skewed: expert 0 takes a third of the assignments; n = not routed.
+    expert_id = np.where(rng.random(2 * tokens) < 0.33, 0, rng.integers(1, n + 1, 2 * tokens)).astype(np.int32)
+    token_id = np.tile(np.arange(tokens, dtype=np.int32), 2)
+    split = dispatch.split_dispatch(tf.constant(x), tf.constant(token_id), tf.constant(expert_id), n, cost)
+    first, further = split.buffer.shape[1], split.overflow.shape[1]
+    overflow_experts = split.overflow_experts.numpy()
+    position, counts = _reference_positions(expert_id, n)
+    np.testing.assert_array_equal(split.counts, counts)
+    np.testing.assert_array_equal(overflow_experts, np.flatnonzero(counts > first))
+    assert further == counts.max() - first
+    if cost == 1e9:
+        assert len(overflow_experts) == 0 and first == counts.max()
+    elif cost == 0.0:
+        assert len(overflow_experts) > 0
+    flat = np.concatenate([split.buffer.numpy().reshape(-1, d), split.overflow.numpy().reshape(-1, d)])
+    slot, kept = split.slot.numpy(), split.kept.numpy()
+    np.testing.assert_array_equal(kept, expert_id < n)
+    assert len(set(slot[kept])) == kept.sum()
+    assert np.all(slot[~kept] == len(flat))
+    for a in np.flatnonzero(kept):
+        e, p = expert_id[a], position[a]
+        want = e * first + p if p < first else n * first + list(overflow_experts).index(e) * further + p - first
+        assert slot[a] == want
+        np.testing.assert_array_equal(flat[slot[a]], x[token_id[a]])
+    empty = np.setdiff1d(np.arange(len(flat)), slot[kept])
+    assert not flat[empty].any()

@@ -9,7 +9,7 @@ import tensorflow as tf
 
 import tf_moe
 from tests import numpy_reference as ref
-from tf_moe.ops.expert_matmul import stacked_feed_forward
+from tf_moe.ops.expert_matmul import gated_activation, split_feed_forward, stacked_feed_forward
 
 N, C, D, H, O = 3, 5, 4, 6, 2
 
@@ -148,3 +148,64 @@ def test_one_bias_without_the_other_is_an_error():
     x, w_in, w_out, b_in, _ = (tf.constant(a) for a in _arrays(use_bias=True))
     with pytest.raises(ValueError, match="`bias_in` and `bias_out`"):
         stacked_feed_forward(x, w_in, w_out, bias_in=b_in)
+
+
+def _padded(x, overflow_x, overflow_experts):
+    """The one buffer `split_feed_forward` stands for: overflow rows at their experts, zeros elsewhere."""
+    further = np.zeros((x.shape[0], overflow_x.shape[1], x.shape[2]), "float32")
+    further[overflow_experts] = overflow_x
+    return np.concatenate([x, further], axis=1)
+
+
+@pytest.mark.parametrize("use_bias", [True, False])
+@pytest.mark.parametrize(
+    "activation", [tf.nn.relu, keras.activations.gelu, gated_activation(keras.activations.silu)],
+    ids=["relu", "gelu", "swiglu"],
+)
+@pytest.mark.parametrize("first, overflow_experts", [(C, [0, 2]), (C, [1]), (0, [0, 1, 2]), (C, [])])
+def test_split_feed_forward_equals_one_buffer_without_its_zero_rows(use_bias, activation, first, overflow_experts):
+    """Values and gradients of every argument against `stacked_feed_forward` on the padded buffer."""
+    rng = np.random.default_rng(8)
+    further = 3 if overflow_experts else 0
+    gated = activation not in (tf.nn.relu, keras.activations.gelu)
+    x = rng.standard_normal((N, first, D)).astype("float32")
+    overflow_x = rng.standard_normal((len(overflow_experts), further, D)).astype("float32")
+    weights = [rng.standard_normal(s).astype("float32") for s in [(N, D, 2 * H if gated else H), (N, H, O)]]
+    if use_bias:
+        weights += [rng.standard_normal(s).astype("float32") for s in [(N, 1, 2 * H if gated else H), (N, 1, O)]]
+    d_out = rng.standard_normal((N, first + further, O)).astype("float32")
+    # Only real rows get output gradients, as `combine` gives them.
+    rows = np.zeros((N, further), bool)
+    rows[overflow_experts] = True
+    d_out[:, first:][~rows] = 0
+    ids = tf.constant(overflow_experts, tf.int32)
+
+    def split(x, overflow_x, *weights):
+        outputs, overflow_outputs = split_feed_forward(x, overflow_x, ids, *weights, activation=activation)
+        return tf.reduce_sum(outputs * d_out[:, :first]) + tf.reduce_sum(
+            overflow_outputs * tf.gather(d_out[:, first:], ids)
+        ), (outputs, overflow_outputs)
+
+    tensors = [tf.constant(a) for a in [x, overflow_x] + weights]
+    with tf.GradientTape(persistent=True) as tape:
+        tape.watch(tensors)
+        loss, (outputs, overflow_outputs) = split(*tensors)
+    got = tape.gradient(loss, tensors)
+    again = tape.gradient(loss, tensors)  # the gradient may be taken twice
+
+    padded = tf.constant(_padded(x, overflow_x, overflow_experts))
+    want_tensors = [padded] + tensors[2:]
+    with tf.GradientTape() as tape:
+        tape.watch(want_tensors)
+        want_outputs = stacked_feed_forward(*want_tensors, activation=activation)
+        want_loss = tf.reduce_sum(want_outputs * d_out)
+    want = tape.gradient(want_loss, want_tensors)
+    want_outputs, d_padded = want_outputs.numpy(), want[0].numpy()
+
+    np.testing.assert_allclose(outputs, want_outputs[:, :first], rtol=1e-5, atol=1e-5)
+    np.testing.assert_allclose(overflow_outputs, want_outputs[overflow_experts, first:], rtol=1e-5, atol=1e-5)
+    np.testing.assert_allclose(got[0], d_padded[:, :first], rtol=1e-5, atol=1e-5)
+    np.testing.assert_allclose(got[1], d_padded[overflow_experts, first:], rtol=1e-5, atol=1e-5)
+    for g, w, a in zip(got[2:], want[1:], again[2:]):
+        np.testing.assert_allclose(g, w, rtol=1e-4, atol=1e-4)
+        np.testing.assert_array_equal(a, g)

@@ -161,15 +161,99 @@ def dispatch(tokens, token_id, expert_id, num_experts, capacity=None, offset=0):
     num_slots = num_experts * capacity
     # Assignments without a slot all write to one extra slot that is cut off.
     slot = tf.where(kept, expert_id * capacity + position, num_slots)
-    num_tokens = tf.shape(tokens)[0]
-    source = slot_owners(slot, token_id, num_slots, empty=num_tokens)
+    units = tokens.shape[-1] or tf.shape(tokens)[-1]
+    buffer = tf.reshape(_fill_slots(tokens, token_id, slot, num_slots), [num_experts, capacity, units])
+    return buffer, slot, kept, counts
+
+
+def _fill_slots(tokens, token_id, slot, num_slots):
+    """[num_slots, d]: the token of the assignment in each slot, zeros where none is."""
+    source = slot_owners(slot, token_id, num_slots, empty=tf.shape(tokens)[0])
     units = tokens.shape[-1] or tf.shape(tokens)[-1]
     # An explicit zero row (not `tokens[:1]`), so that a batch of zero tokens
     # still has one to point at.
     padded = tf.concat([tokens, tf.zeros([1, units], tokens.dtype)], axis=0)
-    buffer = tf.gather(padded, source)
-    buffer = tf.reshape(buffer, [num_experts, capacity, units])
-    return buffer, slot, kept, counts
+    return tf.gather(padded, source)
+
+
+class SplitDispatch(NamedTuple):
+    """A dropless dispatch into every expert's first slots and further slots of the fullest experts."""
+
+    buffer: tf.Tensor  # [n, c0, d]: every expert's first c0 assignments
+    overflow: tf.Tensor  # [m, c1, d]: assignments c0.. of expert overflow_experts[j] in row j
+    overflow_experts: tf.Tensor  # [m] int32: the experts with more than c0 assignments, ascending
+    slot: tf.Tensor  # [A] int32: each assignment's row in the flat [n*c0 + m*c1, d] of both buffers
+    kept: tf.Tensor  # [A] bool: routed assignments (all of them get a slot)
+    counts: tf.Tensor  # [n] int32: assignments per expert
+
+
+def split_capacity(counts, overflow_cost):
+    """`(c0, c1)`: the slots every expert gets, and the further slots of the experts with more.
+
+    Chooses c0 to minimise the rows the experts compute, `n * c0 + m * c1`
+    with m the experts holding more than c0 assignments and `c1 = largest
+    - c0`, plus `overflow_cost` rows for each of the m experts (what running
+    an expert on a second buffer costs beyond its rows). The least cost is
+    at c0 = 0 or at one of the counts: between two counts m is constant and
+    the cost grows with c0. c0 = largest (no second buffer) is always a
+    candidate.
+
+    Args:
+        counts: [n] int32 assignments per expert.
+        overflow_cost: float >= 0, in rows.
+
+    Returns:
+        Two int32 scalars.
+    """
+    candidates = tf.sort(tf.concat([[0], counts], axis=0))
+    largest = candidates[-1]
+    # Experts holding more than each candidate: O(n log n), not an [n, n] comparison.
+    overflowing = tf.size(counts) - tf.searchsorted(candidates[1:], candidates, side="right", out_type=tf.int32)
+    c, m = tf.cast(candidates, tf.float64), tf.cast(overflowing, tf.float64)
+    rows = tf.cast(tf.size(counts), tf.float64) * c + m * (tf.cast(largest, tf.float64) - c + overflow_cost)
+    first = tf.gather(candidates, tf.argmin(rows, output_type=tf.int32))
+    return first, largest - first
+
+
+def split_dispatch(tokens, token_id, expert_id, num_experts, overflow_cost):
+    """Dropless dispatch into a `SplitDispatch`: padding only where the fullest experts need it.
+
+    `dispatch(..., capacity=None)` pads every expert to the fullest one's
+    count. Here every expert gets `c0` slots and the m experts with more
+    assignments `c1` further ones, `(c0, c1)` from `split_capacity`;
+    `tf_moe.ops.expert_matmul.split_feed_forward` runs experts on both
+    buffers. `combine` takes the experts' outputs on both, flattened and
+    concatenated (buffer first), with this `slot` and `kept`.
+
+    Args:
+        tokens, token_id, expert_id, num_experts: as in `dispatch`.
+        overflow_cost: what running one expert on the second buffer costs,
+            in rows of the buffer (see `split_capacity`).
+
+    Returns:
+        A `SplitDispatch`.
+    """
+    position, counts = expert_positions(expert_id, num_experts)
+    first, further = split_capacity(counts, overflow_cost)
+    overflowing = counts > first
+    overflow_experts = tf.cast(tf.where(overflowing)[:, 0], tf.int32)
+    overflow_row = tf.cumsum(tf.cast(overflowing, tf.int32), exclusive=True)
+    kept = expert_id < num_experts
+    main_slots = num_experts * first
+    num_slots = main_slots + tf.size(overflow_experts) * further
+    routed_expert = tf.minimum(expert_id, num_experts - 1)
+    overflow_slot = main_slots + tf.gather(overflow_row, routed_expert) * further + position - first
+    slot = tf.where(kept, tf.where(position < first, expert_id * first + position, overflow_slot), num_slots)
+    units = tokens.shape[-1] or tf.shape(tokens)[-1]
+    buffer, overflow = tf.split(_fill_slots(tokens, token_id, slot, num_slots), [main_slots, num_slots - main_slots])
+    return SplitDispatch(
+        buffer=tf.reshape(buffer, [num_experts, first, units]),
+        overflow=tf.reshape(overflow, [tf.size(overflow_experts), further, units]),
+        overflow_experts=overflow_experts,
+        slot=slot,
+        kept=kept,
+        counts=counts,
+    )
 
 
 def slot_owners(slot, values, num_slots, empty):
@@ -185,8 +269,10 @@ def combine(expert_outputs, slot, kept, token_id, weight, num_tokens):
     """Weighted sum of each token's expert outputs; dropped ones add zero.
 
     Args:
-        expert_outputs: [n, capacity, o] outputs of the experts on the buffer.
-        slot, kept: from `dispatch`.
+        expert_outputs: [n, capacity, o] outputs of the experts on the buffer,
+            or [slots, o]: those of `split_dispatch`'s two buffers, flat and
+            concatenated.
+        slot, kept: from `dispatch` (or `split_dispatch`).
         token_id: [A] int32 token of each assignment.
         weight: [A] gate value of each assignment.
         num_tokens: T.

@@ -8,6 +8,9 @@ dense layer's, batched: per layer one matmul for the input gradient
 the bias, so the backward pass costs twice the forward's matmuls, as for a
 dense layer, with no broadcast bookkeeping for the bias or the batch axis
 (whose shapes vary with the capacity on the dropless path).
+`split_feed_forward` runs the same experts on a dropless buffer split in
+two, so that only the experts holding more tokens than the rest get the
+extra slots.
 """
 
 import tensorflow as tf
@@ -46,37 +49,109 @@ def stacked_feed_forward(inputs, kernel_in, kernel_out, bias_in=None, bias_out=N
     Returns:
         [n, capacity, o], differentiable in every argument.
     """
-    if (bias_in is None) != (bias_out is None):
-        raise ValueError("Give both `bias_in` and `bias_out`, or neither.")
-    use_bias = bias_in is not None
-    args = (inputs, kernel_in, kernel_out) + ((bias_in, bias_out) if use_bias else ())
+    weights = _weights(kernel_in, kernel_out, bias_in, bias_out)
 
     @tf.custom_gradient
-    def forward(*args):
-        x, w_in, w_out = args[:3]
-        pre_activation = tf.matmul(x, w_in)
-        if use_bias:
-            pre_activation = pre_activation + args[3]
-        # Persistent: the outer gradient may be taken more than once.
-        with tf.GradientTape(persistent=True) as tape:
-            tape.watch(pre_activation)
-            hidden = activation(pre_activation)
-        outputs = tf.matmul(hidden, w_out)
-        if use_bias:
-            outputs = outputs + args[4]
+    def forward(x, *weights):
+        outputs, backward = _two_layers(x, weights, activation)
 
         def gradient(d_outputs):
-            d_hidden = tf.matmul(d_outputs, w_out, adjoint_b=True)
-            d_w_out = tf.matmul(hidden, d_outputs, adjoint_a=True)
-            d_pre = tape.gradient(hidden, pre_activation, output_gradients=d_hidden)
-            grads = [tf.matmul(d_pre, w_in, adjoint_b=True), tf.matmul(x, d_pre, adjoint_a=True), d_w_out]
-            if use_bias:
-                grads += [
-                    tf.reduce_sum(d_pre, axis=1, keepdims=True),
-                    tf.reduce_sum(d_outputs, axis=1, keepdims=True),
-                ]
-            return grads
+            d_x, d_weights = backward(d_outputs)
+            return [d_x] + d_weights
 
         return outputs, gradient
 
-    return forward(*args)
+    return forward(inputs, *weights)
+
+
+def split_feed_forward(
+    inputs, overflow_inputs, overflow_experts, kernel_in, kernel_out, bias_in=None, bias_out=None,
+    activation=tf.nn.relu,
+):
+    """`stacked_feed_forward` on every expert's first slots and on more slots of some experts.
+
+    A dropless buffer pads every expert to the fullest one's count. Split,
+    every expert gets `c0` slots and only the experts with more assignments
+    get `c1` further ones: the second buffer runs on those experts' weights
+    alone, gathered (a copy of m experts' weights), and their gradients are
+    added to the full bank's. The same function as `stacked_feed_forward` on
+    one buffer of `c0 + c1` slots per expert, overflow rows placed at their
+    experts and zeros elsewhere, with the zero rows' work left out.
+
+    Args:
+        inputs: [n, c0, d], every expert's first slots.
+        overflow_inputs: [m, c1, d], further slots of the experts
+            `overflow_experts`, row j for expert `overflow_experts[j]`.
+        overflow_experts: [m] int32, distinct expert indices.
+        kernel_in, kernel_out, bias_in, bias_out, activation: as in
+            `stacked_feed_forward`.
+
+    Returns:
+        `([n, c0, o], [m, c1, o])`, differentiable in every tensor argument.
+    """
+    weights = _weights(kernel_in, kernel_out, bias_in, bias_out)
+
+    @tf.custom_gradient
+    def forward(x, overflow_x, *weights):
+        outputs, backward = _two_layers(x, weights, activation)
+        overflow_weights = [tf.gather(w, overflow_experts) for w in weights]
+        overflow_outputs, overflow_backward = _two_layers(overflow_x, overflow_weights, activation)
+
+        def gradient(d_outputs, d_overflow_outputs):
+            d_x, d_weights = backward(d_outputs)
+            d_overflow_x, d_overflow_weights = overflow_backward(d_overflow_outputs)
+            d_kernels = [
+                # In place: each kernel gradient is a fresh matmul output that
+                # nothing else reads, and a copy of the whole bank's gradient
+                # (`tensor_scatter_nd_add`) would cost more than the split saves.
+                tf.raw_ops.InplaceAdd(x=d, i=overflow_experts, v=v)
+                for d, v in zip(d_weights[:2], d_overflow_weights[:2])
+            ]
+            # A bias gradient may alias its input (a sum over one slot): not in place.
+            rows = overflow_experts[:, None]
+            d_biases = [tf.tensor_scatter_nd_add(d, rows, v) for d, v in zip(d_weights[2:], d_overflow_weights[2:])]
+            return [d_x, d_overflow_x] + d_kernels + d_biases
+
+        return (outputs, overflow_outputs), gradient
+
+    return forward(inputs, overflow_inputs, *weights)
+
+
+def _weights(kernel_in, kernel_out, bias_in, bias_out):
+    if (bias_in is None) != (bias_out is None):
+        raise ValueError("Give both `bias_in` and `bias_out`, or neither.")
+    return (kernel_in, kernel_out) + (() if bias_in is None else (bias_in, bias_out))
+
+
+def _two_layers(x, weights, activation):
+    """The experts' outputs on one buffer, and the function of their gradient.
+
+    `backward(d_outputs)` returns `(d_x, d_weights)`, `d_weights` in the
+    order of `weights` (kernels, then biases if any).
+    """
+    w_in, w_out = weights[:2]
+    use_bias = len(weights) == 4
+    pre_activation = tf.matmul(x, w_in)
+    if use_bias:
+        pre_activation = pre_activation + weights[2]
+    # Persistent: the outer gradient may be taken more than once.
+    with tf.GradientTape(persistent=True) as tape:
+        tape.watch(pre_activation)
+        hidden = activation(pre_activation)
+    outputs = tf.matmul(hidden, w_out)
+    if use_bias:
+        outputs = outputs + weights[3]
+
+    def backward(d_outputs):
+        d_hidden = tf.matmul(d_outputs, w_out, adjoint_b=True)
+        d_w_out = tf.matmul(hidden, d_outputs, adjoint_a=True)
+        d_pre = tape.gradient(hidden, pre_activation, output_gradients=d_hidden)
+        d_weights = [tf.matmul(x, d_pre, adjoint_a=True), d_w_out]
+        if use_bias:
+            d_weights += [
+                tf.reduce_sum(d_pre, axis=1, keepdims=True),
+                tf.reduce_sum(d_outputs, axis=1, keepdims=True),
+            ]
+        return tf.matmul(d_pre, w_in, adjoint_b=True), d_weights
+
+    return outputs, backward
