@@ -11,6 +11,7 @@ import tf_moe
 from tests import numpy_reference as ref
 from tests.layer_test_case import randomise_weights, run_layer_test
 from tf_moe.distribute import get_strategy
+from tf_moe.ops import dispatch as dispatch_ops
 
 EPS = 1e-2
 
@@ -849,3 +850,34 @@ def test_return_routing_gives_the_calls_routing_and_eager_calls_keep_it():
     assert fresh.last_routing is None and traced.load.shape == (4,) and traced_y.shape == x.shape
     outputs, symbolic = fresh(keras.Input((5, 6)), return_routing=True)
     assert outputs.shape == (None, 5, 6) and isinstance(symbolic, tf_moe.Routing)
+
+
+@pytest.mark.parametrize("gated", [False, True])
+def test_split_dropless_dispatch_equals_padding_every_expert(gated):
+    """The default dropless path pads only the fullest experts; outputs and gradients as with full padding."""
+    layer = tf_moe.MoELayer(6, 2, 8, gated=gated)
+    layer.build((None, 5))
+    randomise_weights(layer, seed=3, scale=1.5)  # a sharp gate: skewed loads
+    x = tf.constant(np.random.default_rng(4).standard_normal((4, 10, 5)).astype("float32"))
+    mask = tf.constant(np.random.default_rng(5).random((4, 10)) < 0.8)
+    _, routing = layer(x, mask=mask, training=True, return_routing=True)
+    tokens = tf.reshape(x, [-1, 5])
+    split = dispatch_ops.split_dispatch(tokens, routing.token_id, routing.expert_id, 6, overflow_cost=0.0)
+    assert split.overflow_experts.shape[0] > 0, "the test needs an uneven load"
+
+    def outputs_and_gradients(overflow_cost):
+        layer.experts.overflow_cost = overflow_cost
+        with tf.GradientTape() as tape:
+            tape.watch(x)
+            y = layer(x, mask=mask, training=True)
+            loss = tf.reduce_sum(y * tf.sin(y)) + tf.add_n(layer.losses)
+        return [y] + tape.gradient(loss, [x] + layer.trainable_variables)
+
+    try:
+        split_results = outputs_and_gradients(0.0)
+        padded_results = outputs_and_gradients(None)
+    finally:
+        del layer.experts.overflow_cost
+    assert layer.experts.overflow_cost == tf_moe.FeedForwardExperts.overflow_cost
+    for got, want in zip(split_results, padded_results):
+        np.testing.assert_allclose(got, want, rtol=1e-5, atol=1e-6)

@@ -28,6 +28,16 @@ class Experts(keras.layers.Layer):
       `MoELayer` can save the bank and make a bank of the same kind with
       another number of experts (its shared experts) by
       `from_config({**config, "num_experts": m})`.
+    * Optionally, `overflow_cost` (rows, a float) and
+      `call_split(inputs, overflow_inputs, overflow_experts)`: the bank on
+      every expert's first slots `[num_experts, c0, d]` and on further
+      slots `[m, c1, d]` of the experts `overflow_experts` ([m] int32, row j
+      for expert `overflow_experts[j]`), returning both outputs. `MoELayer`'s
+      dropless dispatch (outside XLA) then pads only the fullest experts
+      (`tf_moe.ops.dispatch.split_dispatch`), counting `overflow_cost` rows
+      for each expert on the second buffer. `overflow_cost = None`, the
+      default, leaves it padding every expert to the fullest one and
+      calling `call`.
     * Weights stacked along a leading expert axis (`[num_experts, ...]`)
       are what `tf_moe.ExpertParallelMoE` shards; it shards
       `FeedForwardExperts` (plain or gated) and refuses other banks.
@@ -59,6 +69,10 @@ class Experts(keras.layers.Layer):
     >>> moe = tf_moe.MoELayer(8, 2, experts=LinearExperts(8))
     """
 
+    # Rows of the dispatch buffer that running one expert on a second buffer
+    # costs (`call_split`); None: the bank has no `call_split`.
+    overflow_cost = None
+
     def __init__(self, num_experts, output_units=None, **kwargs):
         super().__init__(**kwargs)
         self.num_experts = check_positive_int("num_experts", num_experts)
@@ -80,6 +94,10 @@ class Experts(keras.layers.Layer):
 
     def call(self, inputs):
         raise NotImplementedError(f"{type(self).__name__} must implement `call`.")
+
+    def call_split(self, inputs, overflow_inputs, overflow_experts):
+        """`(call on [n, c0, d], call on [m, c1, d] with experts overflow_experts)`; for banks with `overflow_cost`."""
+        raise NotImplementedError(f"{type(self).__name__} has no `call_split`: its `overflow_cost` must be None.")
 
     def ops_per_token(self):
         """Multiply-adds of one expert on one token."""

@@ -6,7 +6,7 @@ from keras import ops
 
 from tf_moe.layers.checks import check_bool, check_keras_object, check_positive_int
 from tf_moe.layers.experts import Experts
-from tf_moe.ops.expert_matmul import gated_activation, stacked_feed_forward
+from tf_moe.ops.expert_matmul import gated_activation, split_feed_forward, stacked_feed_forward
 
 
 @keras.saving.register_keras_serializable(package="tf_moe")
@@ -59,6 +59,15 @@ class FeedForwardExperts(Experts):
     >>> swiglu(keras.random.normal((4, 10, 16))).shape
     TensorShape([4, 10, 16])
     """
+
+    # An expert on the second buffer of `call_split` costs what its rows cost
+    # plus a fixed part: its weights gathered, its gradients added to the
+    # bank's, and each matmul's packing of its weights (with oneDNN on a
+    # 2-core x86 host, about 40 rows' worth per expert at 512 x 1024). Costs
+    # of 8, 32 and 64 rows gave the experts' forward and backward passes
+    # 0.87, 0.88 and 0.86 of the padded buffer's time at 256 experts
+    # (`benchmarks/parts.py --experts 256 --router top_k --overflow-cost C`).
+    overflow_cost = 32.0
 
     def __init__(
         self,
@@ -121,20 +130,42 @@ class FeedForwardExperts(Experts):
         )
 
     def call(self, inputs):
-        # Read here, as tensors in the compute dtype (Keras autocasts them),
-        # so their gradients flow back through the reads to the variables.
-        kernel_in, kernel_out = tf.convert_to_tensor(self.kernel_in), tf.convert_to_tensor(self.kernel_out)
-        biases = (self.bias_in, self.bias_out) if self.use_bias else (None, None)
-        bias_in, bias_out = (None if b is None else tf.convert_to_tensor(b) for b in biases)
+        weights, activation = self._weights_and_activation()
+        return stacked_feed_forward(ops.cast(inputs, self.compute_dtype), *weights, activation=activation)
+
+    def call_split(self, inputs, overflow_inputs, overflow_experts):
+        """The experts on every expert's first slots and on further slots of some experts.
+
+        Args:
+            inputs: [n, c0, d].
+            overflow_inputs: [m, c1, d], row j for expert `overflow_experts[j]`.
+            overflow_experts: [m] int32, distinct expert indices.
+
+        Returns:
+            `([n, c0, o], [m, c1, o])`, what `call` gives on those rows.
+        """
+        weights, activation = self._weights_and_activation()
+        inputs, overflow_inputs = (ops.cast(x, self.compute_dtype) for x in (inputs, overflow_inputs))
+        return split_feed_forward(inputs, overflow_inputs, overflow_experts, *weights, activation=activation)
+
+    def _weights_and_activation(self):
+        """`((kernel_in, kernel_out, bias_in, bias_out), activation)` for `tf_moe.ops.expert_matmul`."""
+        # Read here, as tensors in the compute dtype (Keras autocasts them
+        # inside a layer call; the cast is for `call_split`, called outside
+        # one), so their gradients flow back through the reads to the variables.
+        def read(variable):
+            return ops.cast(tf.convert_to_tensor(variable), self.compute_dtype)
+
+        kernel_in, kernel_out = read(self.kernel_in), read(self.kernel_out)
+        bias_in, bias_out = (read(self.bias_in), read(self.bias_out)) if self.use_bias else (None, None)
         activation = self.activation
         if self.gated:
             # Both input projections in one matmul: [n, d, 2h], gate half first.
-            kernel_in = tf.concat([tf.convert_to_tensor(self.kernel_gate), kernel_in], axis=-1)
+            kernel_in = tf.concat([read(self.kernel_gate), kernel_in], axis=-1)
             if self.use_bias:
-                bias_in = tf.concat([tf.convert_to_tensor(self.bias_gate), bias_in], axis=-1)
+                bias_in = tf.concat([read(self.bias_gate), bias_in], axis=-1)
             activation = gated_activation(self.activation)
-        inputs = ops.cast(inputs, self.compute_dtype)
-        return stacked_feed_forward(inputs, kernel_in, kernel_out, bias_in, bias_out, activation=activation)
+        return (kernel_in, kernel_out, bias_in, bias_out), activation
 
     def ops_per_token(self):
         """Multiply-adds of one expert on one token (every kernel; needs the layer built)."""

@@ -196,7 +196,10 @@ class MoELayer(keras.layers.Layer):
             a no-op.
         load_weight: finite float >= 0, w_load, likewise.
         capacity_factor: None for exact, dropless dispatch (each expert's
-            buffer grows to its token count: a dynamic shape; compiled by
+            buffer grows to its token count: a dynamic shape; with
+            `FeedForwardExperts`, only the fullest experts get the slots
+            beyond those every expert needs, see
+            `tf_moe.ops.dispatch.split_dispatch`; compiled by
             XLA, the buffer instead takes the smallest of a few static
             sizes that holds every expert, and the backward pass reruns
             the experts' forward pass, see
@@ -445,6 +448,8 @@ class MoELayer(keras.layers.Layer):
                 num_tokens, self.experts,
             )
             kept = routing.expert_id < self.num_experts
+        elif capacity_factor is None and self.experts.overflow_cost is not None:
+            outputs, kept = self._split_dropless(tokens, routing, num_tokens)
         else:
             capacity = None
             if capacity_factor is not None:
@@ -461,6 +466,17 @@ class MoELayer(keras.layers.Layer):
         self._add_losses_and_track(routing, kept, valid, num_tokens, training)
         outputs = tf.reshape(outputs, tf.concat([tf.shape(inputs)[:-1], [outputs.shape[-1]]], 0))
         return (outputs, routing) if return_routing else outputs
+
+    def _split_dropless(self, tokens, routing, num_tokens):
+        """Dropless dispatch that pads only the fullest experts (`dispatch_ops.split_dispatch`): (outputs, kept)."""
+        split = dispatch_ops.split_dispatch(
+            tokens, routing.token_id, routing.expert_id, self.num_experts, self.experts.overflow_cost
+        )
+        outputs, overflow_outputs = self.experts.call_split(split.buffer, split.overflow, split.overflow_experts)
+        units = outputs.shape[-1]
+        flat = tf.concat([tf.reshape(outputs, [-1, units]), tf.reshape(overflow_outputs, [-1, units])], axis=0)
+        outputs = dispatch_ops.combine(flat, split.slot, split.kept, routing.token_id, routing.weight, num_tokens)
+        return outputs, split.kept
 
     @property
     def last_routing(self):
