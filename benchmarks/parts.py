@@ -10,11 +10,15 @@ the layer's step needs:
             tokens through the gates, its own losses and, for routers that
             use them, CV^2(importance) + CV^2(load)
   dispatch  sort-based dispatch of the router's assignments into the
-            dropless [n, capacity, d] buffer, and the tokens' gradient
+            dropless buffers `MoELayer` runs (`split_dispatch`: c0 slots
+            for every expert, c1 more for the m fullest), and the tokens'
+            gradient
   combine   the weighted sum of the assignments' expert outputs back into
             tokens, and the gradients of the outputs and the gate values
-  experts   the stacked experts on that buffer (padded to the largest
-            expert), weights' and buffer's gradients
+  split     the stacked experts on those buffers (`call_split`), weights'
+            and buffers' gradients: the layer's experts
+  experts   the same on one buffer padded to the largest expert (the
+            layer's experts before the split)
   balanced  the same on k * tokens / n rows per expert, what they would
             cost without padding (`dispatch.py`'s experts_only floor)
   dense     the dense FFN of equal multiply-adds (hidden k * h) on the
@@ -23,12 +27,14 @@ the layer's step needs:
 
 With the noisy router the routing is its zero-initialised gate's (pure
 noise, as at the start of training); with `--router top_k`, MoELayer's
-default, or `top_k_gate`, its gate's start: either way the dropless buffer
-pads every expert to the largest of nearly equal counts. Each time is the
-median of `--repeats` calls. Run it on two checkouts to compare them:
+default, or `top_k_gate`, its gate's start: either way the counts are
+nearly equal, and the split buffers pad only the fullest experts. Each time is the
+median of `--repeats` calls, made in rounds that call every part once.
+Run it on two checkouts to compare them:
 
   python benchmarks/parts.py --experts 16 256
   python benchmarks/parts.py --experts 16 --d 128 --h 256 --tokens 1024 --router top_k
+  python benchmarks/parts.py --experts 256 --router top_k --overflow-cost 8
   PYTHONPATH=/path/to/other/checkout python benchmarks/parts.py --experts 16 256
 """
 
@@ -42,18 +48,25 @@ if "PYTHONPATH" not in os.environ:
     sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 
 
-def _median_ms(fn, repeats):
-    fn()
-    fn()
-    times = []
-    for _ in range(repeats):
-        start = time.perf_counter()
+def _median_ms(fns, repeats):
+    """{name: median ms} of `repeats` calls of each function, interleaved.
+
+    Each round calls every function once, so a load that comes and goes
+    weighs on all of them alike, not on whichever ran at the time.
+    """
+    for fn in fns.values():
         fn()
-        times.append(time.perf_counter() - start)
-    return 1e3 * statistics.median(times)
+        fn()
+    times = {name: [] for name in fns}
+    for _ in range(repeats):
+        for name, fn in fns.items():
+            start = time.perf_counter()
+            fn()
+            times[name].append(time.perf_counter() - start)
+    return {name: 1e3 * statistics.median(t) for name, t in times.items()}
 
 
-def parts(n, k, d, h, tokens, repeats, router_name="noisy_top_k"):
+def parts(n, k, d, h, tokens, repeats, router_name="noisy_top_k", overflow_cost=None):
     """{part: median ms} of one forward+backward of each part."""
     import keras
     import tensorflow as tf
@@ -68,11 +81,15 @@ def parts(n, k, d, h, tokens, repeats, router_name="noisy_top_k"):
     router.build((None, d))
     experts = tf_moe.FeedForwardExperts(n, h, d)
     experts.build((n, None, d))
+    if overflow_cost is not None:
+        experts.overflow_cost = overflow_cost
     x = tf.random.normal([tokens, d], seed=1)
     routing = router(x, training=True)
     token_id, expert_id, weight = routing.token_id, routing.expert_id, routing.weight
-    buffer, slot, kept, _ = dispatch.dispatch(x, token_id, expert_id, n)
-    outputs = experts(buffer)
+    buffer = dispatch.dispatch(x, token_id, expert_id, n)[0]
+    split = dispatch.split_dispatch(x, token_id, expert_id, n, experts.overflow_cost)
+    split_buffers = (split.buffer, split.overflow)
+    outputs = tf.concat([tf.reshape(y, [-1, d]) for y in experts.call_split(*split_buffers, split.overflow_experts)], 0)
     balanced = buffer[:, : -(-k * tokens // n)]  # the largest expert holds at least the mean
 
     @tf.function
@@ -89,17 +106,25 @@ def parts(n, k, d, h, tokens, repeats, router_name="noisy_top_k"):
     def dispatch_step(x):
         with tf.GradientTape() as tape:
             tape.watch(x)
-            b = dispatch.dispatch(x, token_id, expert_id, n)[0]
-            loss = tf.reduce_sum(b * b)
+            s = dispatch.split_dispatch(x, token_id, expert_id, n, experts.overflow_cost)
+            loss = tf.reduce_sum(s.buffer * s.buffer) + tf.reduce_sum(s.overflow * s.overflow)
         return tape.gradient(loss, x)
 
     @tf.function
     def combine_step(outputs, weight):
         with tf.GradientTape() as tape:
             tape.watch([outputs, weight])
-            y = dispatch.combine(outputs, slot, kept, token_id, weight, tokens)
+            y = dispatch.combine(outputs, split.slot, split.kept, token_id, weight, tokens)
             loss = tf.reduce_sum(y * x)
         return tape.gradient(loss, [outputs, weight])
+
+    @tf.function
+    def split_step(inputs, overflow_inputs):
+        with tf.GradientTape() as tape:
+            tape.watch([inputs, overflow_inputs])
+            y, overflow_y = experts.call_split(inputs, overflow_inputs, split.overflow_experts)
+            loss = tf.reduce_sum(y) + tf.reduce_sum(overflow_y)
+        return tape.gradient(loss, [inputs, overflow_inputs] + experts.trainable_variables)
 
     def layer_step(layer):
         @tf.function
@@ -114,13 +139,20 @@ def parts(n, k, d, h, tokens, repeats, router_name="noisy_top_k"):
     experts_step, dense_step = layer_step(experts), layer_step(dense_ffn(d, k * h))
 
     return {
-        "gate": _median_ms(lambda: gate(x), repeats),
-        "dispatch": _median_ms(lambda: dispatch_step(x), repeats),
-        "combine": _median_ms(lambda: combine_step(outputs, weight), repeats),
-        "experts": _median_ms(lambda: experts_step(buffer), repeats),
-        "balanced": _median_ms(lambda: experts_step(balanced), repeats),
-        "dense": _median_ms(lambda: dense_step(x), repeats),
+        **_median_ms(
+            {
+                "gate": lambda: gate(x),
+                "dispatch": lambda: dispatch_step(x),
+                "combine": lambda: combine_step(outputs, weight),
+                "split": lambda: split_step(*split_buffers),
+                "experts": lambda: experts_step(buffer),
+                "balanced": lambda: experts_step(balanced),
+                "dense": lambda: dense_step(x),
+            },
+            repeats,
+        ),
         "capacity": int(buffer.shape[1]),
+        "split_shape": (int(split.buffer.shape[1]), int(split.overflow.shape[1]), int(split.overflow.shape[0])),
     }
 
 
@@ -133,6 +165,10 @@ def main():
     parser.add_argument("--tokens", type=int, default=4096)
     parser.add_argument("--repeats", type=int, default=9)
     parser.add_argument("--router", default="noisy_top_k", help="a router name of tf_moe.routers (not hash)")
+    parser.add_argument(
+        "--overflow-cost", type=float, default=None,
+        help="rows one expert on the second split buffer counts as (default: FeedForwardExperts.overflow_cost)",
+    )
     args = parser.parse_args()
 
     os.environ.setdefault("TF_CPP_MIN_LOG_LEVEL", "3")
@@ -142,15 +178,19 @@ def main():
         parser.error(f"--router: one of {[name for name in tf_moe.routers.NAMES if name != 'hash']}")
 
     tf_moe.performance.configure_allocator()
+    overflow_cost = tf_moe.FeedForwardExperts.overflow_cost if args.overflow_cost is None else args.overflow_cost
     print(f"# tf_moe from {os.path.dirname(tf_moe.__file__)}; tokens={args.tokens} d={args.d} h={args.h} "
-          f"k={args.k} router={args.router}; median of {args.repeats} forward+backward calls, ms")
-    print("| experts | gate | dispatch | combine | experts at capacity (capacity / mean) | experts at the mean "
-          "| dense FFN (hidden k*h) |")
-    print("|---|---|---|---|---|---|---|")
+          f"k={args.k} router={args.router} overflow_cost={overflow_cost}; "
+          f"median of {args.repeats} forward+backward calls, ms")
+    print("| experts | gate | dispatch | combine | experts, split (c0 + c1 x m) "
+          "| experts at capacity (capacity / mean) | experts at the mean | dense FFN (hidden k*h) |")
+    print("|---|---|---|---|---|---|---|---|")
     for n in args.experts:
-        r = parts(n, args.k, args.d, args.h, args.tokens, args.repeats, args.router)
+        r = parts(n, args.k, args.d, args.h, args.tokens, args.repeats, args.router, args.overflow_cost)
         mean = args.k * args.tokens / n
+        first, further, overflowing = r["split_shape"]
         print(f"| {n} | {r['gate']:.1f} | {r['dispatch']:.1f} | {r['combine']:.1f} "
+              f"| {r['split']:.1f} ({first} + {further} x {overflowing}) "
               f"| {r['experts']:.1f} ({r['capacity']} / {mean:.0f}) | {r['balanced']:.1f} | {r['dense']:.1f} |",
               flush=True)
 

@@ -30,8 +30,8 @@ def test_parts_benchmark_prints_a_row_per_expert_count(router):
     out = _run("parts.py", "--experts", "4", "8", "--tokens", "64", "--d", "8", "--h", "16", "--repeats", "1", *router)
     rows = [line for line in out.splitlines() if line.startswith("| 4 |") or line.startswith("| 8 |")]
     assert len(rows) == 2
-    # The expert count, gate, dispatch, combine, the experts at two capacities and the dense FFN.
-    assert all(len(row.strip("|").split("|")) == 7 for row in rows)
+    # The expert count, gate, dispatch, combine, the experts split, at two capacities, and the dense FFN.
+    assert all(len(row.strip("|").split("|")) == 8 for row in rows)
     assert f"router={router[1] if router else 'noisy_top_k'}" in out
 
 
