@@ -204,6 +204,8 @@ class _ShardedExperts(FeedForwardExperts):
     # the optional `TrafficRecorder` of the exchanges; set by ExpertParallelMoE.
     exchange = "auto"
     traffic = None
+    # One buffer per call: `call` exchanges it whole (no split buffers).
+    overflow_cost = None
 
     def build(self, input_shape):
         strategy = tf.distribute.get_strategy()
