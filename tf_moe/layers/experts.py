@@ -37,7 +37,9 @@ class Experts(keras.layers.Layer):
       (`tf_moe.ops.dispatch.split_dispatch`), counting `overflow_cost` rows
       for each expert on the second buffer. `overflow_cost = None`, the
       default, leaves it padding every expert to the fullest one and
-      calling `call`.
+      calling `call`. A subclass that changes `call` of a bank with
+      `call_split` (`FeedForwardExperts`) must change `call_split` alike
+      or set `overflow_cost = None`.
     * Weights stacked along a leading expert axis (`[num_experts, ...]`)
       are what `tf_moe.ExpertParallelMoE` shards; it shards
       `FeedForwardExperts` (plain or gated) and refuses other banks.
