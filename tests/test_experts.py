@@ -182,6 +182,16 @@ def test_a_users_expert_bank_trains_through_moe_layer():
     assert all(g is not None and np.any(np.asarray(g) != 0) for g in grads)
 
 
+def test_a_users_bank_without_call_split_runs_one_padded_buffer():
+    layer, x = _custom_moe()
+    assert layer.experts.overflow_cost is None
+    # A training call on the dropless path works without `call_split`...
+    layer(x, training=True)
+    # ...which the base class refuses, naming what to set.
+    with pytest.raises(NotImplementedError, match="overflow_cost"):
+        layer.experts.call_split(tf.zeros((4, 1, 5)), tf.zeros((0, 0, 5)), tf.zeros((0,), tf.int32))
+
+
 def test_a_users_expert_bank_reloads_in_a_fresh_process(tmp_path):
     layer, x = _custom_moe(num_shared_experts=1)
     inputs = keras.Input((None, 5))
