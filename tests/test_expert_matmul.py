@@ -209,3 +209,79 @@ def test_split_feed_forward_equals_one_buffer_without_its_zero_rows(use_bias, ac
     for g, w, a in zip(got[2:], want[1:], again[2:]):
         np.testing.assert_allclose(g, w, rtol=1e-4, atol=1e-4)
         np.testing.assert_array_equal(a, g)
+
+
+def _ancestors(tensor):
+    """Every op `tensor` waits for, through data and control edges."""
+    seen, todo = set(), [tensor.op]
+    while todo:
+        op = todo.pop()
+        if op not in seen:
+            seen.add(op)
+            todo += [t.op for t in op.inputs] + list(op.control_inputs)
+    return seen
+
+
+@pytest.mark.parametrize("gated", [False, True])
+def test_bank_gradients_wait_for_every_read_of_the_bank(gated):
+    """An update must find no read of the bank alive, or TensorFlow copies the whole bank first.
+
+    An optimizer's update of a variable (`ResourceApply*`, `assign_sub`)
+    copies the variable when a tensor read from it is still held by an op
+    yet to run (copy-on-write): a copy of every expert's weights in each
+    step. The update runs once the variable's gradient is ready, so every
+    op that reads the bank (forward, input gradient, the split's gather)
+    must be an ancestor of its gradient, on both dropless paths of the layer.
+    """
+    layer = tf_moe.MoELayer(4, 2, 16, gated=gated)
+    layer.build((None, 8))
+    bank = layer.experts.trainable_variables
+
+    @tf.function
+    def gradients(x):
+        with tf.GradientTape() as tape:
+            tape.watch(x)
+            loss = tf.reduce_sum(tf.square(layer(x, training=True)))
+        return tape.gradient(loss, [x] + bank)
+
+    for overflow_cost in (32.0, None):  # split buffers, one padded buffer
+        layer.experts.overflow_cost = overflow_cost
+        graph = gradients.get_concrete_function(tf.TensorSpec([None, 8])).graph
+        captured = {id(external): internal for external, internal in graph.captures}
+        for variable, gradient in zip(bank, graph.outputs[1:]):
+            handle = captured[id(variable.handle)]
+            reads = [op.outputs[0] for op in handle.consumers() if op.type == "ReadVariableOp"]
+            readers = {op for read in reads for op in read.consumers()}
+            assert readers, variable.path
+            late = readers - _ancestors(gradient)
+            assert not late, (variable.path, overflow_cost, sorted(op.name for op in late))
+
+
+def test_a_training_step_updates_the_bank_in_place():
+    """The update's effect: after each compiled SGD step every kernel keeps its buffer (no copy)."""
+
+    def address(variable):
+        view = variable.value.numpy()  # shares the variable's buffer on the CPU
+        return view.__array_interface__["data"][0]
+
+    layer = tf_moe.MoELayer(8, 2, 64)
+    layer.build((None, 32))
+    optimizer = keras.optimizers.SGD(0.1)
+    optimizer.build(layer.trainable_variables)
+
+    @tf.function
+    def step(x):
+        with tf.GradientTape() as tape:
+            tape.watch(x)
+            loss = tf.reduce_mean(tf.square(layer(x, training=True))) + tf.add_n(layer.losses)
+        grads = tape.gradient(loss, [x] + layer.trainable_variables)
+        optimizer.apply(grads[1:], layer.trainable_variables)
+        return grads[0]
+
+    x = tf.random.normal([256, 32], seed=0)
+    step(x)  # traced; the first call may build state
+    kernels = [layer.experts.kernel_in, layer.experts.kernel_out]
+    for _ in range(10):
+        before = [address(v) for v in kernels]
+        step(x)
+        assert [address(v) for v in kernels] == before

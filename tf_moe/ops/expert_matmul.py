@@ -144,14 +144,19 @@ def _two_layers(x, weights, activation):
 
     def backward(d_outputs):
         d_hidden = tf.matmul(d_outputs, w_out, adjoint_b=True)
-        d_w_out = tf.matmul(hidden, d_outputs, adjoint_a=True)
         d_pre = tape.gradient(hidden, pre_activation, output_gradients=d_hidden)
-        d_weights = [tf.matmul(x, d_pre, adjoint_a=True), d_w_out]
-        if use_bias:
-            d_weights += [
-                tf.reduce_sum(d_pre, axis=1, keepdims=True),
-                tf.reduce_sum(d_outputs, axis=1, keepdims=True),
-            ]
-        return tf.matmul(d_pre, w_in, adjoint_b=True), d_weights
+        d_x = tf.matmul(d_pre, w_in, adjoint_b=True)
+        # The weights' gradients only after the kernels' last reads (d_hidden,
+        # d_x): an optimizer that updates a variable while a read of it is
+        # alive first copies the whole variable (TensorFlow's copy-on-write),
+        # the whole expert bank here.
+        with tf.control_dependencies([d_x]):
+            d_weights = [tf.matmul(x, d_pre, adjoint_a=True), tf.matmul(hidden, d_outputs, adjoint_a=True)]
+            if use_bias:
+                d_weights += [
+                    tf.reduce_sum(d_pre, axis=1, keepdims=True),
+                    tf.reduce_sum(d_outputs, axis=1, keepdims=True),
+                ]
+        return d_x, d_weights
 
     return outputs, backward
