@@ -12,7 +12,7 @@ the layer's step needs:
   dispatch  sort-based dispatch of the router's assignments into the
             dropless buffers `MoELayer` runs (`split_dispatch`: c0 slots
             for every expert, c1 more for the m fullest), and the tokens'
-            gradient
+            (dense) gradient
   combine   the weighted sum of the assignments' expert outputs back into
             tokens, and the gradients of the outputs and the gate values
   split     the stacked experts on those buffers (`call_split`), weights'
@@ -108,7 +108,8 @@ def parts(n, k, d, h, tokens, repeats, router_name="noisy_top_k", overflow_cost=
             tape.watch(x)
             s = dispatch.split_dispatch(x, token_id, expert_id, n, experts.overflow_cost)
             loss = tf.reduce_sum(s.buffer * s.buffer) + tf.reduce_sum(s.overflow * s.overflow)
-        return tape.gradient(loss, x)
+        # Dense, as a layer below needs it (autodiff's gather gradient is sparse).
+        return tf.convert_to_tensor(tape.gradient(loss, x))
 
     @tf.function
     def combine_step(outputs, weight):

@@ -3,8 +3,8 @@
 Routing is described by a flat list of assignments `(token_id, expert_id,
 weight)`. `dispatch` packs the routed tokens into a per-expert buffer
 [num_experts, capacity, d] with one gather, so all experts run as one batched
-matmul; `combine` gathers each assignment's expert output back and sums it
-into its token with a segment sum. Slot positions come from a stable sort by
+matmul; `combine` weights each slot's expert output by its assignment's gate
+value and sums it into its token with a segment sum. Slot positions come from a stable sort by
 expert id, so the cost is O(A log A + A*d) for A assignments, independent of
 the number of experts: no [tokens, experts, capacity] one-hot tensors.
 """
@@ -167,13 +167,29 @@ def dispatch(tokens, token_id, expert_id, num_experts, capacity=None, offset=0):
 
 
 def _fill_slots(tokens, token_id, slot, num_slots):
-    """[num_slots, d]: the token of the assignment in each slot, zeros where none is."""
-    source = slot_owners(slot, token_id, num_slots, empty=tf.shape(tokens)[0])
-    units = tokens.shape[-1] or tf.shape(tokens)[-1]
-    # An explicit zero row (not `tokens[:1]`), so that a batch of zero tokens
-    # still has one to point at.
-    padded = tf.concat([tokens, tf.zeros([1, units], tokens.dtype)], axis=0)
-    return tf.gather(padded, source)
+    """[num_slots, d]: the token of the assignment in each slot, zeros where none is.
+
+    The gradient is written out: a segment sum of the slots' gradients into
+    their tokens, where autodiff's sparse gradient would also be masked and
+    copied on its way through the zero row's concatenation.
+    """
+    num_tokens = tf.shape(tokens)[0]
+    source = slot_owners(slot, token_id, num_slots, empty=num_tokens)
+
+    @tf.custom_gradient
+    def fill(tokens):
+        units = tokens.shape[-1] or tf.shape(tokens)[-1]
+        # An explicit zero row (not `tokens[:1]`), so that a batch of zero
+        # tokens still has one to point at.
+        padded = tf.concat([tokens, tf.zeros([1, units], tokens.dtype)], axis=0)
+
+        def gradient(d_slots):
+            # Empty slots (source == num_tokens) get segment -1: dropped.
+            return tf.math.unsorted_segment_sum(d_slots, tf.where(source < num_tokens, source, -1), num_tokens)
+
+        return tf.gather(padded, source), gradient
+
+    return fill(tokens)
 
 
 class SplitDispatch(NamedTuple):
@@ -282,41 +298,37 @@ def combine(expert_outputs, slot, kept, token_id, weight, num_tokens):
     """
     units = expert_outputs.shape[-1]
     flat = tf.reshape(expert_outputs, [-1, units])
+    num_slots = tf.shape(flat)[0]
     weight = tf.where(kept, tf.cast(weight, flat.dtype), tf.zeros((), flat.dtype))
-    return _gather_weighted_sum(flat, weight, slot, token_id, num_tokens)
+    # Summed in slot space: each slot's token and gate value, a scatter of
+    # [A] scalars, rather than a gather of [A, o] rows per assignment.
+    owner = slot_owners(slot, token_id, num_slots, empty=-1)
+    slot_weight = slot_owners(slot, weight, num_slots, empty=tf.zeros((), flat.dtype))
+    return _weighted_segment_sum(flat, slot_weight, owner, num_tokens)
 
 
-def _gather_weighted_sum(flat, weight, slot, token_id, num_tokens):
-    """`out[t] = sum over t's assignments a of weight[a] * flat[slot[a]]`; `slot == len(flat)` adds zero.
+def _weighted_segment_sum(flat, slot_weight, owner, num_tokens):
+    """`out[t] = sum over slots s with owner[s] == t of slot_weight[s] * flat[s]`; `owner == -1` adds nothing.
 
-    The gradient is written out because TensorFlow's would turn the
-    gather's sparse gradient into a dense [slots, o] tensor with a segment
-    sum: every slot holds at most one assignment, so a gather through the
-    inverse map (slot -> assignment) does it in one pass.
+    The gradient is written out: one gather of the tokens' gradients into
+    slot space serves both the rows' and the gate values' gradients (where
+    autodiff would also mask the gather for the owner -1 slots).
     """
 
     @tf.custom_gradient
-    def forward(flat, weight):
-        units = flat.shape[-1]
-        num_slots = tf.shape(flat)[0]
-        # Dropped and unrouted assignments point at this zero row; it must
-        # exist even when every expert is empty (an all-masked batch).
-        padded = tf.concat([flat, tf.zeros([1, units], flat.dtype)], axis=0)
-        gathered = tf.gather(padded, slot)
-        outputs = tf.math.unsorted_segment_sum(gathered * weight[:, None], token_id, num_tokens)
+    def forward(flat, slot_weight):
+        outputs = tf.math.unsorted_segment_sum(flat * slot_weight[:, None], owner, num_tokens)
 
         def gradient(d_outputs):
-            d_assignment = tf.gather(d_outputs, token_id)
-            d_weight = tf.reduce_sum(d_assignment * gathered, axis=-1)
-            num_assignments = tf.size(slot)
-            # Slots nobody holds point at the zero row of `d_weighted`.
-            assignment = slot_owners(slot, tf.range(num_assignments), num_slots, empty=num_assignments)
-            d_weighted = tf.concat([d_assignment * weight[:, None], tf.zeros([1, units], flat.dtype)], axis=0)
-            return tf.gather(d_weighted, assignment), d_weight
+            units = flat.shape[-1]
+            # Slots without an owner read this zero row.
+            padded = tf.concat([d_outputs, tf.zeros([1, units], d_outputs.dtype)], axis=0)
+            d_rows = tf.gather(padded, tf.where(owner < 0, num_tokens, owner))
+            return d_rows * slot_weight[:, None], tf.reduce_sum(d_rows * flat, axis=-1)
 
         return outputs, gradient
 
-    return forward(flat, weight)
+    return forward(flat, slot_weight)
 
 
 # The largest static capacity of `dropless_static`, in multiples of the mean
