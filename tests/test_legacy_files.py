@@ -1,4 +1,4 @@
-"""`.keras` files saved by tf_moe 0.1 load with the current code, same outputs."""
+"""`.keras` files saved by tf_moe 0.1 load with the current code, same outputs (to float32 rounding)."""
 
 import os
 
@@ -25,4 +25,8 @@ def test_legacy_file_loads_with_identical_outputs(name):
     model = keras.models.load_model(os.path.join(DATA, f"{name}.keras"), safe_mode=True)
     x = np.load(os.path.join(DATA, "legacy_inputs.npy"))
     expected = np.load(os.path.join(DATA, f"{name}_outputs.npy"))
-    np.testing.assert_array_equal(model.predict(x, verbose=0), expected)
+    # Equal to float32 rounding, not bit for bit: the order in which a token's
+    # expert outputs are summed is the dispatch's, and it changed since
+    # (tokens with three or more assignments, as batchwise routing gives, round
+    # differently in the last bit).
+    np.testing.assert_allclose(model.predict(x, verbose=0), expected, rtol=1e-5, atol=1e-6)
