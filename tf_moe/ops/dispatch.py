@@ -4,9 +4,10 @@ Routing is described by a flat list of assignments `(token_id, expert_id,
 weight)`. `dispatch` packs the routed tokens into a per-expert buffer
 [num_experts, capacity, d] with one gather, so all experts run as one batched
 matmul; `combine` weights each slot's expert output by its assignment's gate
-value and sums it into its token with a segment sum. Slot positions come from a stable sort by
-expert id, so the cost is O(A log A + A*d) for A assignments, independent of
-the number of experts: no [tokens, experts, capacity] one-hot tensors.
+value and sums it into its token with a segment sum. Slot positions come from
+a stable sort by expert id, so the cost is O(A log A + A*d) for A
+assignments, independent of the number of experts: no [tokens, experts,
+capacity] one-hot tensors.
 """
 
 import fractions
