@@ -53,6 +53,8 @@ def test_flags_map_onto_the_config():
     assert (transformer.arch, transformer.level, transformer.vocab_size, transformer.k) == ("transformer", "word", 5000, 2)
     ptb = cli.config_from_args(cli._parser().parse_args(["experiment", "ptb", "--arch", "transformer", "--epochs", "2"]))
     assert (ptb.corpus, ptb.vocab_size, ptb.seq_len, ptb.epochs, ptb.weight_decay) == ("ptb", 10_000, 64, 2, 0.01)
+    shared = cli.config_from_args(cli._parser().parse_args(["train", "lm", "--k", "2", "--shared-experts", "2"]))
+    assert (shared.k, shared.shared_experts, Config().shared_experts) == (2, 2, 0)
     # -v before or after the command.
     assert cli._parser().parse_args(["-v", "train", "lm"]).verbosity == 1
     assert cli._parser().parse_args(["train", "lm", "-vv"]).verbosity == 2
@@ -128,6 +130,8 @@ BAD_FLAGS = [
     (["train", "lm", "--k", "20"], "--k 20 exceeds --experts 16"),
     (["train", "lm", "--experts", "6", "--hierarchical", "4"], "--experts 6 is not a multiple of --hierarchical 4"),
     (["train", "lm", "--experts", "16", "--hierarchical", "8", "--k", "3"], "--k 3 exceeds the 8 groups or the 2 experts"),
+    (["train", "lm", "--shared-experts", "-1"], "argument --shared-experts: must be an integer >= 0"),
+    (["train", "mt", "--shared-experts", "1"], "--shared-experts is for the language models"),
     (["train", "mt", "--corpus", "ptb"], "--corpus ptb is not a translation corpus; choose from web-sparv"),
     (["train", "lm", "--corpus", "web-sparv"], "--corpus web-sparv is not a lm corpus; choose from web, kjv, ptb"),
     (["train", "lm", "--batch-size", "64", "--train-size", "10"], "--train-size 10 is smaller than --batch-size 64"),

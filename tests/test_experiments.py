@@ -162,3 +162,17 @@ def test_diagnosis_variants_start_the_default_gate_where_they_say(arch, variant,
     assert moe.router.learning_rate_multiplier == multiplier
     logits = ref.rms_normalize(tokens) @ (moe.router.learning_rate_multiplier * np.asarray(moe.router.w_gate))
     np.testing.assert_allclose(logits.std(), logit_stddev, rtol=0.1)
+
+
+@pytest.mark.parametrize("arch, labels", [("lstm", ("moe", "moe-1-wide")), ("transformer", ("moe", "dense"))])
+def test_shared_experts_reach_both_models_of_a_pair_and_the_rows_settings(arch, labels):
+    from tf_moe.reproduction import results
+
+    config = Config(**{**Config.QUICK, "arch": arch, "shared_experts": 2})
+    vocabulary = tf_moe.data.WordVocabulary(["<eos>", "<unk>", "the"])
+    lm_data = language_model.LMData(vocabulary, make_train=None, valid=None, test=None, stateful=False)
+    for label in labels:
+        assert language_model._model_arguments(config, lm_data, label, {})["num_shared_experts"] == 2
+    assert results.settings_of(config)["shared_experts"] == 2
+    # Rows without shared experts keep the settings (and run keys) they had before the flag.
+    assert "shared_experts" not in results.settings_of(Config(**Config.QUICK))

@@ -69,6 +69,25 @@ def test_baselines_are_computationally_matched():
     assert abs(hier - reference) <= 0.1 * reference
 
 
+def test_shared_experts_are_counted_and_matched_by_the_baselines():
+    u, h, n, k, s = 16, 32, 4, 2, 1
+    lstm = 4 * u * (u + u)
+    model = lstm_lm(**SMALL, num_shared_experts=s)
+    assert model.get_layer("moe").num_shared_experts == s
+    assert ops_per_timestep(model) == 2 * lstm + u * n + (k + s) * (2 * u * h)
+    # The dense stand-ins widen (or deepen) to the k + s experts a token visits.
+    wide = lstm_lm(model="moe-1-wide", **SMALL, num_shared_experts=s)
+    assert wide.get_layer("wide_hidden").units == (k + s) * h
+    assert ops_per_timestep(wide) == 2 * lstm + 2 * u * (k + s) * h
+    deep = lstm_lm(model="moe-1-deep", **SMALL, num_shared_experts=s)
+    assert ops_per_timestep(deep) == 2 * lstm + 2 * u * h + (k + s - 1) * h * h
+    # Padding still changes no real position's logits.
+    tokens = _tokens(np.random.default_rng(3), (2, 6))
+    tokens[1, 4:] = 0
+    logits = np.asarray(model(tokens))
+    np.testing.assert_allclose(logits[1, :4], np.asarray(model(tokens[1:, :4]))[0], rtol=1e-5, atol=1e-5)
+
+
 @pytest.mark.parametrize("kind", ("moe", "hierarchical") + BASELINES)
 def test_keras_round_trip_gives_identical_outputs(kind, tmp_path):
     if kind == "hierarchical":
@@ -95,6 +114,9 @@ def test_bad_arguments_are_named():
         lstm_lm(**SMALL, num_groups=0)
     with pytest.raises(ValueError, match="`vocab_size`"):
         lstm_lm(**{**SMALL, "vocab_size": 0})
+    for kind in ("moe", "moe-1-wide"):
+        with pytest.raises(ValueError, match="`num_shared_experts`"):
+            lstm_lm(model=kind, **SMALL, num_shared_experts=-1)
 
 
 @pytest.mark.parametrize("kind", ("moe", "4xlstm"))

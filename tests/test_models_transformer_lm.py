@@ -61,6 +61,16 @@ def test_ops_per_timestep_against_hand_count():
         every_other.get_layer("block_1_moe")
 
 
+def test_shared_experts_are_counted_and_the_dense_twin_matches_them():
+    d, h, n, k, s, layers = 16, 8, 4, 2, 1, 2
+    attention = 4 * d * d
+    moe = d * n + (k + s) * (d * h + h * d)
+    model = transformer_lm(**SMALL, num_shared_experts=s)
+    assert model.get_layer("block_1_moe").num_shared_experts == s
+    assert ops_per_timestep(model) == layers * (attention + moe)
+    assert ops_per_timestep(transformer_lm(model="dense", **SMALL, num_shared_experts=s)) == layers * (attention + moe)
+
+
 def test_default_moe_blocks_are_the_layers_default_and_routers_are_per_block():
     model = transformer_lm(**SMALL)
     default = tf_moe.MoELayer(4, 2, 8).get_config()
@@ -100,6 +110,7 @@ def test_trains_and_reloads(tmp_path):
         (dict(model="wide"), "`model`"),
         (dict(moe_every=0), "`moe_every`"),
         (dict(ffn_units=2.5), "`ffn_units`"),
+        (dict(num_shared_experts=-1), "`num_shared_experts`"),
         (dict(router=tf_moe.TopKRouter(4, 2)), "`router`"),
     ],
 )

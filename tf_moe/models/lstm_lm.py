@@ -5,7 +5,7 @@ import warnings
 import keras
 
 from tf_moe import routers
-from tf_moe.layers.checks import check_positive_int
+from tf_moe.layers.checks import check_non_negative_int, check_positive_int
 from tf_moe.layers.hierarchical_router import HierarchicalRouter
 from tf_moe.layers.moe_layer import MoELayer
 from tf_moe.layers.noisy_top_k_router import NoisyTopKRouter
@@ -31,6 +31,7 @@ def moe_layer(
     seed=None,
     gate_learning_rate_multiplier=1.0,
     router=None,
+    num_shared_experts=0,
     name="moe",
 ):
     """The MoE layer of the paper's models: the paper's gate without noise, the hierarchical one, or `router`.
@@ -44,7 +45,8 @@ def moe_layer(
     `num_experts` and `k`), a `Router` or its config; the paper's
     `"noisy_top_k"` by name is made with `seed` and
     `gate_learning_rate_multiplier` (its `learning_rate_multiplier`, as
-    the hierarchical router's). A router that is not causal (expert choice)
+    the hierarchical router's). `num_shared_experts` always-on experts
+    (DeepSeekMoE) run beside the routed ones. A router that is not causal (expert choice)
     gets a warning: in a language model it lets a position's output depend
     on later tokens.
     """
@@ -79,6 +81,7 @@ def moe_layer(
         importance_weight=importance_weight,
         load_weight=load_weight,
         capacity_factor=capacity_factor,
+        num_shared_experts=num_shared_experts,
         name=name,
     )
 
@@ -121,12 +124,13 @@ def router_inputs(router, token_ids):
 
 def _middle_block(x, tokens, kind, units, dropout, moe_kwargs, stateful):
     """The layer between the two LSTMs: an MoE or a matched dense stand-in."""
-    k, hidden = moe_kwargs["k"], moe_kwargs["hidden_units"]
+    # The dense stand-ins match the experts a token visits, shared ones included.
+    k, hidden = moe_kwargs["k"] + moe_kwargs["num_shared_experts"], moe_kwargs["hidden_units"]
     if kind == "moe":
         moe = moe_layer(name="moe", **moe_kwargs)
         return residual(x, moe(x, **router_inputs(moe.router, tokens)), dropout, "moe")
     if kind == "moe-1-wide":
-        # One expert as wide as the k experts a token visits: same ops.
+        # One expert as wide as the experts a token visits: same ops.
         h = keras.layers.Dense(k * hidden, activation="relu", name="wide_hidden")(x)
         return residual(x, keras.layers.Dense(units, name="wide_output")(h), dropout, "wide")
     if kind == "moe-1-deep":
@@ -172,6 +176,7 @@ def lstm_lm(
     stateful=False,
     batch_size=None,
     router=None,
+    num_shared_experts=0,
     name=None,
 ):
     """The LSTM language model with an MoE between two LSTMs (appendix C).
@@ -187,7 +192,8 @@ def lstm_lm(
     dense baselines (the MoE layer replaced, everything else the same):
     `"moe-1-wide"` (one expert with a hidden layer `k * expert_hidden_units`
     wide), `"moe-1-deep"` (one expert with `k` hidden layers of
-    `expert_hidden_units`) and `"4xlstm"` (two more LSTMs instead of the
+    `expert_hidden_units`; with shared experts `k + num_shared_experts`
+    instead of `k` in both) and `"4xlstm"` (two more LSTMs instead of the
     MoE). With the paper's sizes (units 512, hidden 1024, k 4) all of them
     cost the same ops per timestep up to the gate (`ops_per_timestep`).
 
@@ -223,6 +229,8 @@ def lstm_lm(
             routes by token id (`required_inputs` of "token_ids", the hash
             router) gets the model's input ids. A router that is not
             causal (expert choice) is allowed with a warning.
+        num_shared_experts: int >= 0, always-on experts of the MoE beside
+            the `k` routed ones (`MoELayer`'s; DeepSeekMoE, Dai et al. 2024).
         name: model name (default: `model` with dashes as underscores).
 
     Returns:
@@ -237,6 +245,7 @@ def lstm_lm(
     TensorShape([2, 7, 1000])
     """
     _check_arguments(vocab_size, units, dropout, stateful, batch_size)
+    check_non_negative_int("num_shared_experts", num_shared_experts)
     moe_kwargs = dict(
         num_experts=num_experts,
         k=k,
@@ -248,6 +257,7 @@ def lstm_lm(
         seed=seed,
         gate_learning_rate_multiplier=gate_learning_rate_multiplier,
         router=router,
+        num_shared_experts=num_shared_experts,
     )
     batch_shape = (batch_size if stateful else None, None)
     tokens = keras.Input(batch_shape=batch_shape, dtype="int32", name="tokens")

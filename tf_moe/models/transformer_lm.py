@@ -5,6 +5,7 @@ import math
 import keras
 
 from tf_moe import routers
+from tf_moe.layers.checks import check_non_negative_int
 from tf_moe.layers.moe_layer import MoELayer
 from tf_moe.layers.position_embedding import PositionEmbedding
 from tf_moe.layers.upcycling import UPCYCLING_ROUTER, load_dense_ffn
@@ -51,6 +52,7 @@ def transformer_lm(
     model="moe",
     router=None,
     moe_arguments=None,
+    num_shared_experts=0,
     name=None,
 ):
     """A causal, pre-LayerNorm Transformer language model whose FFN blocks are MoE layers.
@@ -64,9 +66,10 @@ def transformer_lm(
     k, expert_hidden_units)` with nothing else set unless `router` or
     `moe_arguments` say so; the other blocks keep a dense FFN of
     `ffn_units`. `model="dense"` is the computationally matched twin: every
-    FFN dense and `ffn_units` wide, which by default is `k *
-    expert_hidden_units + ceil(num_experts / 2)`: the multiply-adds of the
-    k experts a token visits and of the router's `d * n` logits, so both
+    FFN dense and `ffn_units` wide, which by default is `(k +
+    num_shared_experts) * expert_hidden_units + ceil(num_experts / 2)`: the
+    multiply-adds of the experts a token visits (its k routed ones and the
+    shared ones) and of the router's `d * n` logits, so both
     models cost the same ops per timestep (`tf_moe.models.ops_per_timestep`,
     up to rounding for an odd `num_experts`).
 
@@ -83,8 +86,8 @@ def transformer_lm(
         k: int, experts per token.
         expert_hidden_units: int, hidden width of each expert.
         ffn_units: int or None, hidden width of the dense FFNs (None:
-            `k * expert_hidden_units + ceil(num_experts / 2)`, the matched
-            width).
+            `(k + num_shared_experts) * expert_hidden_units +
+            ceil(num_experts / 2)`, the matched width).
         moe_every: int, an MoE in every `moe_every`-th block.
         max_length: int, longest sequence (learned position embeddings).
         dropout: float in [0, 1), on attention weights and on each
@@ -96,6 +99,9 @@ def transformer_lm(
             gets the model's input ids.
         moe_arguments: optional dict of further `MoELayer` arguments
             (e.g. `importance_weight`).
+        num_shared_experts: int >= 0, always-on experts of each MoE layer
+            beside the `k` routed ones (`MoELayer`'s; DeepSeekMoE, Dai et
+            al. 2024).
         name: model name (default "transformer_<model>").
 
     Returns:
@@ -112,7 +118,8 @@ def transformer_lm(
     _check_arguments(vocab_size, units, num_layers, num_heads, ffn_units, moe_every, dropout, model)
     if isinstance(router, keras.layers.Layer):
         raise ValueError("`router`: pass a name or a config; each MoE block needs a router of its own.")
-    ffn_units = ffn_units or k * expert_hidden_units + math.ceil(num_experts / 2)
+    num_shared_experts = check_non_negative_int("num_shared_experts", num_shared_experts)
+    ffn_units = ffn_units or (k + num_shared_experts) * expert_hidden_units + math.ceil(num_experts / 2)
     tokens = keras.Input(shape=(None,), dtype="int32", name="tokens")
     x = keras.layers.Embedding(vocab_size, units, mask_zero=True, name="embedding")(tokens)
     x = PositionEmbedding(max_length, name="position_embedding")(x)
@@ -134,7 +141,7 @@ def transformer_lm(
             moe = MoELayer(
                 num_experts, None if layer_router is not None else k, expert_hidden_units,
                 **({} if layer_router is None else {"router": layer_router}),
-                **(moe_arguments or {}), name=f"{prefix}_moe",
+                num_shared_experts=num_shared_experts, **(moe_arguments or {}), name=f"{prefix}_moe",
             )
             h = moe(h, **router_inputs(moe.router, tokens))
         else:

@@ -267,6 +267,9 @@ def _add_training_flags(sub):
         help="use a hierarchical MoE with this many groups of experts/GROUPS experts")
     add("--units", type=positive_int, help=f"LSTM/embedding width (default {defaults.units})")
     add("--expert-hidden", type=positive_int, help=f"hidden width of each expert (default {defaults.expert_hidden})")
+    add("--shared-experts", type=non_negative_int,
+        help="lm: always-on experts per MoE layer beside the k routed ones (DeepSeekMoE); the dense "
+             f"baselines widen to match (default {defaults.shared_experts})")
     add("--baseline", choices=("moe-1-wide", "moe-1-deep", "4xlstm"),
         help=f"dense baseline of the LM (default {defaults.baseline})")
     add("--epochs", type=positive_int, help=f"epochs (default {defaults.epochs})")
@@ -355,6 +358,8 @@ def check_config(args, config):
             raise UsageError("--hierarchical: the Transformer takes routers by --router")
         if config.units % config.heads:
             raise UsageError(f"--units {config.units} is not a multiple of --heads {config.heads}")
+    if config.shared_experts and kind != "lm":
+        raise UsageError("--shared-experts is for the language models (lm), not translation")
     if config.router is not None and config.groups is not None:
         raise UsageError("--router and --hierarchical: the hierarchical MoE has its own router")
     # The expert sweeps set their own numbers of experts and groups.
@@ -415,11 +420,12 @@ def describe_run(what, config, models=None):
     else:
         body = f"{config.units}-unit LSTMs"
     router = f"router {config.router}" if config.router else "the default router"
+    shared = f" and {config.shared_experts} shared" if config.shared_experts else ""
     if config.gate_lr_multiplier != 1:
         router += f", noisy gates learning {config.gate_lr_multiplier:g}x faster"
     return (
         f"Training {what} on {config.corpus}{texts}: {'' if moe.startswith('the') else 'MoE of '}{moe}, "
-        f"k={config.k}, expert hidden {config.expert_hidden}, {router}; {body}; {vocabulary}; "
+        f"k={config.k}{shared}, expert hidden {config.expert_hidden}, {router}; {body}; {vocabulary}; "
         f"{config.epochs} epoch{'s' * (config.epochs != 1)} of {steps}, batches of {config.batch_size} x "
         f"{config.seq_len} tokens. Results go to {os.path.join(config.output, '')}"
     )

@@ -21,6 +21,9 @@ class Config:
     layers: int = 2  # Transformer blocks
     heads: int = 4  # attention heads
     expert_hidden: int = 256
+    # Always-on experts of each MoE layer beside the k routed ones
+    # (DeepSeekMoE); the dense baselines match them.
+    shared_experts: int = 0
     # None: the model's default router (the LSTM models' `top_k_gate`);
     # else a name of tf_moe.routers.
     router: str | None = None

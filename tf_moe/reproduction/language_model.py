@@ -122,11 +122,11 @@ def _model_arguments(config, lm_data, label, overrides):
             vocab_size=lm_data.vocabulary.vocabulary_size, units=config.units, num_layers=config.layers,
             num_heads=config.heads, num_experts=config.experts, k=config.k,
             expert_hidden_units=config.expert_hidden, max_length=config.seq_len, dropout=config.dropout,
-            router=config.router, name=name,
+            router=config.router, num_shared_experts=config.shared_experts, name=name,
         )
     else:
         settings = dict(runs.model_settings(config), vocab_size=lm_data.vocabulary.vocabulary_size,
-                        router=config.router, name=name)
+                        router=config.router, num_shared_experts=config.shared_experts, name=name)
         if lm_data.stateful:
             settings.update(stateful=True, batch_size=config.batch_size)
     settings.update(variant_arguments(label, config), **overrides)

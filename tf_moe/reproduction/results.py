@@ -33,7 +33,7 @@ from tf_moe.layers.moe_layer import DEFAULT_BALANCING_WEIGHT
 # Settings that tell runs of one model apart (with the experiment, model and
 # corpus); a row's seed is what varies within a group.
 SETTING_KEYS = (
-    "arch", "level", "units", "layers", "heads", "experts", "k", "groups", "expert_hidden", "router",
+    "arch", "level", "units", "layers", "heads", "experts", "k", "groups", "expert_hidden", "shared_experts", "router",
     "epochs", "steps", "batch_size", "seq_len", "vocab_size", "learning_rate", "warmup", "dropout",
     "weight_decay", "importance_weight", "load_weight", "gate_lr_multiplier",
 )
@@ -63,6 +63,9 @@ def settings_of(config):
     """The `SETTING_KEYS` of a `Config`."""
     values = dataclasses.asdict(config)
     settings = {key: values[key] for key in SETTING_KEYS if key in values}
+    if not settings.get("shared_experts"):
+        # Rows written before shared experts existed had none: keep their keys.
+        settings.pop("shared_experts", None)
     for key in ("importance_weight", "load_weight"):
         if settings.get(key) is None:
             # The weight the layer uses, as rows written before None meant it recorded it.
