@@ -715,6 +715,38 @@ def test_shared_experts_run_on_every_unmasked_token():
     assert tf_moe.MoELayer(5, 2, 7).get_config()["num_shared_experts"] == 0
 
 
+@pytest.mark.parametrize("num_shared", [1, 2, 3])
+def test_shared_experts_gradients_against_the_chain_rule(num_shared):
+    """Every shared expert sees every token: their input gradients add up, each weight gets its own."""
+    layer = _randomised(num_shared_experts=num_shared)
+    routed = tf_moe.MoELayer(hidden_units=7, router=tf_moe.NoisyTopKRouter(5, 2, seed=0))
+    routed.build((None, 6))
+    routed.router.set_weights(layer.router.get_weights())
+    routed.experts.set_weights(layer.experts.get_weights())
+    rng = np.random.default_rng(14)
+    x = tf.constant(rng.standard_normal((9, 6)).astype("float32"))
+    d_out = rng.standard_normal((9, 6)).astype("float32")
+
+    def gradients(moe, variables):
+        with tf.GradientTape() as tape:
+            tape.watch(x)
+            loss = tf.reduce_sum(moe(x, training=False) * d_out)
+        return tape.gradient(loss, [x] + variables)
+
+    d_x, *d_shared = gradients(layer, list(layer.shared_experts.trainable_variables))
+    (d_x_routed,) = gradients(routed, [])
+    w_in, b_in, w_out, b_out = _shared_weights(layer)
+    reference = [ref.expert_gradients(x.numpy(), w_in[j], b_in[j], w_out[j], b_out[j], d_out, ref.relu,
+                                      lambda pre: (pre > 0).astype("float32")) for j in range(num_shared)]
+    assert d_x.shape == x.shape
+    np.testing.assert_allclose(d_x, d_x_routed + sum(r[0] for r in reference), rtol=1e-4, atol=1e-4)
+    by_name = {v.path.split("/")[-1]: g for v, g in zip(layer.shared_experts.trainable_variables, d_shared)}
+    np.testing.assert_allclose(by_name["kernel_in"], [r[1] for r in reference], rtol=1e-4, atol=1e-4)
+    np.testing.assert_allclose(by_name["kernel_out"], [r[2] for r in reference], rtol=1e-4, atol=1e-4)
+    np.testing.assert_allclose(np.asarray(by_name["bias_in"])[:, 0], [r[3] for r in reference], rtol=1e-4, atol=1e-4)
+    np.testing.assert_allclose(np.asarray(by_name["bias_out"])[:, 0], [r[4] for r in reference], rtol=1e-4, atol=1e-4)
+
+
 def test_shared_experts_citizenship():
     run_layer_test(
         tf_moe.MoELayer,

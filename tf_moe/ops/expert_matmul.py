@@ -34,7 +34,8 @@ def stacked_feed_forward(inputs, kernel_in, kernel_out, bias_in=None, bias_out=N
     """`activation(x W1 + b1) W2 + b2` for every expert at once.
 
     Args:
-        inputs: [n, capacity, d], each expert's slots.
+        inputs: [n, capacity, d], each expert's slots, or [1, capacity, d],
+            the same tokens for every expert (shared experts).
         kernel_in: [n, d, h].
         kernel_out: [n, h, o].
         bias_in: [n, 1, h] or None (then `bias_out` must be None too).
@@ -57,6 +58,9 @@ def stacked_feed_forward(inputs, kernel_in, kernel_out, bias_in=None, bias_out=N
 
         def gradient(d_outputs):
             d_x, d_weights = backward(d_outputs)
+            if x.shape[0] == 1 and d_x.shape[0] != 1:
+                # Tokens broadcast to every expert get every expert's gradient.
+                d_x = tf.reduce_sum(d_x, axis=0, keepdims=True)
             return [d_x] + d_weights
 
         return outputs, gradient
