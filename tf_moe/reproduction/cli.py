@@ -150,7 +150,7 @@ _EXPERIMENTS = {
     "tune": (language_model.tune, "each model on the same grid of learning rates and dropout rates",
              "The same learning-rate and dropout grid for every model"),
     "diagnose": (language_model.diagnose, "the language model with each candidate change of the paper's gating",
-                 "The paper's gating in the Transformer, one change at a time"),
+                 "The paper's gating in the language model, one change at a time"),
     "upcycle": (language_model.upcycling,
                 "a dense Transformer LM, then it and its upcycled MoE for the same extra steps",
                 "Sparse upcycling against training the dense model further"),
