@@ -204,6 +204,7 @@ def _moe_arguments(draw):
         "capacity_factor": draw(CAPACITY_FACTORS),
         "importance_weight": draw(st.sampled_from([0.0, 0.1, 1.0])),
         "load_weight": draw(st.sampled_from([0.0, 0.1, 1.0])),
+        "num_shared_experts": draw(st.sampled_from([0, 0, 1, 2])),
     }
 
 
@@ -462,8 +463,10 @@ def expert_weights(experts):
     return [None if w is None else np.asarray(w, np.float64) for w in weights]
 
 
-def reference_outputs(layer, case, x, routing, capacity_factor):
+def reference_outputs(layer, case, x, routing, capacity_factor, valid):
     """The MoE's outputs from the routing, every expert computed densely in numpy.
+
+    The shared experts (if any) add their outputs on every `valid` token.
 
     Returns `(outputs [T, o], magnitude [T, o], dropped, routed)`:
     magnitude bounds what rounding can change in the outputs (see
@@ -485,6 +488,11 @@ def reference_outputs(layer, case, x, routing, capacity_factor):
     tokens = x.reshape(num_tokens, case.units)
     outputs = ref.dense_moe(tokens, gates, w_in, b_in, w_out, b_out, activation)
     magnitude = ref.dense_moe_magnitude(tokens, gates, w_in, b_in, w_out, b_out)
+    if getattr(layer, "num_shared_experts", 0):
+        always = np.repeat(valid[:, None], layer.num_shared_experts, axis=1).astype(np.float64)
+        shared = expert_weights(layer.shared_experts)
+        outputs = outputs + ref.dense_moe(tokens, always, *shared, activation)
+        magnitude = magnitude + ref.dense_moe_magnitude(tokens, always, *shared)
     dropped = float(routing.dropped) + routed.sum() - kept.sum()
     return outputs, magnitude, dropped, float(routing.dropped) + routed.sum()
 

@@ -85,7 +85,7 @@ def check_output_equals_the_dense_reference(case):
         return
     require_predicted_error(predicted)
     want, magnitude, dropped, routed = reference_outputs(
-        layer, case, as_seen(inputs.clean, case, layer), run.routing, layer.capacity_factor
+        layer, case, as_seen(inputs.clean, case, layer), run.routing, layer.capacity_factor, inputs.valid
     )
     got = run.outputs.reshape(want.shape)
     allowed = TOLERANCE[case.policy] * magnitude + 1e-6
