@@ -63,9 +63,10 @@ def settings_of(config):
     """The `SETTING_KEYS` of a `Config`."""
     values = dataclasses.asdict(config)
     settings = {key: values[key] for key in SETTING_KEYS if key in values}
-    if not settings.get("shared_experts"):
-        # Rows written before shared experts existed had none: keep their keys.
-        settings.pop("shared_experts", None)
+    for key, default in _OMITTED_DEFAULTS.items():
+        if settings.get(key) == default:
+            # Rows written before the setting existed had its default: keep their keys.
+            settings.pop(key, None)
     for key in ("importance_weight", "load_weight"):
         if settings.get(key) is None:
             # The weight the layer uses, as rows written before None meant it recorded it.
@@ -161,11 +162,15 @@ class TableSpec:
         return cls(fields["file"], where, columns, models, verdict, group)
 
 
+# Settings that rows leave out at their default (`settings_of`).
+_OMITTED_DEFAULTS = {"shared_experts": 0}
+
+
 def _value(row, key):
     """A row's value for a column or filter key, looking into its settings too."""
     if key in row:
         return row[key]
-    return row.get("settings", {}).get(key)
+    return row.get("settings", {}).get(key, _OMITTED_DEFAULTS.get(key))
 
 
 def _matches(row, where):
