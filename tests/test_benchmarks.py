@@ -67,3 +67,12 @@ def test_step_benchmark_times_each_update_against_the_dense_ffn_and_its_floor():
         ("sgd", "12", "keras"), ("sgd", "12", "fused"), ("adam", "28", "keras"), ("adam", "28", "fused")
     ]
     assert all(len(row) == 8 for row in rows)
+
+
+def test_update_kernels_benchmark_prints_each_update_against_its_floor_and_its_arithmetic():
+    out = _run("update_kernels.py", "--bank", "0.01", "--rounds", "1", "--optimizers", "sgd", "adam")
+    rows = [[cell.strip() for cell in line.strip("|").split("|")] for line in out.splitlines()
+            if line.startswith("| sgd |") or line.startswith("| adam |")]
+    assert [row[0] for row in rows] == ["sgd", "adam"] and [row[1] for row in rows] == ["12", "28"]
+    # Floor, bank time, its ratio, the one-core arithmetic and its share of the floor: all positive numbers.
+    assert all(float(row[i].split()[0]) > 0 for row in rows for i in range(2, 7)), out
