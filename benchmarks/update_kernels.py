@@ -36,8 +36,8 @@ if "PYTHONPATH" not in os.environ:
 from step import OPTIMIZERS, UPDATE_BYTES, _keras_optimizer, _ratio, median_round  # noqa: E402
 
 
-def _update(optimizer_name, weights, repeats):
-    """A compiled function applying the fused update `repeats` times to one variable of `weights` float32s."""
+def _update(optimizer_name, weights):
+    """A compiled function applying the fused update once to one variable of `weights` float32s."""
     import keras
     import tensorflow as tf
 
@@ -50,8 +50,7 @@ def _update(optimizer_name, weights, repeats):
 
     @tf.function
     def update():
-        for _ in range(repeats):
-            optimizer.apply([gradient], [variable])
+        optimizer.apply([gradient], [variable])
         return []
 
     update()
@@ -69,7 +68,7 @@ def measure(optimizers, weights, rounds, probe_repeats=3):
     from dispatch import machine_probes
 
     probe = machine_probes("float32")
-    updates = {name: _update(name, weights, 1) for name in optimizers}
+    updates = {name: _update(name, weights) for name in optimizers}
     times = {name: [] for name in optimizers}
     bandwidth = []
     for _ in range(rounds):
