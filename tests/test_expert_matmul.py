@@ -91,6 +91,21 @@ def test_gradients_equal_autodiff_of_the_plain_ops(capacity, use_bias):
             np.testing.assert_allclose(g, w, rtol=1e-5, atol=1e-5)
 
 
+@pytest.mark.parametrize("use_bias", [True, False])
+def test_tokens_broadcast_to_every_expert_get_the_sum_of_their_gradients(use_bias):
+    """[1, C, D] inputs (shared experts): the same values and gradients as the tokens copied to each expert."""
+    arrays = _arrays(use_bias, seed=9)
+    arrays[0] = arrays[0][:1]
+    d_out = np.random.default_rng(10).standard_normal((N, C, O)).astype("float32")
+    got = _values_and_gradients(stacked_feed_forward, arrays, d_out, tf.nn.relu)
+    copied = [np.repeat(arrays[0], N, axis=0)] + arrays[1:]
+    want = _values_and_gradients(_plain, copied, d_out, tf.nn.relu)
+    want[1] = want[1].sum(axis=0, keepdims=True)
+    for g, w in zip(got, want):
+        assert g.shape == w.shape
+        np.testing.assert_allclose(g, w, rtol=1e-5, atol=1e-5)
+
+
 def test_xla_and_dynamic_capacity_give_the_same_gradients():
     arrays = [tf.constant(a) for a in _arrays(use_bias=True, seed=4)]
     d_out = tf.random.stateless_normal((N, C, O), seed=[0, 1])

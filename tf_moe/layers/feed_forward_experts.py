@@ -45,7 +45,9 @@ class FeedForwardExperts(Experts):
         **kwargs: base layer arguments (`name`, `dtype`, ...).
 
     Call arguments:
-        inputs: [n, capacity, d], the tokens routed to each expert.
+        inputs: [n, capacity, d], the tokens routed to each expert, or
+            [1, capacity, d], the same tokens for every expert (as
+            `MoELayer` runs its shared experts).
 
     Returns:
         [n, capacity, o].
