@@ -174,6 +174,30 @@ def test_a_users_expert_bank_plugs_into_moe_layer():
     assert layer.ops_per_token() == 5 * 4 + 3 * 5 * 3
 
 
+@keras.saving.register_keras_serializable(package="tf_moe_tests")
+class EinsumExperts(ScaledLinearExperts):
+    """A bank that needs exactly [num_experts, slots, d], as the contract gives it."""
+
+    def call(self, inputs):
+        return tf.einsum("esd,edo->eso", inputs, self.kernel) * self.scale
+
+
+def test_a_users_bank_gets_its_contracts_buffer_for_several_shared_experts():
+    layer = tf_moe.MoELayer(4, 2, experts=EinsumExperts(4, output_units=3), router="noisy_top_k", num_shared_experts=2)
+    x = np.random.default_rng(8).standard_normal((2, 6, 5)).astype("float32")
+    layer(x)
+    randomise_weights(layer, seed=9)
+    assert not layer.shared_experts.broadcasts_tokens and tf_moe.FeedForwardExperts.broadcasts_tokens
+    with tf.GradientTape() as tape:
+        y = layer(x, training=False)
+        loss = tf.reduce_sum(y**2)
+    shared = layer.shared_experts
+    want = _moe_reference(layer, x, _linear_expert(layer.experts)) + sum(_linear_expert(shared)(x, j) for j in (0, 1))
+    np.testing.assert_allclose(y, want, rtol=1e-4, atol=1e-5)
+    grads = tape.gradient(loss, [shared.kernel, shared.scale])
+    assert all(g is not None and np.all(np.any(np.asarray(g) != 0, axis=(1, 2))) for g in grads)
+
+
 def test_a_users_expert_bank_trains_through_moe_layer():
     layer, x = _custom_moe()
     with tf.GradientTape() as tape:

@@ -40,6 +40,12 @@ class Experts(keras.layers.Layer):
       calling `call`. A subclass that changes `call` of a bank with
       `call_split` (`FeedForwardExperts`) must change `call_split` alike
       or set `overflow_cost = None`.
+    * Optionally, `broadcasts_tokens = True`: `call` also takes `[1,
+      slots, d]`, the same tokens for every expert, and returns `[num_experts,
+      slots, output_units]` (with the input's gradient summed over the
+      experts); `MoELayer` then runs its shared experts on the tokens
+      without a copy per expert. The default, False, gives them the tokens
+      repeated to `[num_experts, slots, d]`.
     * Weights stacked along a leading expert axis (`[num_experts, ...]`)
       are what `tf_moe.ExpertParallelMoE` shards; it shards
       `FeedForwardExperts` (plain or gated) and refuses other banks.
@@ -74,6 +80,8 @@ class Experts(keras.layers.Layer):
     # Rows of the dispatch buffer that running one expert on a second buffer
     # costs (`call_split`); None: the bank has no `call_split`.
     overflow_cost = None
+    # Whether `call` takes [1, slots, d] as the same tokens for every expert.
+    broadcasts_tokens = False
 
     def __init__(self, num_experts, output_units=None, **kwargs):
         super().__init__(**kwargs)

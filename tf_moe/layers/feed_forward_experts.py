@@ -70,6 +70,8 @@ class FeedForwardExperts(Experts):
     # 0.87, 0.88 and 0.86 of the padded buffer's time at 256 experts
     # (`benchmarks/parts.py --experts 256 --router top_k --overflow-cost C`).
     overflow_cost = 32.0
+    # `stacked_feed_forward` broadcasts [1, slots, d] against the stacked kernels.
+    broadcasts_tokens = True
 
     def __init__(
         self,

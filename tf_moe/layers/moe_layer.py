@@ -496,13 +496,18 @@ class MoELayer(keras.layers.Layer):
     def _shared_outputs(self, tokens, valid):
         """`sum_j S_j(x)` of the shared experts on every token; 0 on masked ones.
 
-        The [1, T, d] tokens broadcast against the stacked [S, d, h]
-        kernels: one batched matmul, no copy of the tokens per expert.
-        Masked tokens are zeroed first, so what they hold reaches nothing.
+        A bank that `broadcasts_tokens` (`FeedForwardExperts`) takes the
+        [1, T, d] tokens as they are: one batched matmul against the
+        stacked kernels, no copy of the tokens per expert; any other bank
+        gets them repeated to [S, T, d], its contract's buffer. Masked
+        tokens are zeroed first, so what they hold reaches nothing.
         """
         if valid is not None:
             tokens = tf.where(valid[:, None], tokens, tf.zeros((), tokens.dtype))
-        outputs = tf.reduce_sum(self.shared_experts(tokens[None]), axis=0)
+        tokens = tokens[None]
+        if not self.shared_experts.broadcasts_tokens:
+            tokens = tf.tile(tokens, [self.num_shared_experts, 1, 1])
+        outputs = tf.reduce_sum(self.shared_experts(tokens), axis=0)
         if valid is not None:
             outputs = tf.where(valid[:, None], outputs, tf.zeros((), outputs.dtype))
         return outputs
