@@ -46,9 +46,9 @@ def moe_layer(
     `"noisy_top_k"` by name is made with `seed` and
     `gate_learning_rate_multiplier` (its `learning_rate_multiplier`, as
     the hierarchical router's). `num_shared_experts` always-on experts
-    (DeepSeekMoE) run beside the routed ones. A router that is not causal (expert choice)
-    gets a warning: in a language model it lets a position's output depend
-    on later tokens.
+    (DeepSeekMoE) run beside the routed ones. A router that is not causal
+    (expert choice) gets a warning: in a language model it lets a
+    position's output depend on later tokens.
     """
     multiplier = gate_learning_rate_multiplier
     if num_groups is not None:
@@ -125,18 +125,18 @@ def router_inputs(router, token_ids):
 def _middle_block(x, tokens, kind, units, dropout, moe_kwargs, stateful):
     """The layer between the two LSTMs: an MoE or a matched dense stand-in."""
     # The dense stand-ins match the experts a token visits, shared ones included.
-    k, hidden = moe_kwargs["k"] + moe_kwargs["num_shared_experts"], moe_kwargs["hidden_units"]
+    visited, hidden = moe_kwargs["k"] + moe_kwargs["num_shared_experts"], moe_kwargs["hidden_units"]
     if kind == "moe":
         moe = moe_layer(name="moe", **moe_kwargs)
         return residual(x, moe(x, **router_inputs(moe.router, tokens)), dropout, "moe")
     if kind == "moe-1-wide":
         # One expert as wide as the experts a token visits: same ops.
-        h = keras.layers.Dense(k * hidden, activation="relu", name="wide_hidden")(x)
+        h = keras.layers.Dense(visited * hidden, activation="relu", name="wide_hidden")(x)
         return residual(x, keras.layers.Dense(units, name="wide_output")(h), dropout, "wide")
     if kind == "moe-1-deep":
-        # One expert with k hidden layers of the experts' width.
+        # One expert with a hidden layer of the experts' width per expert a token visits.
         h = x
-        for i in range(k):
+        for i in range(visited):
             h = keras.layers.Dense(hidden, activation="relu", name=f"deep_hidden_{i + 1}")(h)
         return residual(x, keras.layers.Dense(units, name="deep_output")(h), dropout, "deep")
     if kind == "4xlstm":

@@ -33,10 +33,14 @@ from tf_moe.layers.moe_layer import DEFAULT_BALANCING_WEIGHT
 # Settings that tell runs of one model apart (with the experiment, model and
 # corpus); a row's seed is what varies within a group.
 SETTING_KEYS = (
-    "arch", "level", "units", "layers", "heads", "experts", "k", "groups", "expert_hidden", "shared_experts", "router",
-    "epochs", "steps", "batch_size", "seq_len", "vocab_size", "learning_rate", "warmup", "dropout",
+    "arch", "level", "units", "layers", "heads", "experts", "k", "groups", "expert_hidden", "shared_experts",
+    "router", "epochs", "steps", "batch_size", "seq_len", "vocab_size", "learning_rate", "warmup", "dropout",
     "weight_decay", "importance_weight", "load_weight", "gate_lr_multiplier",
 )
+# Settings that rows leave out at their default (`settings_of`): rows written
+# before the setting existed had it, and keep their run keys.
+_OMITTED_DEFAULTS = {"shared_experts": 0}
+
 _MARKER = re.compile(r"<!-- results (?P<spec>[^>]*?) -->\n(?P<body>.*?)<!-- end results -->", re.DOTALL)
 _PERPLEXITY_DIGITS = 1
 
@@ -65,7 +69,6 @@ def settings_of(config):
     settings = {key: values[key] for key in SETTING_KEYS if key in values}
     for key, default in _OMITTED_DEFAULTS.items():
         if settings.get(key) == default:
-            # Rows written before the setting existed had its default: keep their keys.
             settings.pop(key, None)
     for key in ("importance_weight", "load_weight"):
         if settings.get(key) is None:
@@ -160,10 +163,6 @@ class TableSpec:
         verdict = tuple(fields["verdict"].split(":")) if "verdict" in fields else None
         group = tuple(fields.get("group", "model").split(","))
         return cls(fields["file"], where, columns, models, verdict, group)
-
-
-# Settings that rows leave out at their default (`settings_of`).
-_OMITTED_DEFAULTS = {"shared_experts": 0}
 
 
 def _value(row, key):
