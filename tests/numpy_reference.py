@@ -24,7 +24,7 @@ def softplus(x):
 
 
 def normal_cdf(x):
-    return 0.5 * (1.0 + np.vectorize(math.erf)(x / math.sqrt(2.0)))
+    return 0.5 * (1.0 + np.vectorize(math.erf, otypes=[np.float64])(x / math.sqrt(2.0)))
 
 
 def noisy_top_k(x, w_gate, w_noise, noise, k, noise_epsilon, train=True):
@@ -419,6 +419,32 @@ def gated_expert(x, w_gate, b_gate, w_in, b_in, w_out, b_out, activation):
     gate = x @ w_gate + (0 if b_gate is None else b_gate)
     linear = x @ w_in + (0 if b_in is None else b_in)
     return (ACTIVATIONS[activation](gate) * linear) @ w_out + (0 if b_out is None else b_out)
+
+
+def dense_gated_moe(x, gates, w_gate, b_gate, w_in, b_in, w_out, b_out, activation):
+    """Every gated expert on every token, weighted by the (sparse) gates."""
+    out = 0.0
+    for e in range(w_in.shape[0]):
+        biases = [None if b is None else b[e] for b in (b_gate, b_in, b_out)]
+        expert_out = gated_expert(x, w_gate[e], biases[0], w_in[e], biases[1], w_out[e], biases[2], activation)
+        out = out + gates[:, e : e + 1] * expert_out
+    return out
+
+
+def dense_gated_moe_magnitude(x, gates, w_gate, b_gate, w_in, b_in, w_out, b_out):
+    """A bound on every term `dense_gated_moe` sums, as `dense_moe_magnitude` for plain experts.
+
+    `|act(a)| <= |a| + 1` for the gated activations (silu and gelu are at
+    most |a|, sigmoid at most 1), so `(|gate| + 1) * |linear|` bounds each
+    hidden unit.
+    """
+    out = 0.0
+    for e in range(w_in.shape[0]):
+        gate = np.abs(x) @ np.abs(w_gate[e]) + (0 if b_gate is None else np.abs(b_gate[e]))
+        linear = np.abs(x) @ np.abs(w_in[e]) + (0 if b_in is None else np.abs(b_in[e]))
+        term = ((gate + 1) * linear) @ np.abs(w_out[e]) + (0 if b_out is None else np.abs(b_out[e]))
+        out = out + np.abs(gates[:, e : e + 1]) * term
+    return out + np.zeros((len(x), w_out.shape[-1]))
 
 
 def gated_expert_gradients(x, w_gate, b_gate, w_in, b_in, w_out, b_out, d_out, activation):

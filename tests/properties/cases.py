@@ -191,15 +191,19 @@ ROUTERS = {
 
 # Activations of the experts, with their numpy twins for the references.
 ACTIVATIONS = {"relu": ref.relu, "tanh": np.tanh, "linear": lambda h: h}
+# Those of gated experts (SwiGLU, GEGLU, GLU), named as `numpy_reference.gated_expert` takes them.
+GATED_ACTIVATIONS = sorted(ref.ACTIVATIONS)
 
 
 @st.composite
-def _moe_arguments(draw):
-    """`MoELayer` arguments besides the router."""
+def _moe_arguments(draw, may_gate=False):
+    """`MoELayer` arguments besides the router (`gated` experts too, where `may_gate`)."""
+    gated = may_gate and draw(st.booleans())
     return {
         "hidden_units": draw(st.integers(1, 6)),
         "output_units": draw(st.none() | st.integers(1, 5)),
-        "activation": draw(st.sampled_from(sorted(ACTIVATIONS))),
+        **({"gated": True} if gated else {}),
+        "activation": draw(st.sampled_from(GATED_ACTIVATIONS if gated else sorted(ACTIVATIONS))),
         "use_bias": draw(st.booleans()),
         "capacity_factor": draw(CAPACITY_FACTORS),
         "importance_weight": draw(st.sampled_from([0.0, 0.1, 1.0])),
@@ -211,7 +215,7 @@ def _moe_arguments(draw):
 @st.composite
 def moe_layer_specs(draw, routers):
     router = draw(routers)
-    arguments = draw(_moe_arguments())
+    arguments = draw(_moe_arguments(may_gate=True))
     if not router.factory.uses_balancing_loss:
         # The paper's loss weights are an error with a router that balances itself.
         del arguments["importance_weight"], arguments["load_weight"]
@@ -463,6 +467,19 @@ def expert_weights(experts):
     return [None if w is None else np.asarray(w, np.float64) for w in weights]
 
 
+def bank_reference(experts, tokens, gates):
+    """`(outputs, magnitude)`: a `FeedForwardExperts` bank computed densely in numpy, weighted by `gates` [T, n]."""
+    weights = expert_weights(experts)
+    activation = keras.activations.serialize(experts.activation)
+    if experts.gated:
+        gate = [np.asarray(experts.kernel_gate, np.float64),
+                np.asarray(experts.bias_gate, np.float64) if experts.use_bias else None]
+        return (ref.dense_gated_moe(tokens, gates, *gate, *weights, activation),
+                ref.dense_gated_moe_magnitude(tokens, gates, *gate, *weights))
+    return (ref.dense_moe(tokens, gates, *weights, ACTIVATIONS[activation]),
+            ref.dense_moe_magnitude(tokens, gates, *weights))
+
+
 def reference_outputs(layer, case, x, routing, capacity_factor, valid):
     """The MoE's outputs from the routing, every expert computed densely in numpy.
 
@@ -483,16 +500,12 @@ def reference_outputs(layer, case, x, routing, capacity_factor, valid):
         capacity = ref.capacity_slots(capacity_factor, layer.k * num_tokens, n)
         kept = ref.kept_by_capacity(expert_id, n, capacity)
     gates = ref.dense_gates(routing.token_id[kept], expert_id[kept], routing.weight[kept], num_tokens, n)
-    w_in, b_in, w_out, b_out = expert_weights(layer.experts)
-    activation = ACTIVATIONS[keras.activations.serialize(layer.activation)]
     tokens = x.reshape(num_tokens, case.units)
-    outputs = ref.dense_moe(tokens, gates, w_in, b_in, w_out, b_out, activation)
-    magnitude = ref.dense_moe_magnitude(tokens, gates, w_in, b_in, w_out, b_out)
+    outputs, magnitude = bank_reference(layer.experts, tokens, gates)
     if getattr(layer, "num_shared_experts", 0):
         always = np.repeat(valid[:, None], layer.num_shared_experts, axis=1).astype(np.float64)
-        shared = expert_weights(layer.shared_experts)
-        outputs = outputs + ref.dense_moe(tokens, always, *shared, activation)
-        magnitude = magnitude + ref.dense_moe_magnitude(tokens, always, *shared)
+        shared_outputs, shared_magnitude = bank_reference(layer.shared_experts, tokens, always)
+        outputs, magnitude = outputs + shared_outputs, magnitude + shared_magnitude
     dropped = float(routing.dropped) + routed.sum() - kept.sum()
     return outputs, magnitude, dropped, float(routing.dropped) + routed.sum()
 

@@ -151,7 +151,12 @@ def check_graph_with_unknown_shapes_equals_eager(case, jit_compile):
         # XLA draws other random numbers than the CPU kernels for the same seed.
         assert np.all(np.isfinite(outputs)) and np.all(np.isfinite(losses))
         return
-    tolerance = TOLERANCE[case.policy] if jit_compile else 1e-6
+    # Graph and eager run the same kernels, except where TensorFlow's graph
+    # optimizer (grappler) rewrites a chain of elementwise ops, such as a
+    # gated expert's activation, which then rounds once in float16 or bfloat16
+    # where eager rounds after each op (equal with grappler off).
+    exact = case.policy == "float32" and not jit_compile
+    tolerance = 1e-6 if exact else TOLERANCE[case.policy]
     np.testing.assert_allclose(outputs, eager.outputs, rtol=tolerance, atol=tolerance)
     np.testing.assert_allclose(losses, eager.losses, rtol=1e-5, atol=1e-6)
     assert graph_balance == pytest.approx(eager.balance, rel=1e-5, abs=1e-6)
