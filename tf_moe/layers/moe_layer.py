@@ -301,25 +301,11 @@ class MoELayer(keras.layers.Layer):
         )
         experts = _expert_bank(experts, feed_forward)
         if experts is None:
-            if hidden_units is None:
-                raise ValueError("`hidden_units` (the experts' hidden width) is required.")
-            hidden_units = check_positive_int("hidden_units", hidden_units)
-            if output_units is not None:
-                output_units = check_positive_int("output_units", output_units)
-            gated = check_bool("gated", gated)
+            hidden_units, output_units, gated = _checked_bank_shape(hidden_units, output_units, gated)
         check_capacity_factor(capacity_factor)
         check_capacity_factor(eval_capacity_factor, "eval_capacity_factor")
         num_shared_experts = check_non_negative_int("num_shared_experts", num_shared_experts)
-        self.router = get_router(router, num_experts, k)
-        for arg, value, routers_value in (
-            ("num_experts", num_experts, self.router.num_experts),
-            ("k", k, self.router.k),
-        ):
-            if value is not None and value != routers_value:
-                raise ValueError(
-                    f"`{arg}` ({value!r}) differs from the router's ({routers_value}); "
-                    "pass None to use the router's."
-                )
+        self.router = _router_for(router, num_experts, k)
         self.num_experts = self.router.num_experts
         self.k = self.router.k
         if experts is not None and experts.num_experts != self.num_experts:
@@ -339,15 +325,7 @@ class MoELayer(keras.layers.Layer):
         self.eval_capacity_factor = None if eval_capacity_factor is None else float(eval_capacity_factor)
         self.num_shared_experts = num_shared_experts
         self.use_bias = check_bool("use_bias", use_bias)
-        # Kept as given (the experts resolve them; None: their own default),
-        # but one Keras cannot read fails here rather than at the first call.
-        for arg, module, identifier in (
-            ("kernel_initializer", keras.initializers, kernel_initializer),
-            ("bias_initializer", keras.initializers, bias_initializer),
-            ("kernel_regularizer", keras.regularizers, kernel_regularizer),
-            ("bias_regularizer", keras.regularizers, bias_regularizer),
-        ):
-            check_keras_object(arg, module, identifier)
+        _check_initializers_and_regularizers(feed_forward)
         self.kernel_initializer = kernel_initializer
         self.bias_initializer = bias_initializer
         self.kernel_regularizer = kernel_regularizer
@@ -618,6 +596,38 @@ def _balancing_weights(router, **weights):
             )
         resolved.append(value)
     return tuple(resolved)
+
+
+def _checked_bank_shape(hidden_units, output_units, gated):
+    """`(hidden_units, output_units, gated)` of the default bank, checked (`hidden_units` is required)."""
+    if hidden_units is None:
+        raise ValueError("`hidden_units` (the experts' hidden width) is required.")
+    hidden_units = check_positive_int("hidden_units", hidden_units)
+    if output_units is not None:
+        output_units = check_positive_int("output_units", output_units)
+    return hidden_units, output_units, check_bool("gated", gated)
+
+
+def _router_for(router, num_experts, k):
+    """The `Router` that `router` names; `num_experts` and `k`, where given, must be its own."""
+    router = get_router(router, num_experts, k)
+    for arg, value, routers_value in (("num_experts", num_experts, router.num_experts), ("k", k, router.k)):
+        if value is not None and value != routers_value:
+            raise ValueError(
+                f"`{arg}` ({value!r}) differs from the router's ({routers_value}); pass None to use the router's."
+            )
+    return router
+
+
+def _check_initializers_and_regularizers(feed_forward):
+    """Fails, naming the argument, on an initializer or regularizer Keras cannot read.
+
+    The layer keeps them as given (the experts resolve them; None: their own
+    default), so a bad one would otherwise fail only at the first call.
+    """
+    for arg in ("kernel_initializer", "bias_initializer", "kernel_regularizer", "bias_regularizer"):
+        module = keras.initializers if arg.endswith("initializer") else keras.regularizers
+        check_keras_object(arg, module, feed_forward[arg])
 
 
 def _serialize(module, value):
