@@ -625,8 +625,12 @@ def _check_initializers_and_regularizers(feed_forward):
     The layer keeps them as given (the experts resolve them; None: their own
     default), so a bad one would otherwise fail only at the first call.
     """
-    for arg in ("kernel_initializer", "bias_initializer", "kernel_regularizer", "bias_regularizer"):
-        module = keras.initializers if arg.endswith("initializer") else keras.regularizers
+    for arg, module in (
+        ("kernel_initializer", keras.initializers),
+        ("bias_initializer", keras.initializers),
+        ("kernel_regularizer", keras.regularizers),
+        ("bias_regularizer", keras.regularizers),
+    ):
         check_keras_object(arg, module, feed_forward[arg])
 
 
